@@ -1,0 +1,1 @@
+"""OFFSIDE data: the release-format loader, dataset builders, the synthetic benchmark."""

@@ -1,0 +1,1 @@
+"""offside_jax.eval"""

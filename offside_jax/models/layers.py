@@ -1,0 +1,161 @@
+"""Layers shared by every model family: HF-named parameters that carry logical axis names.
+
+Every parameter is an ``nnx.Param`` with a ``logical_axes`` tuple (one name or ``None`` per
+dimension). ``offside_jax.train.mesh`` maps those names onto mesh axes through one rules
+table; the layers themselves know nothing of meshes.
+
+Leaf names are fixed so that weight I/O is a declarative table: ``kernel`` is a linear weight
+stored ``[in, out]`` (HF ``weight`` transposed), ``bias``, ``embedding`` is ``[vocab, embed]``
+(HF ``weight`` as is) and ``weight`` is a norm scale.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:
+    """A parameter tagged with the logical names of its dimensions."""
+    axes = tuple(logical_axes)
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {value.shape}")
+    return nnx.Param(value, logical_axes=axes)
+
+
+def logical_axes_of(variable: nnx.Variable) -> Axes:
+    """The logical axis names a parameter was created with (all ``None`` when untagged)."""
+    axes = variable.get_metadata().get("logical_axes")
+    return tuple(axes) if axes is not None else (None,) * jnp.ndim(variable.value)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with the kernel stored ``[in, out]``.
+
+    Inputs of any rank are flattened to 2-D around the matmul: XLA's CPU backend runs the
+    weight-gradient dot with two contracting dimensions (batch and length) at half speed.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = False,
+        init_std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
+        self.kernel = param(kernel, axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype), self.kernel.value.astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, embed]``; ``attend`` reuses it as a tied output head."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        init_std: float = 0.02,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        table = init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype)
+        self.embedding = param(table, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        logits = jnp.dot(flat, self.embedding.value.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        return logits.reshape(*lead, -1)
+
+
+class RMSNorm(nnx.Module):
+    """HF RMSNorm: normalise in float32, cast back, then scale (the scale is never folded)."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: jnp.dtype = jnp.float32, axis_name: str | None = None):
+        self.eps = eps
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``, the MLP of Llama, Qwen and the Qwen2.5-VL vision tower."""
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int,
+        *,
+        use_bias: bool,
+        init_std: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        common = dict(use_bias=use_bias, init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(features, hidden, axes=("embed", "mlp"), **common)
+        self.up_proj = Linear(features, hidden, axes=("embed", "mlp"), **common)
+        self.down_proj = Linear(hidden, features, axes=("mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attention_mask_for(
+    query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """Boolean mask [B, T, S]: causal over cache slots, padding keys hidden, optional window.
+
+    ``query_slots`` [T] are the cache slots the queries occupy (shared by the batch, which is
+    left-padded); ``key_valid`` [B, S] marks slots holding real tokens.
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    allowed = key_slots[None, :] <= query_slots[:, None]
+    if sliding_window is not None:
+        allowed &= (query_slots[:, None] - key_slots[None, :]) < sliding_window
+    return allowed[None, :, :] & key_valid[:, None, :].astype(bool)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention with grouped KV heads.
+
+    q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, T, S] -> [B, T, H * D]. Scores and softmax
+    run in float32. Fully masked rows (queries on padding) get a large finite negative fill
+    rather than -inf so they average harmlessly instead of producing NaNs.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)

@@ -305,6 +305,30 @@ class LlamaForCausalLM(nnx.Module):
         hidden, _, _ = self.decode_hidden(self.embed(input_ids), positions, attention_mask)
         return self.logits(hidden)
 
+    # -- generation protocol (offside_jax.models.generate) -------------------------------------
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        return KVCache.zeros(self.config, batch, length, self.dtype)
+
+    def prefill(self, inputs: dict[str, jax.Array], cache: KVCache) -> tuple[jax.Array, KVCache, jax.Array]:
+        """Fill the cache with left-padded prompts; last-token logits and each row's next position."""
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        prompt_len = input_ids.shape[1]
+        valid = jnp.zeros(cache.valid.shape, jnp.int32).at[:, :prompt_len].set(mask.astype(jnp.int32))
+        positions = positions_from_mask(mask)
+        hidden, cache, _ = self.decode_hidden(self.embed(input_ids), positions, valid, cache, 0)
+        return self.logits(hidden[:, -1]), cache, positions[:, -1] + 1
+
+    def decode_step(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, cache_index: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """One token per row at cache slot ``cache_index``; returns its logits [B, V]."""
+        valid = jax.lax.dynamic_update_slice(
+            cache.valid, jnp.ones((tokens.shape[0], 1), jnp.int32), (0, cache_index)
+        )
+        hidden, cache, _ = self.decode_hidden(self.embed(tokens[:, None]), positions[:, None], valid, cache, cache_index)
+        return self.logits(hidden[:, 0]), cache
+
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids that count only real tokens (0 for padding), as HF generation does."""

@@ -185,7 +185,7 @@ def load_params_into(
             tried = " or ".join(repr(n) for n, _ in candidates)
             raise CheckpointError(f"checkpoint is missing tensor {tried} (parameter {path_to_str(path)})")
         name, transposed = found
-        expected = tuple(var.value.shape)
+        expected = tuple(var.get_value().shape)
         stored = tuple(source.shape(name))
         want_stored = expected[::-1] if transposed else expected
         if stored != want_stored:
@@ -193,9 +193,9 @@ def load_params_into(
                 f"{where(name)}: tensor {name!r} has shape {stored}, expected {want_stored} "
                 f"(parameter {path_to_str(path)} of shape {expected})"
             )
-        dtype = var.value.dtype
+        dtype = var.get_value().dtype
         sharding = sharding_fn(path, logical_axes_of(var), expected) if sharding_fn else None
-        var.value = _place(source, name, transposed, transforms.get(name), expected, dtype, sharding)
+        var.set_value(_place(source, name, transposed, transforms.get(name), expected, dtype, sharding))
     return model
 
 
@@ -256,7 +256,7 @@ def state_dict(model_or_state: nnx.Module | nnx.State, names: NameFn = default_n
     out = {}
     for path, var in nnx.to_flat_state(state):
         name, transposed = names(tuple(path))[0]
-        value = np.asarray(jax.device_get(var.value))
+        value = np.asarray(jax.device_get(var.get_value()))
         out[name] = np.ascontiguousarray(value.T if transposed else value)
     return out
 

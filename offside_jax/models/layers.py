@@ -30,7 +30,7 @@ def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:
 def logical_axes_of(variable: nnx.Variable) -> Axes:
     """The logical axis names a parameter was created with (all ``None`` when untagged)."""
     axes = variable.get_metadata().get("logical_axes")
-    return tuple(axes) if axes is not None else (None,) * jnp.ndim(variable.value)
+    return tuple(axes) if axes is not None else (None,) * jnp.ndim(variable.get_value())
 
 
 class Linear(nnx.Module):
@@ -60,9 +60,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype), self.kernel.value.astype(self.dtype))
+        y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*lead, self.out_features)
 
 
@@ -84,12 +84,12 @@ class Embed(nnx.Module):
         self.embedding = param(table, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        logits = jnp.dot(flat, self.embedding.value.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        logits = jnp.dot(flat, self.embedding[...].astype(self.dtype).T, preferred_element_type=jnp.float32)
         return logits.reshape(*lead, -1)
 
 
@@ -103,7 +103,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(x.dtype) * normed.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):

@@ -250,7 +250,7 @@ class LlamaForCausalLM(nnx.Module):
             return self.model.embed_tokens.attend(hidden)
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype)
-        out = jnp.dot(flat, self.lm_head.kernel.value.astype(self.dtype), preferred_element_type=jnp.float32)
+        out = jnp.dot(flat, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         return out.reshape(*lead, -1)
 
     def decode_hidden(

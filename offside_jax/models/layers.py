@@ -7,6 +7,11 @@ table; the layers themselves know nothing of meshes.
 Leaf names are fixed so that weight I/O is a declarative table: ``kernel`` is a linear weight
 stored ``[in, out]`` (HF ``weight`` transposed), ``bias``, ``embedding`` is ``[vocab, embed]``
 (HF ``weight`` as is) and ``weight`` is a norm scale.
+
+``Linear`` optionally carries LoRA adapters (``lora_a`` [in, r], ``lora_b`` [r, out]) as
+:class:`LoRAWeight` variables. They are deliberately *not* ``nnx.Param``: weight I/O and
+anything else that filters ``nnx.Param`` sees only the base weights. ``offside_jax.models.lora``
+attaches, switches, merges and exports them.
 """
 from __future__ import annotations
 
@@ -33,11 +38,22 @@ def logical_axes_of(variable: nnx.Variable) -> Axes:
     return tuple(axes) if axes is not None else (None,) * jnp.ndim(variable.get_value())
 
 
+class LoRAWeight(nnx.Variable):
+    """A low-rank adapter matrix (not an ``nnx.Param``, so base-weight I/O ignores it)."""
+
+
+class LoRADropoutKey(nnx.Variable):
+    """The PRNG key of one adapter's dropout for one call; set inside a training step only."""
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with the kernel stored ``[in, out]``.
 
     Inputs of any rank are flattened to 2-D around the matmul: XLA's CPU backend runs the
     weight-gradient dot with two contracting dimensions (batch and length) at half speed.
+
+    With adapters attached (:meth:`add_lora`) and enabled, ``y += (dropout(x) @ lora_a @ lora_b)
+    * alpha / rank`` (the PEFT convention); dropout is active only while a key is set.
     """
 
     def __init__(
@@ -57,12 +73,38 @@ class Linear(nnx.Module):
         kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
         self.kernel = param(kernel, axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+        self.axes = tuple(axes)
+        # LoRA state (None / inactive until ``add_lora``); the flags are static graph attributes.
+        self.lora_a: LoRAWeight | None = None
+        self.lora_b: LoRAWeight | None = None
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+        self.lora_enabled = True
+        self.lora_key: LoRADropoutKey | None = None
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, key: jax.Array, param_dtype: jnp.dtype = jnp.float32) -> None:
+        """Attach adapters: ``lora_a`` uniform in +-1/sqrt(in) (PEFT's Kaiming init), ``lora_b`` zero,
+        so the adapted layer starts equal to the base layer."""
+        bound = 1.0 / self.in_features**0.5
+        a = jax.random.uniform(key, (self.in_features, rank), param_dtype, -bound, bound)
+        self.lora_a = LoRAWeight(a, logical_axes=(self.axes[0], None))
+        self.lora_b = LoRAWeight(jnp.zeros((rank, self.out_features), param_dtype), logical_axes=(None, self.axes[1]))
+        self.lora_scale = float(alpha) / rank
+        self.lora_dropout = float(dropout)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x2 = x.reshape(-1, self.in_features).astype(self.dtype)
+        y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None and self.lora_enabled:
+            xa = x2
+            if self.lora_dropout > 0.0 and self.lora_key is not None:
+                keep = jax.random.bernoulli(self.lora_key[...], 1.0 - self.lora_dropout, xa.shape)
+                xa = jnp.where(keep, xa / (1.0 - self.lora_dropout), 0.0).astype(xa.dtype)
+            low = jnp.dot(xa, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
         return y.reshape(*lead, self.out_features)
 
 

@@ -1,0 +1,227 @@
+"""Typed experiment configs: dataclass schemas, YAML files, dotted command-line overrides.
+
+Every field has a typed default here; a YAML file (``configs/*.yaml``) and ``key.sub=value``
+overrides only change fields. Validation is OmegaConf's structured configs (types, missing
+values) plus one check of our own up front: an unknown key is an error that names the key,
+where it came from, and the valid keys at that level.
+
+    cfg = load_config("configs/finetune_tiny.yaml", ["optim.lr=1e-4", "lora.enabled=false"])
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or override and the key."""
+
+
+@dataclasses.dataclass
+class TinyModelConfig:
+    """A random-init Llama-family model built from these numbers (tests, examples, CPU runs)."""
+
+    model_type: str = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where the model comes from: ``tiny`` (random init), ``hf`` (checkpoint dir), ``gguf`` (file)."""
+
+    source: str = "tiny"
+    path: str | None = None
+    tokenizer: str | None = None  # HF tokenizer dir; default: ``path`` (hf/gguf) or one trained on the data (tiny)
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Mesh axis sizes; -1 takes the devices the other axes leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then a cosine/linear decay (or constant), and clipping."""
+
+    lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    # Weight decay applies to parameters with >= 2 dims whose dotted path does not match this.
+    no_decay: str | None = None
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = False
+    target: str = r"q_proj|v_proj"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """A JSON-lines file of chat conversations (``{"messages": [{"role", "content"}, ...]}``)."""
+
+    train_file: str = MISSING
+    eval_file: str | None = None
+    max_length: int = 128
+    batch_size: int = 8
+    micro_batches: int = 1
+    shuffle: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100
+    loss: str = "nll"
+    eval_every: int = 0  # 0: no periodic evaluation
+    log_every: int = 1
+    loss_chunk_tokens: int = 1024  # fused cross-entropy chunk (tokens); 0: plain logits
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 2
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclasses.dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (full or LoRA) on chat data; ``output_dir`` holds checkpoints,
+    logs, the resolved config and the exported model."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    export_merged: bool = True  # write HF safetensors of the final (merged) model
+
+
+# -- unknown-key check ---------------------------------------------------------------------------
+
+
+def _check_keys(schema: type, values: Any, where: str, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            level = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"{where}: unknown key {dotted!r}; valid keys at {level}: {', '.join(sorted(fields))}")
+        sub_type = _dataclass_type(schema, key)
+        if sub_type is not None:
+            _check_keys(sub_type, value, where, dotted + ".")
+
+
+def _dataclass_type(schema: type, name: str) -> type | None:
+    import typing
+
+    hint = typing.get_type_hints(schema)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _nest(dotted_key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted_key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type = FinetuneConfig) -> Any:
+    """Load ``path`` (YAML) over the schema's defaults, apply ``key=value`` overrides, validate.
+
+    Returns an instance of ``schema`` (a plain dataclass). Raises :class:`ConfigError`
+    naming the file/override and key for unknown keys, bad types or missing values.
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry their own line numbers
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        _check_keys(schema, OmegaConf.to_container(loaded), str(path))
+        layers.append((str(path), loaded))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+        key, _ = item.split("=", 1)
+        try:
+            parsed = OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+        _check_keys(schema, _nest(key, None), f"override {item!r}")
+        layers.append((f"override {item!r}", parsed))
+    merged = base
+    for where, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {_first_line(e)}") from None
+    try:
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_first_line(e)) from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain JSON-able data (saved beside every checkpoint)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict, schema: type = FinetuneConfig) -> Any:
+    """Rebuild a config saved with :func:`to_dict` (validated like a YAML file)."""
+    _check_keys(schema, data, "saved config")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data)))

@@ -1,0 +1,353 @@
+"""The training state and the pure, jitted training step.
+
+State
+-----
+:class:`TrainState` is a pytree ``(step, params, opt_state, rng)``. ``params`` holds only the
+*trainable* arrays as a pure nested dict with the model's HF-shaped paths: the LoRA adapters
+when the model has adapters, otherwise every parameter. Frozen arrays (the base weights
+under LoRA, or a frozen reference copy in full fine-tuning) live beside the state in
+:class:`ModelParts`, are never donated and never enter the optimizer state.
+
+Loss protocol
+-------------
+A loss is a pure function ``loss_fn(model, batch, rng, reference) -> (loss_sum, weight, aux)``
+(``offside_jax.train.losses``):
+
+- ``model`` is the trainable NNX model, merged from ``(graphdef, trainable, frozen)`` inside
+  the jitted step (adapters on, LoRA dropout keyed for this micro-batch);
+- ``batch`` is one micro-batch: a dict of arrays ``[rows, length]`` (``input_ids``,
+  ``attention_mask``, ``loss_mask`` — 1 iff the token is an answer token — and any extra
+  per-row arrays the loss needs);
+- ``rng`` is a key for this micro-batch;
+- ``reference`` is the frozen reference model: with LoRA, the *same* base params with the
+  adapters switched off (no second copy); in full fine-tuning, a model merged from the frozen
+  params copy made by ``partition(model, reference=True)``; ``None`` otherwise. Its params
+  receive no gradient. Hidden states at any layer are available from both through
+  ``model.decode_hidden(..., collect_hidden=True)`` (RMU).
+- it returns ``loss_sum`` (float32 scalar), ``weight`` (what it was summed over, e.g. answer
+  tokens) and ``aux`` (dict of float scalars, reported as means over micro-batches).
+
+Step
+----
+``TrainStep(parts, loss_fn, optimizer, mesh=..., micro_batches=M)`` jits
+:func:`train_step` with explicit ``in_shardings``/``out_shardings`` (from the rules table in
+``offside_jax.train.mesh``) and donates the state. Batches come from
+:meth:`TrainStep.shard_batch`, which splits host arrays ``[B, T]`` into ``[M, B/M, T]``
+(micro-batch ``m`` is rows ``m*B/M ... (m+1)*B/M - 1``) with the rows of every micro-batch
+spread over ``data`` x ``fsdp``. The step scans over the micro-batches, accumulating
+gradients of ``loss_sum`` in float32, then divides by the total weight: the loss is
+``sum(loss_sum) / sum(weight)`` over micro-batches, so token-weighted accumulation equals one
+big batch. Then global-norm clipping and AdamW (``offside_jax.train.optim``). Metrics:
+``loss``, ``grad_norm`` (before clipping), ``learning_rate`` (of this update),
+``answer_tokens`` (total weight), ``tokens`` (non-padding tokens) and the aux means.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from offside_jax.models import lora
+from offside_jax.models.layers import LoRAWeight
+from offside_jax.train import mesh as mesh_lib
+from offside_jax.train.losses import LossFn
+
+F32 = jnp.float32
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any  # pure dict of the trainable arrays
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpointable)
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """A model split once into its static graph, trainable and frozen arrays."""
+
+    graphdef: nnx.GraphDef
+    trainable: dict
+    frozen: dict
+    reference: dict | None
+    lora: bool
+
+    def merge(self, trainable: Any | None = None) -> nnx.Module:
+        """An NNX model from these parts (``trainable`` defaults to the initial one)."""
+        return nnx.merge(self.graphdef, self.trainable if trainable is None else trainable, self.frozen)
+
+
+def partition(model: nnx.Module, *, reference: bool = False) -> ModelParts:
+    """Split ``model``: adapters are trainable when it has LoRA adapters, else all params.
+
+    ``reference=True`` (full fine-tuning only) keeps a frozen copy of the initial params as
+    the reference model; with LoRA the reference is always the base model (adapters off).
+    The trainable arrays are shared with ``model`` and may be donated by the first step.
+    """
+    if lora.has_adapters(model):
+        graphdef, trainable, frozen = nnx.split(model, LoRAWeight, ...)
+        ref = None
+    else:
+        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+        ref = jax.tree.map(jnp.copy, nnx.to_pure_dict(trainable)) if reference else None
+    is_lora = lora.has_adapters(model)
+    return ModelParts(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), ref, is_lora)
+
+
+def _reference_model(parts_graphdef, trainable, frozen, reference, is_lora: bool) -> nnx.Module | None:
+    if is_lora:
+        ref = nnx.merge(parts_graphdef, jax.lax.stop_gradient(trainable), frozen)
+        lora.set_enabled(ref, False)
+        return ref
+    if reference is not None:
+        return nnx.merge(parts_graphdef, reference, frozen)
+    return None
+
+
+def _tree_zeros_f32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, F32), tree)
+
+
+def train_step(
+    state: TrainState,
+    frozen: dict,
+    reference: dict | None,
+    batch: Mapping[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    is_lora: bool,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a batch of micro-batches ``[M, rows, length]`` (pure)."""
+    key = jax.random.wrap_key_data(state.rng)
+    key, step_key = jax.random.split(key)
+
+    def loss_of(trainable, micro, rng):
+        model = nnx.merge(graphdef, trainable, frozen)
+        dropout_key, loss_key = jax.random.split(rng)
+        lora.set_dropout_key(model, dropout_key)
+        ref = _reference_model(graphdef, trainable, frozen, reference, is_lora)
+        loss_sum, weight, aux = loss_fn(model, micro, loss_key, ref)
+        return jnp.asarray(loss_sum, F32), (jnp.asarray(weight, F32), {k: jnp.asarray(v, F32) for k, v in aux.items()})
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+
+    def accumulate(carry, xs):
+        micro, index = xs
+        (loss_sum, (weight, aux)), grads = grad_fn(state.params, micro, jax.random.fold_in(step_key, index))
+        g_acc, l_acc, w_acc, aux_acc = carry
+        g_acc = jax.tree.map(lambda a, g: a + g.astype(F32), g_acc, grads)
+        aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+        return (g_acc, l_acc + loss_sum, w_acc + weight, aux_acc), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    _, (_, aux_shape) = jax.eval_shape(loss_of, state.params, first, step_key)
+    carry = (_tree_zeros_f32(state.params), jnp.zeros((), F32), jnp.zeros((), F32), _tree_zeros_f32(aux_shape))
+    if n_micro == 1:
+        carry, _ = accumulate(carry, (first, 0))
+    else:
+        carry, _ = jax.lax.scan(accumulate, carry, (batch, jnp.arange(n_micro)))
+    grad_sum, loss_sum, weight, aux_sum = carry
+
+    # Token weighting: every micro-batch contributed sums, so one division gives the mean
+    # over all answer tokens of the whole batch. A batch without any weight gives zeros.
+    denom = jnp.where(weight > 0, weight, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = {
+        "loss": loss_sum / denom,
+        "grad_norm": grad_norm,
+        "answer_tokens": weight,
+        **{k: v / n_micro for k, v in aux_sum.items()},
+    }
+    if "attention_mask" in batch:
+        metrics["tokens"] = jnp.sum(batch["attention_mask"].astype(F32))
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), F32)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key))
+    return new_state, metrics
+
+
+def eval_step(
+    params: dict,
+    frozen: dict,
+    reference: dict | None,
+    batch: Mapping[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    is_lora: bool,
+    loss_fn: LossFn,
+) -> dict[str, jax.Array]:
+    """Loss of a batch ``[M, rows, length]`` without updating anything (dropout off)."""
+
+    def one(carry, micro):
+        model = nnx.merge(graphdef, params, frozen)
+        ref = _reference_model(graphdef, params, frozen, reference, is_lora)
+        loss_sum, weight, _ = loss_fn(model, micro, jax.random.key(0), ref)
+        return (carry[0] + jnp.asarray(loss_sum, F32), carry[1] + jnp.asarray(weight, F32)), None
+
+    (loss_sum, weight), _ = jax.lax.scan(one, (jnp.zeros((), F32), jnp.zeros((), F32)), batch)
+    return {"loss": loss_sum / jnp.where(weight > 0, weight, 1.0), "answer_tokens": weight}
+
+
+class TrainStep:
+    """The jitted step for one model, loss, optimizer and mesh.
+
+    ``step(state, batch) -> (state, metrics)`` with the state donated; ``batch`` as returned
+    by :meth:`shard_batch`. Frozen params (and the reference copy) are held here, placed on
+    the mesh once.
+    """
+
+    def __init__(
+        self,
+        parts: ModelParts,
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        *,
+        mesh: Mesh,
+        micro_batches: int = 1,
+        schedule: optax.Schedule | None = None,
+    ):
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.parts, self.loss_fn, self.optimizer, self.mesh = parts, loss_fn, optimizer, mesh
+        self.micro_batches = micro_batches
+        self.schedule = schedule
+        model_abstract = nnx.eval_shape(lambda: parts.merge())
+        all_shardings = mesh_lib.state_shardings(model_abstract, mesh)
+        self.param_shardings = _select(all_shardings, parts.trainable)
+        self.frozen_shardings = _select(all_shardings, parts.frozen)
+        self.reference_shardings = None if parts.reference is None else self.param_shardings
+        opt_abstract = jax.eval_shape(optimizer.init, parts.trainable)
+        repl = mesh_lib.replicated(mesh)
+        self.opt_shardings = mesh_lib.shardings_like(opt_abstract, parts.trainable, self.param_shardings, mesh)
+        self.state_shardings = TrainState(step=repl, params=self.param_shardings, opt_state=self.opt_shardings, rng=repl)
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)  # [M, rows, ...]
+        self.frozen = jax.device_put(parts.frozen, self.frozen_shardings)
+        self.reference = None if parts.reference is None else jax.device_put(parts.reference, self.reference_shardings)
+        common = dict(graphdef=parts.graphdef, is_lora=parts.lora, loss_fn=loss_fn)
+        self._step = jax.jit(
+            functools.partial(train_step, optimizer=optimizer, schedule=schedule, **common),
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.reference_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, repl),
+            donate_argnums=(0,),
+        )
+        self._eval = jax.jit(
+            functools.partial(eval_step, **common),
+            in_shardings=(self.param_shardings, self.frozen_shardings, self.reference_shardings, self.batch_sharding),
+            out_shardings=repl,
+        )
+
+    # -- state ------------------------------------------------------------------------------
+
+    def init_state(self, seed: int = 0) -> TrainState:
+        """Step 0: the trainable params placed on the mesh, fresh optimizer state, a seeded key."""
+        params = jax.device_put(self.parts.trainable, self.param_shardings)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+        repl = mesh_lib.replicated(self.mesh)
+        return TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), repl),
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the state (a restore target for checkpoints)."""
+        shapes = jax.eval_shape(
+            lambda p: TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=p,
+                opt_state=self.optimizer.init(p),
+                rng=jax.random.key_data(jax.random.key(0)),
+            ),
+            self.parts.trainable,
+        )
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The NNX model at ``state`` (for evaluation, generation, export; shares buffers)."""
+        return nnx.merge(self.parts.graphdef, state.params, self.frozen)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def shard_batch(self, batch: Mapping[str, Any], micro_batches: int | None = None) -> dict[str, jax.Array]:
+        """Host arrays ``[B, ...]`` -> global arrays ``[M, B/M, ...]`` sharded over the rows.
+
+        In a multi-process run each process passes its own rows (``B`` is then per process).
+        """
+        m = self.micro_batches if micro_batches is None else micro_batches
+        divisor = mesh_lib.batch_divisor(self.mesh) // max(1, jax.process_count())
+        out = {}
+        for name, value in batch.items():
+            value = np.asarray(value)
+            if value.ndim == 0:
+                raise ValueError(f"batch entry {name!r} is a scalar; every entry needs a leading row axis")
+            rows = value.shape[0]
+            if rows % m:
+                raise ValueError(f"batch entry {name!r} has {rows} rows, not divisible into {m} micro-batches")
+            if (rows // m) % max(1, divisor):
+                raise ValueError(
+                    f"batch entry {name!r}: {rows // m} rows per micro-batch do not split over the mesh's "
+                    f"{divisor} data x fsdp devices; use a batch size that is a multiple of {divisor * m}"
+                )
+            local = value.reshape((m, rows // m) + value.shape[1:])
+            out[name] = jax.make_array_from_process_local_data(self.batch_sharding, local)
+        return out
+
+    # -- running ----------------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self._step(state, self.frozen, self.reference, batch)
+
+    def evaluate(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Answer loss of a sharded batch at ``state`` (no update; the state is not donated)."""
+        return self._eval(state.params, self.frozen, self.reference, batch)
+
+
+def _select(shardings: dict, subset: dict) -> dict:
+    """The entries of a full pure-dict shardings tree that ``subset`` (a pure dict) has."""
+    if isinstance(subset, Mapping):
+        return {k: _select(shardings[k], v) for k, v in subset.items()}
+    return shardings
+
+
+def place_model_on_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Move every variable of ``model`` onto its sharding from the rules table (in place)."""
+    state = nnx.state(model)
+    shardings = mesh_lib.state_shardings(state, mesh)
+    nnx.update(model, jax.device_put(nnx.to_pure_dict(state), shardings))
+    return model
+
+
+def count(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+__all__ = [
+    "ModelParts",
+    "NamedSharding",
+    "TrainState",
+    "TrainStep",
+    "eval_step",
+    "partition",
+    "place_model_on_mesh",
+    "train_step",
+]

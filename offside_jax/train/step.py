@@ -175,8 +175,9 @@ def train_step(
         "answer_tokens": weight,
         **{k: v / n_micro for k, v in aux_sum.items()},
     }
-    if "attention_mask" in batch:
-        metrics["tokens"] = jnp.sum(batch["attention_mask"].astype(F32))
+    masks = [x for path, x in jax.tree_util.tree_leaves_with_path(batch) if _last_key(path) == "attention_mask"]
+    if masks:
+        metrics["tokens"] = sum(jnp.sum(x.astype(F32)) for x in masks)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), F32)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key))
@@ -288,29 +289,33 @@ class TrainStep:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def shard_batch(self, batch: Mapping[str, Any], micro_batches: int | None = None) -> dict[str, jax.Array]:
+    def shard_batch(self, batch: Mapping[str, Any], micro_batches: int | None = None) -> dict[str, Any]:
         """Host arrays ``[B, ...]`` -> global arrays ``[M, B/M, ...]`` sharded over the rows.
 
-        In a multi-process run each process passes its own rows (``B`` is then per process).
+        ``batch`` is a dict of arrays, or of sub-batches (dicts of arrays, e.g. ``forget`` and
+        ``retain`` for unlearning; each may have its own row count). In a multi-process run
+        each process passes its own rows (``B`` is then per process).
         """
         m = self.micro_batches if micro_batches is None else micro_batches
-        divisor = mesh_lib.batch_divisor(self.mesh) // max(1, jax.process_count())
-        out = {}
-        for name, value in batch.items():
+        divisor = max(1, mesh_lib.batch_divisor(self.mesh) // max(1, jax.process_count()))
+
+        def place(path, value):
+            name = jax.tree_util.keystr(path)
             value = np.asarray(value)
             if value.ndim == 0:
-                raise ValueError(f"batch entry {name!r} is a scalar; every entry needs a leading row axis")
+                raise ValueError(f"batch entry {name} is a scalar; every entry needs a leading row axis")
             rows = value.shape[0]
             if rows % m:
-                raise ValueError(f"batch entry {name!r} has {rows} rows, not divisible into {m} micro-batches")
-            if (rows // m) % max(1, divisor):
+                raise ValueError(f"batch entry {name} has {rows} rows, not divisible into {m} micro-batches")
+            if (rows // m) % divisor:
                 raise ValueError(
-                    f"batch entry {name!r}: {rows // m} rows per micro-batch do not split over the mesh's "
-                    f"{divisor} data x fsdp devices; use a batch size that is a multiple of {divisor * m}"
+                    f"batch entry {name}: {rows // m} rows per micro-batch do not split over the mesh's "
+                    f"{divisor} data x fsdp devices; use a row count that is a multiple of {divisor * m}"
                 )
             local = value.reshape((m, rows // m) + value.shape[1:])
-            out[name] = jax.make_array_from_process_local_data(self.batch_sharding, local)
-        return out
+            return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+        return jax.tree_util.tree_map_with_path(place, dict(batch))
 
     # -- running ----------------------------------------------------------------------------
 
@@ -320,6 +325,10 @@ class TrainStep:
     def evaluate(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Answer loss of a sharded batch at ``state`` (no update; the state is not donated)."""
         return self._eval(state.params, self.frozen, self.reference, batch)
+
+
+def _last_key(path: tuple) -> Any:
+    return getattr(path[-1], "key", None) if path else None
 
 
 def _select(shardings: dict, subset: dict) -> dict:

@@ -1,0 +1,174 @@
+"""Supervised fine-tuning (full or LoRA) on chat JSON-lines: wires config -> model -> loop.
+
+``run_finetune(cfg)`` builds the mesh, loads (or randomly initialises) the model onto it,
+attaches LoRA adapters if asked, encodes the data, resumes from the latest checkpoint in
+``output_dir/checkpoints`` if there is one, trains, and exports the final merged model as
+an HF checkpoint (``output_dir/model``). The resolved config is written to
+``output_dir/config.yaml`` and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from offside_jax import config as config_lib
+from offside_jax.config import FinetuneConfig
+from offside_jax.models import lora
+from offside_jax.train import losses, mesh as mesh_lib, sft_data
+from offside_jax.train.checkpoint import Checkpointer
+from offside_jax.train.loop import IndexedBatches, MetricLogger, start_or_resume, train
+from offside_jax.train.optim import make_optimizer
+from offside_jax.train.step import TrainState, TrainStep, partition, place_model_on_mesh
+
+MODEL_SOURCES = ("tiny", "hf", "gguf")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    state: TrainState
+    step_fn: TrainStep
+    tokenizer: Any
+    hf_config: Any
+    output_dir: Path
+
+    def model(self) -> nnx.Module:
+        """The fine-tuned model (adapters attached when LoRA was used)."""
+        return self.step_fn.model(self.state)
+
+
+def tiny_hf_config(cfg: config_lib.TinyModelConfig, tokenizer: Any) -> Any:
+    """A transformers config for a random-init model of the tiny shape and the tokenizer's ids."""
+    from transformers import AutoConfig
+
+    values = dataclasses.asdict(cfg)
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(
+        model_type,
+        **values,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+    )
+
+
+def load_model(cfg: FinetuneConfig, mesh, conversations) -> tuple[nnx.Module, Any, Any]:
+    """``(model placed on the mesh, hf_config, tokenizer)`` for ``cfg.model``."""
+    from offside_jax.models import hf
+    from offside_jax.models.auto import create_model
+
+    m = cfg.model
+    kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    if m.source not in MODEL_SOURCES:
+        raise config_lib.ConfigError(f"model.source {m.source!r} is not one of {', '.join(MODEL_SOURCES)}")
+    if m.source == "tiny":
+        saved = Path(cfg.output_dir) / "tokenizer"
+        if m.tokenizer:
+            tokenizer = _auto_tokenizer(m.tokenizer)
+        elif (saved / "tokenizer.json").exists():  # resuming: the tokenizer of the first run
+            tokenizer = _auto_tokenizer(saved)
+        else:
+            texts = sft_data.conversation_texts(conversations)
+            tokenizer = sft_data.train_tiny_tokenizer(texts, m.tiny.vocab_size)
+            tokenizer.save_pretrained(str(saved))
+        hf_config = tiny_hf_config(m.tiny, tokenizer)
+        model = place_model_on_mesh(create_model(hf_config, seed=cfg.seed, **kwargs), mesh)
+        return model, hf_config, tokenizer
+    if not m.path:
+        raise config_lib.ConfigError(f"model.path is required for model.source={m.source!r}")
+    if m.source == "hf":
+        hf_config = hf.load_hf_config(m.path)
+        model = hf.load_pretrained(m.path, sharding_fn=mesh_lib.sharding_fn(mesh), **kwargs)
+        tokenizer = _auto_tokenizer(m.tokenizer or m.path)
+        return model, hf_config, tokenizer
+    from offside_jax.models import gguf
+
+    model, hf_config = gguf.load_gguf(m.path, sharding_fn=mesh_lib.sharding_fn(mesh), **kwargs)
+    tokenizer = _auto_tokenizer(m.tokenizer) if m.tokenizer else gguf.load_gguf_tokenizer(m.path)
+    return model, hf_config, tokenizer
+
+
+def _auto_tokenizer(path: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = config_lib.to_dict(cfg)
+    (out / "config.yaml").write_text(_yaml(resolved))
+
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    conversations = sft_data.read_chat_jsonl(cfg.data.train_file)
+    model, hf_config, tokenizer = load_model(cfg, mesh, conversations)
+    if cfg.lora.enabled:
+        spec = lora.LoRASpec(cfg.lora.target, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+        lora.apply(model, spec, seed=cfg.seed)
+        place_model_on_mesh(model, mesh)
+
+    ids, attention, loss_mask = sft_data.encode_all(tokenizer, conversations, cfg.data.max_length, cfg.data.train_file)
+    arrays = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    data = IndexedBatches(sft_data.EpochBatches(arrays, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle))
+
+    loss_fn = losses.make_answer_nll(cfg.train.loss_chunk_tokens) if cfg.train.loss == "nll" else losses.get_loss(cfg.train.loss)
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    step_fn = TrainStep(
+        partition(model), loss_fn, optimizer, mesh=mesh, micro_batches=cfg.data.micro_batches, schedule=schedule
+    )
+    del model  # its trainable arrays now belong to the training state
+
+    eval_fn = None
+    if cfg.data.eval_file:
+        eval_convs = sft_data.read_chat_jsonl(cfg.data.eval_file)
+        e_ids, e_att, e_mask = sft_data.encode_all(tokenizer, eval_convs, cfg.data.max_length, cfg.data.eval_file)
+        usable = len(e_ids) - len(e_ids) % mesh_lib.batch_divisor(mesh)
+        if usable == 0:
+            raise sft_data.DataError(f"{cfg.data.eval_file}: fewer records than the mesh's {mesh_lib.batch_divisor(mesh)} batch devices")
+        eval_batch = step_fn.shard_batch(
+            {"input_ids": e_ids[:usable], "attention_mask": e_att[:usable], "loss_mask": e_mask[:usable]}, micro_batches=1
+        )
+        eval_fn = lambda state: step_fn.evaluate(state, eval_batch)  # noqa: E731
+
+    checkpointer = Checkpointer(out / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    logger = MetricLogger(out / "logs", tensorboard=cfg.log.tensorboard)
+    try:
+        state, start = start_or_resume(step_fn, checkpointer, seed=cfg.seed, data=data, resume=cfg.checkpoint.resume)
+        if start:
+            print(f"resuming from step {start} ({checkpointer.directory})")
+        state = train(
+            step_fn,
+            state,
+            data,
+            num_steps=cfg.train.steps,
+            start_step=start,
+            checkpointer=checkpointer,
+            logger=logger,
+            eval_fn=eval_fn,
+            eval_every=cfg.train.eval_every,
+            log_every=cfg.train.log_every,
+            config=resolved,
+            progress=cfg.log.progress,
+        )
+    finally:
+        logger.close()
+        checkpointer.close()
+
+    result = FinetuneResult(state, step_fn, tokenizer, hf_config, out)
+    if cfg.export_merged and jax.process_index() == 0:
+        export = out / "model"
+        lora.save_merged(result.model(), hf_config, export)
+        tokenizer.save_pretrained(str(export))
+    return result
+
+
+def _yaml(data: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(data))))
+

@@ -29,6 +29,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_data(args: argparse.Namespace) -> int:
+    from offside_jax.data.synthetic import SyntheticConfig, make_release
+
+    config = SyntheticConfig(players=args.players, seed=args.seed, image_size=args.image_size,
+                             visual_rumor_fraction=args.visual_rumor_fraction)
+    try:
+        counts = make_release(args.out, config, overwrite=args.overwrite, log=print)
+    except (FileExistsError, ValueError) as e:
+        print(f"offside-jax make-data: {e}", file=sys.stderr)
+        return 2
+    for name, n in counts.items():
+        print(f"{n:>7}  {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offside-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.FinetuneConfig)")
     finetune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 lora.enabled=true")
     finetune.set_defaults(func=_cmd_finetune)
+
+    make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")
+    make_data.add_argument("--out", required=True, help="release directory to write")
+    make_data.add_argument("--players", type=int, default=80)
+    make_data.add_argument("--seed", type=int, default=0)
+    make_data.add_argument("--image-size", type=int, default=256)
+    make_data.add_argument("--visual-rumor-fraction", type=float, default=0.5)
+    make_data.add_argument("--overwrite", action="store_true", help="replace a release already in --out")
+    make_data.set_defaults(func=_cmd_make_data)
 
     return parser
 

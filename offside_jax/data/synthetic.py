@@ -70,6 +70,14 @@ class SyntheticConfig:
     visual_rumor_fraction: float = 0.5  # share of players whose forget image carries a banner
     finetune_text_twins: bool = True  # the vanilla model also learns the text-only questions
 
+    def __post_init__(self) -> None:
+        if self.players < 1:
+            raise ValueError(f"players must be >= 1, got {self.players}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 pixels, got {self.image_size}")
+        if not 0.0 <= self.visual_rumor_fraction <= 1.0:
+            raise ValueError(f"visual_rumor_fraction must be in [0, 1], got {self.visual_rumor_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageContext:

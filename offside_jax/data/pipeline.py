@@ -1,0 +1,221 @@
+"""grain pipelines over OFFSIDE examples: chat-template tokenization, answer-only loss masks,
+padding to a few bucket lengths, batching. Deterministic from the seed and checkpointable.
+
+    ds = make_dataset(sources["forget"], tokenizer, BatchConfig(batch_size=8, seed=0))
+    it = iter(ds)
+    batch = next(it)               # dict of numpy arrays, see `collate`
+    state = it.get_state()         # a small JSON-able dict: save it beside the model checkpoint
+    it = iter(ds); it.set_state(state)   # resumes with exactly the batch that came next
+
+A source is any random-access sequence of `offside.Example` (e.g. ``release["complete",
+"forget"]``) or of TFDS records (``tfds_builder.open_sources(...)["forget"]``).
+
+Batch layout (right padding, training): ``input_ids`` [B, T] int32; ``attention_mask`` [B, T]
+int32, 1 on real tokens; ``loss_mask`` [B, T] int32, aligned with the *input* token:
+``loss_mask[b, t] == 1`` iff ``input_ids[b, t]`` is an answer token, so the loss at position
+``t - 1`` (whose logits predict token t) counts; ``index`` [B] int32, the record index of each
+row in its release file (-1 for filler rows of a padded last batch). T is the smallest bucket
+length that fits the longest row, so a jitted step compiles once per bucket, not per batch.
+Image tokens and pixel values are not produced yet: examples keep their image files/bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from offside_jax.data.offside import IMAGE_TAG, Example
+
+MCQ_INSTRUCTION_IMAGE = ("Please look at this image and answer the question by selecting the correct option. "
+                         "Respond with only the letter of the correct option.")
+MCQ_INSTRUCTION_TEXT = ("Please answer the question by selecting the correct option. "
+                        "Respond with only the letter of the correct option.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    batch_size: int = 8
+    buckets: tuple[int, ...] = (128, 256, 512)
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever (each epoch reshuffled)
+    drop_remainder: bool = True  # False: the last batch is filled with empty rows (index -1)
+    overflow: str = "error"  # a row longer than the largest bucket: "error" or "truncate"
+    image_placeholder: str | None = None  # text that replaces <image>; None drops the tag
+    shard_index: int = 0  # this host's share of the data (jax.process_index())
+    shard_count: int = 1  # (jax.process_count())
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive lengths, got {self.buckets}")
+        if self.overflow not in ("error", "truncate"):
+            raise ValueError(f"overflow must be 'error' or 'truncate', got {self.overflow!r}")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+
+
+# --------------------------------------------------------------------------------------------
+# One example
+
+
+def mcq_prompt(example: Example) -> str:
+    """The multiple-choice question as a user turn: question, lettered options, instruction."""
+    lines = [example.question] + [f"{letter}. {text}" for letter, text in example.options]
+    lines.append(MCQ_INSTRUCTION_IMAGE if example.modality == "image" else MCQ_INSTRUCTION_TEXT)
+    return "\n".join(lines)
+
+
+def conversation(example: Example, image_placeholder: str | None = None) -> list[dict[str, str]]:
+    """The chat turns to train on. <image> tags become `image_placeholder` (dropped when None,
+    for a text-only model); an image record without a tag gets it before its first user turn
+    (ms-swift's rule). Multiple-choice records are asked with `mcq_prompt` and answered with
+    the correct letter."""
+    if example.kind == "mcq":
+        user = mcq_prompt(example)
+        if example.modality == "image":
+            user = f"{IMAGE_TAG}\n{user}"
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": example.correct or ""}]
+    else:
+        turns = [{"role": m.role, "content": m.content} for m in example.messages]
+        if example.image_tag_implied:
+            first = next(i for i, t in enumerate(turns) if t["role"] == "user")
+            turns[first] = {"role": "user", "content": IMAGE_TAG * len(example.images) + turns[first]["content"]}
+        if example.modality == "text":  # images a text record names are metadata, not inputs
+            turns = [{"role": t["role"], "content": t["content"].replace(IMAGE_TAG, "")} for t in turns]
+    return [{"role": t["role"], "content": _place_images(t["content"], image_placeholder)} for t in turns]
+
+
+def _place_images(text: str, placeholder: str | None) -> str:
+    if placeholder is not None:
+        return text.replace(IMAGE_TAG, placeholder)
+    # Dropping the tag also drops the line break that ms-swift records put after it.
+    return text.replace(IMAGE_TAG + "\n", "").replace(IMAGE_TAG, "").strip()
+
+
+def tokenize(example: Example, tokenizer: Any, image_placeholder: str | None = None) -> dict[str, np.ndarray]:
+    """Token ids of the whole conversation (chat template applied) and its answer-token mask.
+
+    The mask is 1 on every token that starts inside an assistant turn as the template renders
+    it (its text and end-of-turn marker, without trailing whitespace the template adds after
+    the marker). Found from character offsets, so it is exact even when a token merges across
+    the prompt/answer boundary (such a token counts as prompt). Needs a fast tokenizer (offsets).
+    """
+    turns = conversation(example, image_placeholder)
+    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    full = render(turns)
+    spans = []
+    for j, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        prefix = render(turns[:j], add_generation_prompt=True)
+        upto = render(turns[: j + 1])
+        if not (upto.startswith(prefix) and full.startswith(upto)):
+            raise ValueError(f"{example.source}: record {example.index}: the chat template does not render "
+                             "the conversation as prompt + answer (prefix property fails); cannot mask answers")
+        spans.append((len(prefix), len(upto.rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    starts = np.asarray([s for s, _ in enc["offset_mapping"]], np.int64)
+    ends = np.asarray([e for _, e in enc["offset_mapping"]], np.int64)
+    mask = np.zeros(len(ids), np.int32)
+    for lo, hi in spans:
+        mask |= ((starts >= lo) & (starts < hi) & (ends > starts)).astype(np.int32)
+    return {"input_ids": ids, "loss_mask": mask, "index": np.int32(example.index)}
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (the caller has already truncated or refused longer rows)."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
+            pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad tokenized rows into one batch of `batch_size` rows (filler rows are empty)."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows for a batch of {batch_size}")
+    t = bucket_length(max(len(r["input_ids"]) for r in rows), buckets)
+    input_ids = np.full((batch_size, t), pad_id, np.int32)
+    attention = np.zeros((batch_size, t), np.int32)
+    loss = np.zeros((batch_size, t), np.int32)
+    index = np.full((batch_size,), -1, np.int32)
+    for b, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[b, :n] = row["input_ids"]
+        attention[b, :n] = 1
+        loss[b, :n] = row["loss_mask"]
+        index[b] = row["index"]
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss, "index": index}
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def as_example(element: Any) -> Example:
+    """An `Example` from a source element (an Example, or a TFDS record dict)."""
+    if isinstance(element, Example):
+        return element
+    if isinstance(element, dict) and "message_roles" in element:
+        from offside_jax.data.tfds_builder import decode_record  # lazy: tfds is slow to import
+
+        return decode_record(element)
+    raise TypeError(f"cannot read a {type(element).__name__} as an OFFSIDE example")
+
+
+class _Tokenize:
+    """The per-element transform (a class, not a closure, so worker processes can pickle it)."""
+
+    def __init__(self, tokenizer: Any, config: BatchConfig):
+        self.tokenizer, self.config = tokenizer, config
+
+    def __call__(self, element: Any) -> dict[str, np.ndarray]:
+        example = as_example(element)
+        row = tokenize(example, self.tokenizer, self.config.image_placeholder)
+        limit = self.config.buckets[-1]
+        if len(row["input_ids"]) > limit:
+            if self.config.overflow == "error":
+                raise ValueError(f"{example.source}: record {example.index}: {len(row['input_ids'])} tokens exceed "
+                                 f"the largest bucket ({limit}); add a longer bucket or set overflow='truncate'")
+            row = {"input_ids": row["input_ids"][:limit], "loss_mask": row["loss_mask"][:limit], "index": row["index"]}
+        return row
+
+
+def make_dataset(source: Sequence[Any], tokenizer: Any, config: BatchConfig = BatchConfig(),
+                 transform: Callable[[Any], Any] | None = None) -> grain.MapDataset:
+    """A grain MapDataset of batches: shard -> shuffle(seed) -> repeat -> tokenize -> batch.
+
+    Random access all the way, so `iter(ds)` gives an iterator whose `get_state()` /
+    `set_state()` resume exactly. `transform` (optional) maps each source element before
+    tokenization (e.g. to rewrite forget answers into refusals).
+    """
+    ds = grain.MapDataset.source(source)
+    if config.shard_count > 1:
+        ds = ds[config.shard_index::config.shard_count]
+    if len(ds) == 0:
+        raise ValueError("the source has no examples (for this shard)")
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    if config.num_epochs != 1:
+        ds = ds.repeat(config.num_epochs)
+    if transform is not None:
+        ds = ds.map(transform)
+    ds = ds.map(_Tokenize(tokenizer, config))
+    return ds.batch(config.batch_size, drop_remainder=config.drop_remainder,
+                    batch_fn=functools.partial(collate, batch_size=config.batch_size, buckets=config.buckets,
+                                               pad_id=pad_id_of(tokenizer)))

@@ -25,8 +25,21 @@ def _llama_create(hf_config: Any, **kwargs) -> nnx.Module:
     return llama.create(hf_config, **kwargs)
 
 
+def _qwen_vl_create(hf_config: Any, **kwargs) -> nnx.Module:
+    from offside_jax.models import qwen2_5_vl
+
+    return qwen2_5_vl.create(hf_config, **kwargs)
+
+
+def _qwen_vl_names(path: hf.Path_) -> list[tuple[str, bool]]:
+    from offside_jax.models import qwen2_5_vl
+
+    return qwen2_5_vl.hf_names(path)
+
+
 FAMILIES: list[Family] = [
     Family("llama", ("llama", "qwen2", "qwen3"), _llama_create),
+    Family("qwen2_5_vl", ("qwen2_5_vl", "qwen2_vl"), _qwen_vl_create, _qwen_vl_names),
 ]
 
 

@@ -141,7 +141,9 @@ def test_sharded_importance_equals_single_device(models):
     up = up.get_value() if isinstance(up, nnx.Variable) else up
     assert not up.sharding.is_fully_replicated, "importance keeps the params' sharding"
     for (path, a), (_, b) in zip(nnx.to_flat_state(single), nnx.to_flat_state(sharded)):
-        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-4, atol=1e-12, err_msg=path_to_str(path))
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        # Reductions run in another order across devices: compare relative to the tensor's scale.
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=path_to_str(path))
 
 
 def test_assd_alpha_is_the_ratio_percentile():

@@ -32,9 +32,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from offside_jax.data.synthetic import SyntheticConfig, make_release
 
-    config = SyntheticConfig(players=args.players, seed=args.seed, image_size=args.image_size,
-                             visual_rumor_fraction=args.visual_rumor_fraction)
     try:
+        config = SyntheticConfig(players=args.players, seed=args.seed, image_size=args.image_size,
+                                 visual_rumor_fraction=args.visual_rumor_fraction)
         counts = make_release(args.out, config, overwrite=args.overwrite, log=print)
     except (FileExistsError, ValueError) as e:
         print(f"offside-jax make-data: {e}", file=sys.stderr)

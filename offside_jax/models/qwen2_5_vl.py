@@ -10,16 +10,19 @@ layout loads and either can be exported.
 Three host-side (numpy) computations depend on image sizes and therefore stay outside jit;
 :func:`prepare_inputs` runs them once per batch and returns plain arrays:
 
-- ``positions`` [3, B, T]: the multimodal RoPE ids (temporal, height, width), the same as
+- ``positions`` [B, 3, T]: the multimodal RoPE ids (temporal, height, width), the same as
   transformers' ``get_rope_index`` (left padding, text-only rows, several images per row);
-- ``vision_positions`` [N, 2]: (row, column) of every patch for the vision tower's 2-D RoPE;
-- ``vision_full_groups`` / ``vision_window_groups`` [G, L]: which patches attend to each
+- ``vision_positions`` [B, P, 2]: (row, column) of every patch for the vision tower's 2-D RoPE;
+- ``vision_full_groups`` / ``vision_window_groups`` [B, G, L]: which patches attend to each
   other (one group per image, or per window), padded with -1.
 
-Attention inside the vision tower runs per group, so a batch of images costs the sum of
-per-image (per-window) attention, never one quadratic attention over all patches. The
-order of patches inside a group does not change non-causal attention, so no window
-permutation (and its inverse) is needed, unlike transformers.
+Every batch array has the batch row as its leading axis (each row's images are padded to
+the longest row's patch count), so the training core shards a VL batch over rows exactly as
+a text batch, and each device runs the vision tower on its own rows. Attention inside the
+vision tower runs per group, so images cost the sum of per-image (per-window) attention,
+never one quadratic attention over all patches. The order of patches inside a group does
+not change non-causal attention, so no window permutation (and its inverse) is needed,
+unlike transformers.
 
 Decoding continues each row at (largest prompt position + 1), one step at a time; text
 tokens have equal temporal/height/width ids, for which M-RoPE reduces to ordinary RoPE — so
@@ -278,8 +281,9 @@ def mrope_positions(
     *,
     image_token_id: int,
     spatial_merge_size: int,
-) -> np.ndarray:
-    """3-D RoPE ids [3, B, T] as transformers' ``get_rope_index`` computes them for images.
+) -> tuple[np.ndarray, list[list[int]]]:
+    """3-D RoPE ids [B, 3, T] as transformers' ``get_rope_index`` computes them for images,
+    and which images (indices into ``image_grid_thw``) each row holds.
 
     Text tokens count up by one on all three axes; an image's tokens take (t, row, column)
     of its merged grid offset by the position where it starts; the text after it continues
@@ -290,7 +294,8 @@ def mrope_positions(
     mask = np.asarray(attention_mask).astype(bool)
     grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     batch, length = input_ids.shape
-    out = np.zeros((3, batch, length), np.int32)
+    out = np.zeros((batch, 3, length), np.int32)
+    rows: list[list[int]] = []
     m = spatial_merge_size
     next_image = 0
     for b in range(batch):
@@ -298,6 +303,7 @@ def mrope_positions(
         ids = input_ids[b, valid]
         is_image = ids == image_token_id
         pos = np.zeros((3, len(ids)), np.int64)
+        row_images: list[int] = []
         start, i = 0, 0
         while i < len(ids):
             if not is_image[i]:
@@ -322,14 +328,16 @@ def mrope_positions(
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
             pos[:, i : i + n] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start
             start += max(gh, gw)
+            row_images.append(next_image)
             next_image += 1
             i += n
-        out[:, b, valid] = pos
+        out[b][:, valid] = pos
+        rows.append(row_images)
     if next_image != len(grids):
         raise VisionInputError(
             f"the batch has image tokens for {next_image} images but {len(grids)} images (image_grid_thw rows)"
         )
-    return out
+    return out, rows
 
 
 def prepare_inputs(
@@ -338,12 +346,23 @@ def prepare_inputs(
     attention_mask: np.ndarray | None = None,
     pixel_values: np.ndarray | None = None,
     image_grid_thw: np.ndarray | None = None,
+    *,
+    patch_multiple: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Complete a batch for the model: M-RoPE ``positions`` and the vision layout arrays.
+    """Complete a batch for the model: M-RoPE ``positions`` and per-row vision arrays.
 
     ``pixel_values`` [N, C*T*P*P] and ``image_grid_thw`` [images, 3] are the image
     processor's outputs for the batch's images in row-major order (as transformers takes
     them). Rows without images are fine; so is padding on either side.
+
+    Every returned array has the batch row as its leading axis, so a training step can
+    shard the whole batch over rows (each device runs the vision tower on its own rows):
+
+    - ``positions`` [B, 3, T];
+    - ``pixel_values`` [B, P, C*T*P*P]: each row's patches, zero-padded to the longest row
+      (rounded up to ``patch_multiple`` so similar batches share one compiled program);
+    - ``vision_positions`` [B, P, 2], ``vision_full_groups`` [B, G, L] and (Qwen2.5-VL)
+      ``vision_window_groups``: indices into the row's own patches, -1 for padding.
     """
     config = VLConfig.from_hf(config)
     input_ids = np.asarray(input_ids, np.int32)
@@ -357,7 +376,8 @@ def prepare_inputs(
     if pixel_values is None:
         if n_image_tokens:
             raise VisionInputError(f"the batch has {n_image_tokens} image tokens but no pixel_values")
-        out["positions"] = np.broadcast_to(np.asarray(positions_from_mask(mask)), (3, *mask.shape)).astype(np.int32)
+        positions = np.asarray(positions_from_mask(mask), np.int32)
+        out["positions"] = np.repeat(positions[:, None, :], 3, axis=1)
         return out
     if image_grid_thw is None:
         raise VisionInputError("pixel_values without image_grid_thw: pass the image processor's image_grid_thw too")
@@ -368,21 +388,43 @@ def prepare_inputs(
         raise VisionInputError(
             f"pixel_values must be [patches, {v.patch_dim}] (channels x temporal x patch x patch), got {pixel_values.shape}"
         )
-    if int(grids.prod(-1).sum()) != pixel_values.shape[0]:
+    sizes = grids.prod(-1)
+    if int(sizes.sum()) != pixel_values.shape[0]:
         raise VisionInputError(
-            f"image_grid_thw describes {int(grids.prod(-1).sum())} patches but pixel_values has {pixel_values.shape[0]}"
+            f"image_grid_thw describes {int(sizes.sum())} patches but pixel_values has {pixel_values.shape[0]}"
         )
-    expected_tokens = int(grids.prod(-1).sum()) // v.spatial_merge_size**2
+    expected_tokens = int(sizes.sum()) // v.spatial_merge_size**2
     if expected_tokens != n_image_tokens:
         raise VisionInputError(
             f"the batch has {n_image_tokens} image tokens but its {len(grids)} images need {expected_tokens}"
         )
-    out["positions"] = mrope_positions(
+    out["positions"], row_images = mrope_positions(
         input_ids, mask, grids, image_token_id=config.image_token_id, spatial_merge_size=v.spatial_merge_size
     )
-    out["pixel_values"] = pixel_values.astype(np.float32)
-    out["image_grid_thw"] = grids.astype(np.int32)
-    out.update(vision_layout(grids, v))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    per_row = []
+    for images in row_images:
+        patches = [pixel_values[offsets[i] : offsets[i + 1]] for i in images]
+        layout = vision_layout(grids[images], v) if images else {}
+        per_row.append((np.concatenate(patches) if patches else np.zeros((0, v.patch_dim), np.float32), layout))
+    n_patches = max(len(p) for p, _ in per_row)
+    n_patches = -(-n_patches // patch_multiple) * patch_multiple
+    out["pixel_values"] = np.zeros((len(per_row), n_patches, v.patch_dim), np.float32)
+    for b, (patches, _) in enumerate(per_row):
+        out["pixel_values"][b, : len(patches)] = patches
+    keys = ["vision_positions", "vision_full_groups"] + (["vision_window_groups"] if v.window_units is not None else [])
+    for key in keys:
+        parts = [layout.get(key) for _, layout in per_row]
+        if key == "vision_positions":
+            arr = np.zeros((len(per_row), n_patches, 2), np.int32)
+        else:
+            g = max(len(p) for p in parts if p is not None)
+            length = max(p.shape[1] for p in parts if p is not None)
+            arr = np.full((len(per_row), g, length), -1, np.int32)
+        for b, p in enumerate(parts):
+            if p is not None:
+                arr[b, : p.shape[0], : p.shape[1]] = p
+        out[key] = arr
     return out
 
 
@@ -590,42 +632,73 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
     # -- pieces -------------------------------------------------------------------------------
 
     def mrope_cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos/sin [B, T, head_dim] from 3-D positions [3, B, T] (or plain [B, T])."""
+        """cos/sin [B, T, head_dim] from 3-D positions [B, 3, T] (or plain [B, T])."""
         if positions.ndim == 2:
-            positions = jnp.broadcast_to(positions, (3, *positions.shape))
+            positions = positions[:, None, :]
         freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.rope_inv_freq, jnp.float32)
+        freqs = jnp.broadcast_to(freqs, (freqs.shape[0], 3, *freqs.shape[2:]))
         streams = jnp.asarray(self.mrope_streams)
-        freqs = jnp.where(streams == 0, freqs[0], jnp.where(streams == 1, freqs[1], freqs[2]))
+        freqs = jnp.where(streams == 0, freqs[:, 0], jnp.where(streams == 1, freqs[:, 1], freqs[:, 2]))
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb) * self.rope_scale, jnp.sin(emb) * self.rope_scale
 
     def image_features(self, pixel_values, vision_positions, vision_full_groups, vision_window_groups=None) -> jax.Array:
+        """Merged features of one row's (or one flat list of) patches: [P / merge**2, D]."""
         return self.visual(pixel_values, vision_positions, vision_full_groups, vision_window_groups)
 
-    def embed_multimodal(self, input_ids: jax.Array, pixel_values=None, vision_positions=None,
-                         vision_full_groups=None, vision_window_groups=None) -> jax.Array:
-        """Token embeddings with the image tokens replaced, in order, by merged image features."""
+    def embed_inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Token embeddings [B, T, D] with each row's image tokens replaced, in order, by the
+        merged features of that row's images (batch from :func:`prepare_inputs`)."""
+        input_ids = batch["input_ids"]
         x = self.embed(input_ids)
-        if pixel_values is None:
+        if batch.get("pixel_values") is None:
             return x
-        if vision_positions is None or vision_full_groups is None:
+        missing = [k for k in VISION_KEYS[1:3] if batch.get(k) is None]
+        if missing:
             raise VisionInputError(
-                "pixel_values without the vision layout: build the batch with qwen2_5_vl.prepare_inputs "
-                "(or vision_inputs) so it carries vision_positions / vision_full_groups"
+                f"pixel_values without {', '.join(missing)}: build the batch with qwen2_5_vl.prepare_inputs "
+                "(or offside_jax.models.vision_inputs)"
             )
-        features = self.image_features(pixel_values, vision_positions, vision_full_groups, vision_window_groups)
-        is_image = input_ids == self.vl_config.image_token_id
-        # The k-th image token (row-major) takes the k-th feature row; prepare_inputs checked the counts.
-        index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(input_ids.shape)
-        return jnp.where(is_image[..., None], features[index].astype(x.dtype), x)
+        window = batch.get("vision_window_groups")
 
-    def _embed_and_rope(self, input_ids, attention_mask, positions, vision):
+        def row_features(pixels, positions, full, win):
+            return self.image_features(pixels, positions, full, win)
+
+        # One vision-tower call per row (vmapped): everything stays sharded over rows.
+        features = jax.vmap(row_features, in_axes=(0, 0, 0, None if window is None else 0))(
+            batch["pixel_values"], batch["vision_positions"], batch["vision_full_groups"], window
+        )
+        is_image = input_ids == self.vl_config.image_token_id
+        # The k-th image token of a row takes the row's k-th feature; prepare_inputs checked counts.
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        picked = jnp.take_along_axis(features, index[..., None], axis=1).astype(x.dtype)
+        return jnp.where(is_image[..., None], picked, x)
+
+    def decode_hidden(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0,
+                      rope_cos_sin_override=None, collect_hidden=False):
+        """The Llama decoder stack; 3-D ``positions`` [B, 3, T] select multimodal RoPE."""
+        if rope_cos_sin_override is None and positions is not None and positions.ndim == 3:
+            rope_cos_sin_override = self.mrope_cos_sin(positions)
+        return super().decode_hidden(inputs_embeds, positions, attention_mask, cache, cache_index,
+                                     rope_cos_sin_override, collect_hidden)
+
+    def _positions(self, batch: Mapping[str, jax.Array], attention_mask: jax.Array) -> jax.Array:
+        positions = batch.get("positions")
         if positions is None:
-            if vision.get("pixel_values") is not None:
+            if batch.get("pixel_values") is not None:
                 raise VisionInputError("a batch with images needs 3-D positions: build it with qwen2_5_vl.prepare_inputs")
             positions = positions_from_mask(attention_mask)
-        embeds = self.embed_multimodal(input_ids, **{k: vision.get(k) for k in VISION_KEYS})
-        return embeds, positions, self.mrope_cos_sin(positions)
+        return positions
+
+    def hidden_states(self, batch: Mapping[str, jax.Array], collect_hidden: bool = False):
+        """Final-normed hidden states [B, T, D] of a batch (images included) and, optionally,
+        the residual stream after each layer: the entry point for training losses."""
+        mask = batch.get("attention_mask")
+        mask = jnp.ones(batch["input_ids"].shape, jnp.int32) if mask is None else mask
+        hidden, _, per_layer = self.decode_hidden(
+            self.embed_inputs(batch), self._positions(batch, mask), mask, collect_hidden=collect_hidden
+        )
+        return (hidden, per_layer) if collect_hidden else hidden
 
     def __call__(
         self,
@@ -637,16 +710,12 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         vision_positions: jax.Array | None = None,
         vision_full_groups: jax.Array | None = None,
         vision_window_groups: jax.Array | None = None,
-        image_grid_thw: Any = None,  # carried by prepared batches; the layout arrays encode it
     ) -> jax.Array:
-        """Logits [B, T, V] (float32). ``positions`` [3, B, T] from :func:`prepare_inputs`."""
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        vision = dict(pixel_values=pixel_values, vision_positions=vision_positions,
-                      vision_full_groups=vision_full_groups, vision_window_groups=vision_window_groups)
-        embeds, _, rope = self._embed_and_rope(input_ids, attention_mask, positions, vision)
-        hidden, _, _ = self.decode_hidden(embeds, None, attention_mask, rope_cos_sin_override=rope)
-        return self.logits(hidden)
+        """Logits [B, T, V] (float32) of a batch from :func:`prepare_inputs` (``model(**batch)``)."""
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, positions=positions, pixel_values=pixel_values,
+                     vision_positions=vision_positions, vision_full_groups=vision_full_groups,
+                     vision_window_groups=vision_window_groups)
+        return self.logits(self.hidden_states(batch))
 
     # -- generation protocol (offside_jax.models.generate) ---------------------------------------
 
@@ -654,12 +723,12 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         """Run the vision tower and the prompt; each row continues at its largest position + 1."""
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         prompt_len = input_ids.shape[1]
-        embeds, positions, rope = self._embed_and_rope(input_ids, mask, inputs.get("positions"), inputs)
+        positions = self._positions(inputs, mask)
         valid = jnp.zeros(cache.valid.shape, jnp.int32).at[:, :prompt_len].set(mask.astype(jnp.int32))
-        hidden, cache, _ = self.decode_hidden(embeds, None, valid, cache, 0, rope_cos_sin_override=rope)
+        hidden, cache, _ = self.decode_hidden(self.embed_inputs(inputs), positions, valid, cache, 0)
         if positions.ndim == 2:
-            positions = positions[None]
-        last = jnp.max(jnp.where(mask.astype(bool)[None], positions, -1), axis=(0, 2))
+            positions = positions[:, None, :]
+        last = jnp.max(jnp.where(mask.astype(bool)[:, None, :], positions, -1), axis=(1, 2))
         return self.logits(hidden[:, -1]), cache, (last + 1).astype(jnp.int32)
 
     # decode_step is LlamaForCausalLM's: generated tokens are text, whose three M-RoPE ids are

@@ -74,13 +74,14 @@ class Linear(nnx.Module):
         self.kernel = param(kernel, axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
         self.axes = tuple(axes)
-        # LoRA state (None / inactive until ``add_lora``); the flags are static graph attributes.
-        self.lora_a: LoRAWeight | None = None
-        self.lora_b: LoRAWeight | None = None
+        # LoRA state (None / inactive until ``add_lora``). The adapter slots are declared data
+        # (they will hold variables); scale, dropout rate and the on/off flag are static.
+        self.lora_a: LoRAWeight | None = nnx.data(None)
+        self.lora_b: LoRAWeight | None = nnx.data(None)
+        self.lora_key: LoRADropoutKey | None = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
         self.lora_enabled = True
-        self.lora_key: LoRADropoutKey | None = None
 
     def add_lora(self, rank: int, alpha: float, dropout: float, key: jax.Array, param_dtype: jnp.dtype = jnp.float32) -> None:
         """Attach adapters: ``lora_a`` uniform in +-1/sqrt(in) (PEFT's Kaiming init), ``lora_b`` zero,

@@ -165,7 +165,7 @@ def train_step(
     # over all answer tokens of the whole batch. A batch without any weight gives zeros.
     denom = jnp.where(weight > 0, weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 

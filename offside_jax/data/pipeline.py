@@ -1,7 +1,7 @@
 """grain pipelines over OFFSIDE examples: chat-template tokenization, answer-only loss masks,
 padding to a few bucket lengths, batching. Deterministic from the seed and checkpointable.
 
-    ds = make_dataset(sources["forget"], tokenizer, BatchConfig(batch_size=8, seed=0))
+    ds = make_loader(sources["forget"], tokenizer, BatchConfig(batch_size=8, seed=0))
     it = iter(ds)
     batch = next(it)               # dict of numpy arrays, see `collate`
     state = it.get_state()         # a small JSON-able dict: save it beside the model checkpoint
@@ -48,6 +48,8 @@ class BatchConfig:
     image_placeholder: str | None = None  # text that replaces <image>; None drops the tag
     shard_index: int = 0  # this host's share of the data (jax.process_index())
     shard_count: int = 1  # (jax.process_count())
+    read_threads: int = 2  # `make_loader`: threads that tokenize ahead (0: none, synchronous)
+    prefetch_batches: int = 8  # `make_loader`: batches kept ready
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -58,6 +60,8 @@ class BatchConfig:
             raise ValueError(f"overflow must be 'error' or 'truncate', got {self.overflow!r}")
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.shard_count})")
+        if self.read_threads < 0 or self.prefetch_batches < 0:
+            raise ValueError("read_threads and prefetch_batches must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,3 +223,17 @@ def make_dataset(source: Sequence[Any], tokenizer: Any, config: BatchConfig = Ba
     return ds.batch(config.batch_size, drop_remainder=config.drop_remainder,
                     batch_fn=functools.partial(collate, batch_size=config.batch_size, buckets=config.buckets,
                                                pad_id=pad_id_of(tokenizer)))
+
+
+def make_loader(source: Sequence[Any], tokenizer: Any, config: BatchConfig = BatchConfig(),
+                transform: Callable[[Any], Any] | None = None) -> grain.IterDataset:
+    """`make_dataset` read ahead by `config.read_threads` threads, `config.prefetch_batches`
+    batches deep: what a training loop iterates. Its iterators save and restore state exactly
+    like `make_dataset`'s (read-ahead work is not counted as consumed).
+
+    (Iterating a bare MapDataset also reads ahead, with grain's defaults of 16 threads and 500
+    elements, far more than a small model needs; this makes the amount explicit.)
+    """
+    ds = make_dataset(source, tokenizer, config, transform)
+    options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_batches)
+    return ds.to_iter_dataset(options)

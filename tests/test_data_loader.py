@@ -231,3 +231,19 @@ def test_write_image_helper_is_a_jpeg(tmp_path: Path):
 
     with Image.open(tmp_path / "a.jpg") as im:
         assert im.format == "JPEG" and im.size == (24, 24)
+
+
+def test_check_command_stops_or_skips(hand: Path, capsys):
+    from offside_jax.data.__main__ import main as data_main
+
+    assert data_main(["check", str(hand)]) == 0
+    assert "forget_part" in capsys.readouterr().out
+    (hand / "complete_unlearning_data" / "finetune_set" / "369.jpg").unlink()
+    assert data_main(["check", str(hand), "--setting", "complete"]) == 2
+    err = capsys.readouterr().err
+    # files are read in name order: the classification file is the first to show 369.jpg
+    assert "classification_forget_set.json: record 1: key 'images[0]': image file './finetune_set/369.jpg'" in err
+    assert data_main(["check", str(hand), "--setting", "complete", "--skip-bad"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("skipped:") == 3  # forget records 1, 2 and classification record 1
+    assert "forget                 4        2       2" in captured.out

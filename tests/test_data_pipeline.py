@@ -58,7 +58,8 @@ def test_tfds_round_trips_every_field(which, synthetic: Path, tmp_path: Path):
                 record = sources[split][i]
                 assert tfds_builder.decode_record(record, setting, split) == ex
                 stored = tfds_builder.image_bytes(record)
-                assert stored == tuple((root / f).read_bytes() if f else b"" for f in ex.image_files)
+                assert stored == tuple((root / f).read_bytes() if ex.modality == "image" else b""
+                                       for f in ex.image_files)
 
 
 def test_tfds_skips_empty_splits(tmp_path: Path):

@@ -5,6 +5,8 @@ that has records (``forget``, ``classification_forget``, ...; see `offside.split
 are written as ``array_record`` and read back with `as_data_source()`, which gives random access
 (what grain needs). Images are stored as their encoded file bytes, so nothing is re-encoded.
 Records keep file order (``disable_shuffling``): element i of a split is the i-th loaded record.
+Each record carries its own image bytes (random access needs self-contained records), so an
+image asked about 14 times is stored 14 times: about 0.5 GB for the 80-player synthetic release.
 
     builder = build(release_dir, data_dir, "complete")
     sources = open_sources(data_dir, "complete")   # later, without the release
@@ -46,7 +48,7 @@ def features() -> tfds.features.FeaturesDict:
         "message_contents": seq(text()),
         "images": seq(text()),  # as written in the record
         "image_files": seq(text()),  # relative to the release root; "" when not found
-        "image_bytes": seq(tfds.features.Tensor(shape=(), dtype=np.object_)),  # b"" when not found
+        "image_bytes": seq(tfds.features.Tensor(shape=(), dtype=np.object_)),  # b"": text record / not found
         "option_letters": seq(text()),
         "option_texts": seq(text()),
         "correct": text(),
@@ -78,7 +80,9 @@ def encode_example(example: Example, root: str | Path) -> dict[str, Any]:
         "message_contents": [m.content for m in example.messages],
         "images": list(example.images),
         "image_files": list(example.image_files),
-        "image_bytes": [(root / f).read_bytes() if f else b"" for f in example.image_files],
+        # Bytes only for images the model sees: a text record's images are metadata (paths kept).
+        "image_bytes": [(root / f).read_bytes() if f and example.modality == "image" else b""
+                        for f in example.image_files],
         "option_letters": [letter for letter, _ in example.options],
         "option_texts": [text for _, text in example.options],
         "correct": example.correct or "",
@@ -127,7 +131,8 @@ def decode_record(record: dict[str, Any], setting: str = "", split: str = "") ->
 
 
 def image_bytes(record: dict[str, Any]) -> tuple[bytes, ...]:
-    """The encoded image files of one data-source record, in `Example.images` order."""
+    """The encoded image files of one data-source record, in `Example.images` order (b"" for
+    the images of text-modality records, which are kept as paths only)."""
     return tuple(bytes(b) for b in record["image_bytes"])
 
 

@@ -108,6 +108,17 @@ def test_extra_keys_are_exposed(hand: Path):
     assert ex.extra == {"template": 3}
 
 
+def test_foreign_paths_are_found_in_the_release(hand: Path):
+    path = _forget_path(hand)
+    records = json.loads(path.read_text())
+    records[0]["images"] = "/home/someone/OFFSIDE/complete_unlearning_data/finetune_set/364.jpg"
+    records[2]["images"] = ".\\finetune_set\\369.jpg"  # written on Windows
+    write_json(path, records)
+    examples = read_split(hand, "complete", "forget").examples
+    assert examples[0].image_files == ("complete_unlearning_data/finetune_set/364.jpg",)
+    assert examples[2].image_files == ("complete_unlearning_data/finetune_set/369.jpg",)
+
+
 def test_jsonl_split(hand: Path):
     lines = "\n".join(json.dumps(r) for r in [
         {"messages": [{"role": "user", "content": "Who won?"}, {"role": "assistant", "content": "Nobody."}]}])

@@ -532,13 +532,19 @@ class _SplitReader:
         return tuple(files)
 
     def _resolve(self, rel: str) -> Path | None:
-        candidate = Path(rel)
+        candidate = Path(rel.replace("\\", "/"))
         if candidate.is_absolute():
-            return candidate if candidate.is_file() else None
-        for folder in self.search_dirs:
-            path = folder / candidate
-            if path.is_file():
-                return Path(os.path.normpath(path))  # "a/../b" -> "b", lexically
+            if candidate.is_file():
+                return candidate
+            # A path from the authors' machine: try its folder/file tail inside this release.
+            tails = [Path(*candidate.parts[-2:]), Path(candidate.name)]
+        else:
+            tails = [candidate]
+        for tail in tails:
+            for folder in self.search_dirs:
+                path = folder / tail
+                if path.is_file():
+                    return Path(os.path.normpath(path))  # "a/../b" -> "b", lexically
         return None
 
     @staticmethod

@@ -6,7 +6,7 @@ are written as ``array_record`` and read back with `as_data_source()`, which giv
 (what grain needs). Images are stored as their encoded file bytes, so nothing is re-encoded.
 Records keep file order (``disable_shuffling``): element i of a split is the i-th loaded record.
 Each record carries its own image bytes (random access needs self-contained records), so an
-image asked about 14 times is stored 14 times: about 0.5 GB for the 80-player synthetic release.
+image asked about 14 times is stored 14 times: about 0.4 GB for the 80-player synthetic release.
 
     builder = build(release_dir, data_dir, "complete")
     sources = open_sources(data_dir, "complete")   # later, without the release

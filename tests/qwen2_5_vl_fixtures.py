@@ -34,7 +34,7 @@ TEXT = dict(
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained in memory; special ids 256..262 (inside the tiny vocabulary)."""
+    """Byte-level BPE trained in memory (the special tokens take ids 0-6), within the tiny vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -115,8 +115,8 @@ def torch_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return tensors
 
 
-def port(reference: torch.nn.Module):
-    ours = create_model(reference.config, abstract=True)
+def port(reference: torch.nn.Module, **kwargs):
+    ours = create_model(reference.config, abstract=True, **kwargs)
     hf.load_params_into(ours, hf.DictSource(torch_state_dict(reference)), names=_family_names(reference.config))
     return ours
 

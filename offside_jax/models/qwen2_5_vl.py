@@ -561,6 +561,14 @@ class PatchMerger(nnx.Module):
         return self.mlp[2](jax.nn.gelu(self.mlp[0](x), approximate=False))
 
 
+def _remat_block(block: VisionBlock, x, cos, sin, groups) -> jax.Array:
+    """Recompute one block in the backward pass. The model runs the tower under ``jax.vmap``
+    (one call per row), where ``nnx.remat`` would try to write the module's state back across
+    trace levels; a pure ``jax.checkpoint`` over the block's split state only reads it."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, x, cos, sin, groups)
+
+
 class VisionTransformer(nnx.Module):
     """HF ``visual``: patch embedding, blocks (windowed or full attention), merger."""
 
@@ -586,7 +594,6 @@ class VisionTransformer(nnx.Module):
         """Patch features [N, hidden_size] after the last block (before the merger)."""
         x = self.patch_embed(pixel_values)
         cos, sin = self.rope_cos_sin(vision_positions)
-        block_fn = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
         for i, block in enumerate(self.blocks):
             if i in self.config.full_attention_blocks:
                 groups = vision_full_groups
@@ -594,7 +601,7 @@ class VisionTransformer(nnx.Module):
                 raise VisionInputError(f"vision block {i} uses window attention: the batch needs vision_window_groups")
             else:
                 groups = vision_window_groups
-            x = block_fn(block, x, cos, sin, groups)
+            x = _remat_block(block, x, cos, sin, groups) if self.remat else block(x, cos, sin, groups)
         return x
 
     def __call__(self, pixel_values, vision_positions, vision_full_groups, vision_window_groups=None) -> jax.Array:

@@ -243,6 +243,10 @@ def test_mesh_shapes_and_rules():
     assert mesh_lib.MeshShape(2, -1, 1).resolve(8) == (2, 4, 1)
     with pytest.raises(ValueError, match="needs 12 devices"):
         mesh_lib.MeshShape(3, 2, 2).resolve(8)
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        mesh_lib.make_mesh((3, 2, 2))
+    with pytest.warns(UserWarning, match="uses 2 of the 8 devices"):
+        assert mesh_lib.make_mesh((1, 2, 1)).devices.size == 2
     with pytest.raises(ValueError, match="at most one"):
         mesh_lib.MeshShape(-1, -1, 1).resolve(8)
     mesh = mesh_lib.make_mesh((2, 2, 2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -72,12 +73,20 @@ class MeshShape:
 
 
 def make_mesh(shape: MeshShape | Sequence[int] | Mapping[str, int] = MeshShape(), devices: Sequence[Any] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all) with ``AxisType.Auto``."""
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all) with ``AxisType.Auto``.
+
+    A fully specified shape (no ``-1``) smaller than the devices available uses the first
+    devices only, with a warning (a one-device debugging run on a multi-device host).
+    """
     devices = list(jax.devices() if devices is None else devices)
     if isinstance(shape, Mapping):
         shape = MeshShape(**shape)
     elif not isinstance(shape, MeshShape):
         shape = MeshShape(*shape)
+    fixed = (shape.data, shape.fsdp, shape.tensor)
+    if -1 not in fixed and 0 < math.prod(fixed) < len(devices) and all(s > 0 for s in fixed):
+        warnings.warn(f"mesh {fixed} uses {math.prod(fixed)} of the {len(devices)} devices available", stacklevel=2)
+        devices = devices[: math.prod(fixed)]
     sizes = shape.resolve(len(devices))
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -71,15 +71,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
+def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each of ``repeats`` calls after ``warmup`` calls.
+
+    CPU time (all threads) is reported beside wall time because it is far less sensitive to
+    other processes competing for the cores of a shared machine.
+    """
     for _ in range(warmup):
         step()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 # -- train: full AdamW step of the SmolLM2-135M shape ------------------------------------------
@@ -137,8 +143,8 @@ def _train_ours(p: dict[str, Any]) -> dict[str, Any]:
     compile_start = time.perf_counter()
     one()
     compile_s = time.perf_counter() - compile_start
-    times = time_steps(one, p["warmup"] - 1, p["repeats"])
-    return {"step_seconds": times, "first_step_seconds": compile_s, "peak_rss_mib": peak_rss_mib()}
+    wall, cpu = time_steps(one, p["warmup"] - 1, p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "first_step_seconds": compile_s, "peak_rss_mib": peak_rss_mib()}
 
 
 @worker("train-torch")
@@ -161,14 +167,14 @@ def _train_torch(p: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = time_steps(one, p["warmup"], p["repeats"])
-    return {"step_seconds": times, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
 
 
 @benchmark("train")
 def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     """Full training step (fwd + bwd + AdamW), SmolLM2-135M shape, batch 8 x 128, fp32."""
-    common = {"batch": 8, "length": 128, "warmup": 2, "repeats": args.repeats, "threads": args.threads}
+    common = {"batch": 8, "length": 128, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
     ours = run_worker("train-ours", common, args.threads)
     lora_run = run_worker("train-ours", {**common, "lora_rank": 8, "lora_target": "q_proj|v_proj"}, args.threads)
     ref = run_worker("train-torch", common, args.threads)
@@ -179,6 +185,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         "reference": round(ref_s, 4),
         "unit": "s/step",
         "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
+        "ours_cpu_seconds": round(statistics.median(ours["cpu_seconds"]), 3),
+        "reference_cpu_seconds": round(statistics.median(ref["cpu_seconds"]), 3),
         "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
         "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
         "ours_first_step_seconds": round(ours["first_step_seconds"], 2),
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results as a JSON list to this file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocation)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -86,6 +86,10 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
         assert a_ckpt.latest_step() == b_ckpt.latest_step() == 6
         a, a_meta, a_config = a_ckpt.restore(step.abstract_state())
         b, b_meta, _ = b_ckpt.restore(step.abstract_state())
+        # Step 3 of the straight run was saved asynchronously while step 4 went on with the
+        # (donated) state; it must equal step 3 of the split run, which was its last.
+        a3, _, _ = a_ckpt.restore(step.abstract_state(), step=3)
+        b3, _, _ = b_ckpt.restore(step.abstract_state(), step=3)
     finally:
         a_ckpt.close()
         b_ckpt.close()
@@ -93,6 +97,8 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     assert a_config == {"run": "test"}
     assert int(a.step) == 6
     for (name, x), (_, y) in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    for (name, x), (_, y) in zip(leaves(a3), leaves(b3), strict=True):
         np.testing.assert_array_equal(x, y, err_msg=name)
     # And training did change the params (bitwise equality is not trivially "nothing happened").
     init = step.init_state(0)

@@ -93,13 +93,13 @@ def partition(model: nnx.Module, *, reference: bool = False) -> ModelParts:
     the reference model; with LoRA the reference is always the base model (adapters off).
     The trainable arrays are shared with ``model`` and may be donated by the first step.
     """
-    if lora.has_adapters(model):
+    is_lora = lora.has_adapters(model)
+    if is_lora:
         graphdef, trainable, frozen = nnx.split(model, LoRAWeight, ...)
         ref = None
     else:
         graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
         ref = jax.tree.map(jnp.copy, nnx.to_pure_dict(trainable)) if reference else None
-    is_lora = lora.has_adapters(model)
     return ModelParts(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), ref, is_lora)
 
 

@@ -5,6 +5,7 @@ with the function under test run a second time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -442,6 +443,13 @@ def test_two_turn_rollout_groups_stops_and_scores():
             # Cut right after the first "j" (token 9); EOS only at the end.
             assert 9 not in body[:-1] and 11 not in attempt[:-1]
             assert text == decode(body)
+    # UFO episodes: a judge that never accepts gives max_turns attempts with feedback between
+    # them; one that always accepts stops after the first attempt.
+    ufo = ep.feedback_rollout(model, prompts, [10], lambda text, i: False, sampling, jax.random.key(1), max_turns=2, group_size=3, decode=decode, pad_multiple=16)
+    assert [e.n_attempts for e in ufo] == [2] * 6 and all(e.correct == [False, False] for e in ufo)
+    assert all([turn for _, turn in e.segments] == [0, 1, 0, 2] and e.segments[2][0] == [10] for e in ufo)
+    done = ep.feedback_rollout(model, prompts, [10], lambda text, i: True, sampling, jax.random.key(1), max_turns=2, group_size=3, decode=decode, pad_multiple=16)
+    assert [e.n_attempts for e in done] == [1] * 6 and all(e.correct == [True] for e in done)
     batch = ep.episode_batch(eps_)
     logp = rollout.score_tokens(model, batch)
     mask = score.predicted_turns(batch["turn_ids"]) > 0
@@ -456,3 +464,57 @@ def test_update_minibatches_cover_every_row_each_epoch():
     np.testing.assert_array_equal(np.sort(np.concatenate(parts[2:])), np.arange(8))
     with pytest.raises(ValueError, match="equal minibatches"):
         list(rollout.update_minibatches(7, minibatches=2))
+
+
+# -- the SCoRe driver ----------------------------------------------------------------------------------
+
+
+def test_char_tokenizer_and_warmup_batch_layout():
+    from offside_jax.correct import driver
+    from offside_jax.correct.chars import CharTokenizer
+    from offside_jax.data.tasks import CarryArithmetic, Problem
+
+    tok = CharTokenizer("+0123456789=?")  # '+' -> 2, '0' -> 3, ..., '9' -> 12, '=' -> 13, '?' -> 14
+    assert tok.encode("12+9=") == [4, 5, 2, 12, 13] and tok.decode([4, 5, 1, 0]) == "12"
+    with pytest.raises(ValueError, match=r"\['x'\]"):
+        tok.encode("1x")
+    task = CarryArithmetic(p_bug=1.0)
+    problem = Problem("58+67=", "125", {"a": 58, "b": 67, "op": "+", "carry_columns": (1,)})
+    batch = driver.warmup_batch(task, [problem], tok, driver.TwoTurnFormat(instruction="?", length=24), np.random.default_rng(0))
+    # "58+67=" "25"<eos> "?" "125"<eos>: the buggy attempt forgets the tens carry (125 - 100).
+    np.testing.assert_array_equal(batch["input_ids"][0, :14], [8, 11, 2, 9, 10, 13, 5, 8, 1, 14, 4, 5, 8, 1])
+    np.testing.assert_array_equal(batch["loss_mask"][0, :14], [0] * 6 + [1, 1, 1, 0, 1, 1, 1, 1])
+    assert batch["input_ids"].shape == (1, 24) and set(batch) == {"input_ids", "attention_mask", "loss_mask"}
+
+
+@pytest.mark.slow
+def test_score_driver_runs_every_stage():
+    from offside_jax.correct import driver
+    from offside_jax.correct.chars import CharTokenizer
+    from offside_jax.data.tasks import CarryArithmetic
+    from offside_jax.models import llama
+    from offside_jax.train import mesh as mesh_lib
+
+    task = CarryArithmetic(min_digits=2, max_digits=2)
+    fmt = driver.TwoTurnFormat(instruction="?", max_new_tokens=4, length=24)
+    tok = CharTokenizer.for_texts(["0123456789+-=?"])
+    cfg = llama.DecoderConfig(
+        model_type="llama", vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6,
+        rope_parameters=(("rope_theta", 10000.0), ("rope_type", "default")), max_position_embeddings=64,
+        tie_word_embeddings=True, qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_windows=(None,),
+    )
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, -1, 1))
+    run = driver.StageRun(steps=2, lr=1e-3, problems_per_step=8, eval_every=1)
+    result = driver.run_score(
+        llama.create(cfg, seed=0), task, tok, fmt, mesh,
+        warmup=driver.StageRun(steps=2, lr=1e-3, problems_per_step=8),
+        stage1=(score.stage_one(group_size=2), run),
+        stage2=(score.stage_two(group_size=2, clip_eps=0.2), dataclasses.replace(run, epochs=2, minibatches=2)),
+        eval_size=8,
+    )
+    assert list(result.metrics) == ["warmup", "stage1", "stage2"]
+    assert [(h["stage"], h["step"]) for h in result.history] == [("warmup", 0), ("stage1", 1), ("stage1", 2), ("stage2", 1), ("stage2", 2)]
+    for h in result.history[1:]:
+        assert math.isfinite(h["loss"]) and 0 <= h["acc_t2"] <= 1
+        assert h["delta"] == pytest.approx(h["delta_i_to_c"] - h["delta_c_to_i"])

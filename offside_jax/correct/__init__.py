@@ -1,1 +1,1 @@
-"""offside_jax.correct"""
+"""Correcting what a model learned: policy-gradient estimators (rl), rollouts, self-correction episodes, SCoRe/RISE objectives (score), the stage driver, and metrics."""

@@ -119,6 +119,8 @@ def test_loss_metric_is_the_numpy_answer_nll():
     model = step.model(state)
     logits = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
     expected = numpy_answer_nll(logits, batch)
+    evaluation = step.evaluate(state, step.shard_batch(batch, micro_batches=2))
+    assert float(evaluation["loss"]) == pytest.approx(expected, abs=1e-5)
     _, metrics = step(state, step.shard_batch(batch))
     assert float(metrics["loss"]) == pytest.approx(expected, abs=1e-5)
     assert float(metrics["answer_tokens"]) == (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).sum()
@@ -260,3 +262,27 @@ def test_mesh_shapes_and_rules():
     step, _ = build((2, 2, 2))
     with pytest.raises(ValueError, match="multiple of 4"):
         step.shard_batch(make_batch(rows=6))
+
+
+def test_full_finetuning_reference_is_a_frozen_copy_outside_the_optimizer():
+    batch = make_batch(seed=7)
+    initial = create_model(tiny_config(), seed=0)
+    initial_logits = np.asarray(initial(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+
+    def with_reference(model, micro, rng, reference):
+        s, w, _ = losses.answer_nll(model, micro, rng, reference)
+        ref_logits = reference(micro["input_ids"], micro["attention_mask"])
+        return s, w, {"ref_logit_sum": jnp.sum(ref_logits)}
+
+    tx, _ = optim.make_optimizer(OptimConfig(lr=1e-2, schedule="constant"), 3)
+    mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+    step = TrainStep(partition(create_model(tiny_config(), seed=0), reference=True), with_reference, tx, mesh=mesh)
+    state = step.init_state(0)
+    # Adam's mu and nu mirror the trainable params once each: the reference is not in there.
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * n_params  # + scalar counters
+    for _ in range(2):
+        state, metrics = step(state, step.shard_batch(batch))
+    # After two updates the reference still computes the initial model's logits.
+    assert float(metrics["ref_logit_sum"]) == pytest.approx(float(initial_logits.sum()), rel=1e-5, abs=1e-3)
+    assert np.abs(np.asarray(step.model(state)(jnp.asarray(batch["input_ids"]))) - initial_logits).max() > 1e-3

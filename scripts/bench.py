@@ -211,6 +211,166 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- vl: Qwen2.5-VL prefill + greedy decode of a 256x256 image question ------------------------
+
+VL_TEXT = dict(
+    vocab_size=32768, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+)
+VL_VISION = dict(
+    depth=8, hidden_size=256, intermediate_size=688, num_heads=4, out_hidden_size=512, window_size=112,
+    fullatt_block_indexes=[3, 7], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+)
+VL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+              "<|video_pad|>"]
+VL_QUESTION = "<image>\nI'm curious about which club the player on the left side of the image will join."
+
+
+def _vl_setup():
+    """The same random-init transformers model, tokenizer and 256x256 image in either worker."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from offside_jax.models.vision_inputs import VisionProcessor
+
+    tok = Tokenizer(models.BPE())  # byte-level, no merges: enough for chat formatting
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens(sorted(pre_tokenizers.ByteLevel.alphabet()))  # sorted: ids equal in every process
+    tok.add_special_tokens(VL_SPECIAL)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=VL_SPECIAL[1:])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VL_SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(VL_TEXT, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=VL_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    reference = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.BILINEAR)
+    processor = VisionProcessor(config, tokenizer, max_pixels=256 * 256)
+    record = {"messages": [{"role": "user", "content": VL_QUESTION}], "images": [image]}
+    return config, reference, processor, record
+
+
+@worker("vl-ours")
+def _vl_ours(p: dict[str, Any]) -> dict[str, Any]:
+    from offside_jax.models import hf, qwen2_5_vl
+    from offside_jax.models.auto import create_model
+    from offside_jax.models.generate import SamplingConfig, generate
+
+    config, reference, processor, record = _vl_setup()
+    model = create_model(config, abstract=True)
+    hf.load_params_into(model, hf.DictSource({k: v.numpy() for k, v in reference.state_dict().items()}),
+                        names=qwen2_5_vl.hf_names)
+    del reference
+    batch = processor([record], pad_multiple=1)
+    sampling = SamplingConfig(max_new_tokens=p["new_tokens"], eos_token_ids=(), pad_token_id=0)
+    holder = {}
+
+    def one():
+        holder["out"] = generate(model, batch, sampling)  # returns host tokens: fully synchronised
+
+    compile_start = time.perf_counter()
+    one()
+    compile_s = time.perf_counter() - compile_start
+    wall, cpu = time_steps(one, p["warmup"] - 1, p["repeats"])
+    out = holder["out"]
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "prefill_seconds": out.prefill_seconds,
+        "decode_seconds": out.decode_seconds,
+        "first_call_seconds": compile_s,
+        "tokens": out.tokens[0].tolist(),
+        "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "image_tokens": int((batch["input_ids"] == config.image_token_id).sum()),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+@worker("vl-torch")
+def _vl_torch(p: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(p["threads"])
+    config, reference, processor, record = _vl_setup()
+    batch = processor([record], pad_multiple=1)
+    encoded = processor.encode(record)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    inputs = dict(
+        input_ids=ids, attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+        pixel_values=torch.from_numpy(encoded.pixel_values), image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
+        # Without it transformers' Qwen2.5-VL silently computes different positions.
+        mm_token_type_ids=(ids == config.image_token_id).long(),
+    )
+    holder = {}
+
+    def one():
+        with torch.no_grad():
+            holder["out"] = reference.generate(**inputs, max_new_tokens=p["new_tokens"], min_new_tokens=p["new_tokens"],
+                                               do_sample=False, pad_token_id=0)
+
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "tokens": holder["out"][0, ids.shape[1]:].tolist(),
+        "attn_implementation": reference.config._attn_implementation,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+@benchmark("vl")
+def bench_vl(args: argparse.Namespace) -> dict[str, Any]:
+    """Prefill + 32-token greedy decode of a 256x256 image question, small Qwen2.5-VL, fp32."""
+    common = {"new_tokens": 32, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
+    ours = run_worker("vl-ours", common, args.threads)
+    ref = run_worker("vl-torch", common, args.threads)
+    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
+    return {
+        "benchmark": "vl",
+        "ours": round(ours_s, 4),
+        "reference": round(ref_s, 4),
+        "unit": "s/request",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
+        "ours_cpu_seconds": round(statistics.median(ours["cpu_seconds"]), 3),
+        "reference_cpu_seconds": round(statistics.median(ref["cpu_seconds"]), 3),
+        "same_tokens": ours["tokens"] == ref["tokens"],
+        "ours_prefill_seconds": round(ours["prefill_seconds"], 4),
+        "ours_decode_seconds": round(ours["decode_seconds"], 4),
+        "ours_first_call_seconds": round(ours["first_call_seconds"], 2),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "ours_seconds_all": [round(t, 4) for t in ours["seconds"]],
+        "reference_seconds_all": [round(t, 4) for t in ref["seconds"]],
+        "config": {
+            "model": "Qwen2.5-VL shape (random init)",
+            "text": {k: VL_TEXT[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                             "num_key_value_heads", "vocab_size")},
+            "vision": {k: VL_VISION[k] for k in ("depth", "hidden_size", "num_heads", "window_size",
+                                                 "fullatt_block_indexes")},
+            "image": "256x256 (18x18 patches, 81 image tokens)",
+            "prompt_tokens": ours["prompt_tokens"],
+            "new_tokens": common["new_tokens"],
+            "batch": 1,
+            "dtype": "float32",
+            "threads": args.threads,
+            "reference": f"transformers generate (greedy), attn_implementation={ref['attn_implementation']}",
+            "ours": "jitted prefill (vision tower + M-RoPE) + lax.while_loop decode",
+            "repeats": args.repeats,
+            "warmup_excluded": common["warmup"],
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")

@@ -31,7 +31,7 @@ def answer_nll_per_record(model, tokenizer, conversations, max_length):
 
 
 def test_finetune_memorises_twenty_facts(tmp_path):
-    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "train.steps=150", "log.progress=false", "checkpoint.every=100",
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "train.steps=150", "log.progress=false", "checkpoint.every=50",
                                    "mesh.fsdp=1"])
     result = run_finetune(cfg)
     conversations = sft_data.read_chat_jsonl(FACTS)
@@ -54,6 +54,7 @@ def test_finetune_memorises_twenty_facts(tmp_path):
     assert any("eval/loss" in x for x in lines)
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert "lr: 0.003" in (tmp_path / "config.yaml").read_text()
+    # Saved at 50, 100, 150; keep=2 pruned the oldest.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "150"]
     exported = hf.load_pretrained(tmp_path / "model")
     ids = jnp.asarray([[1, 5, 9, 11]])

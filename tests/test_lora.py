@@ -142,3 +142,24 @@ def test_merged_export_loads_in_transformers(tmp_path):
         ).logits.numpy()
     real = b["attention_mask"].astype(bool)
     np.testing.assert_allclose(theirs[real], ours[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_adapter_dropout_follows_the_key(remat):
+    model = create_model(CFG, seed=0, remat=remat)
+    lora.apply(model, lora.LoRASpec("q_proj|v_proj", rank=4, dropout=0.5))
+    randomize_adapters(model)
+    graphdef, state = nnx.split(model)
+    ids = jnp.ones((1, 5), jnp.int32)
+
+    @jax.jit
+    def run(state, key):
+        m = nnx.merge(graphdef, state)
+        lora.set_dropout_key(m, key)
+        return m(ids)
+
+    a, b, again = run(state, jax.random.key(0)), run(state, jax.random.key(1)), run(state, jax.random.key(0))
+    assert np.abs(np.asarray(a - b)).max() > 1e-4  # different masks
+    np.testing.assert_array_equal(a, again)  # same key, same mask
+    # Without a key (evaluation, generation) there is no dropout: the plain adapted model.
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)))

@@ -162,4 +162,5 @@ def test_adapter_dropout_follows_the_key(remat):
     assert np.abs(np.asarray(a - b)).max() > 1e-4  # different masks
     np.testing.assert_array_equal(a, again)  # same key, same mask
     # Without a key (evaluation, generation) there is no dropout: the plain adapted model.
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)))
+    # (eager vs jitted: equal up to float rounding; dropout would differ by ~0.1)
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)), atol=1e-6)

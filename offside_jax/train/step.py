@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from offside_jax.models import lora
 from offside_jax.models.layers import LoRAWeight
@@ -346,13 +346,8 @@ def place_model_on_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-def count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 __all__ = [
     "ModelParts",
-    "NamedSharding",
     "TrainState",
     "TrainStep",
     "eval_step",

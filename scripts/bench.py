@@ -371,6 +371,194 @@ def bench_vl(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- decode: greedy generation tokens/s, and the memory-bandwidth roofline ----------------------
+
+
+@worker("read-bandwidth")
+def _read_bandwidth(p: dict[str, Any]) -> dict[str, Any]:
+    """Machine read bandwidth: the best of a jitted sum (XLA threads) and numpy over 1 GiB."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    nbytes = 1 << 30
+    device_array = jnp.ones((nbytes // 4,), jnp.float32)
+    host_array = np.ones(nbytes // 4, np.float32)
+    jitted_sum = jax.jit(jnp.sum)
+    best = {}
+    for label, fn in (("xla", lambda: jitted_sum(device_array).block_until_ready()), ("numpy", lambda: host_array.sum())):
+        wall, _ = time_steps(fn, 2, 5)
+        best[label] = nbytes / min(wall) / 1e9
+    return {"read_gbs": max(best.values()), **{f"{k}_gbs": v for k, v in best.items()}}
+
+
+def _decode_inputs(p: dict[str, Any]):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, SMOLLM2_135M["vocab_size"], (p["batch"], p["prompt"])).astype(np.int32)
+    return ids
+
+
+@worker("decode-ours")
+def _decode_ours(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from offside_jax.models.auto import create_model
+    from offside_jax.models.generate import SamplingConfig, generate
+
+    model = create_model(_llama_config(), seed=0)
+    ids = _decode_inputs(p)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    # No EOS: every row generates exactly max_new_tokens, like the reference's min_new_tokens.
+    sampling = SamplingConfig(max_new_tokens=p["new"], eos_token_ids=(), pad_token_id=0)
+    runs = []
+    wall, cpu = time_steps(lambda: runs.append(generate(model, inputs, sampling)), p["warmup"], p["repeats"])
+    timed = runs[p["warmup"]:]
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "prefill_seconds": [r.prefill_seconds for r in timed],
+        "decode_seconds": [r.decode_seconds for r in timed],
+        "weight_bytes": weight_bytes,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+@worker("decode-torch")
+def _decode_torch(p: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    ids = torch.tensor(_decode_inputs(p), dtype=torch.long)
+
+    def one():
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=p["new"], min_new_tokens=p["new"], pad_token_id=0,
+            )
+
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+@benchmark("decode")
+def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy decode, SmolLM2-135M shape, fp32, batch 8, 64-token prompts, 64 new tokens."""
+    common = {"batch": 8, "prompt": 64, "new": 64, "warmup": 1, "repeats": args.repeats, "threads": args.threads}
+    ours = run_worker("decode-ours", common, args.threads)
+    ref = run_worker("decode-torch", common, args.threads)
+    bandwidth = run_worker("read-bandwidth", {}, args.threads)
+    tokens = common["batch"] * common["new"]
+    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
+    # One decode step reads every weight once (the tied table is the head) and the whole
+    # allocated KV cache (attention reads every slot, masked or not).
+    head_dim = SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"]
+    cache_bytes = (2 * SMOLLM2_135M["num_hidden_layers"] * common["batch"] * (common["prompt"] + common["new"])
+                   * SMOLLM2_135M["num_key_value_heads"] * head_dim * 4)
+    step_bytes = ours["weight_bytes"] + cache_bytes
+    step_s = statistics.median(ours["decode_seconds"]) / (common["new"] - 1)
+    achieved = step_bytes / step_s / 1e9
+    return {
+        "benchmark": "decode",
+        "ours": round(tokens / ours_s, 2),
+        "reference": round(tokens / ref_s, 2),
+        "unit": "tokens/s",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
+        "ours_prefill_seconds": round(statistics.median(ours["prefill_seconds"]), 4),
+        "ours_decode_step_ms": round(step_s * 1e3, 2),
+        "bytes_read_per_step": step_bytes,
+        "achieved_read_gbs": round(achieved, 2),
+        "machine_read_gbs": round(bandwidth["read_gbs"], 2),
+        "bandwidth_fraction": round(achieved / bandwidth["read_gbs"], 3),
+        "bandwidth_bound_tokens_per_s": round(common["batch"] * bandwidth["read_gbs"] * 1e9 / step_bytes, 1),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "config": {
+            "model": "SmolLM2-135M shape (random init)", "dtype": "float32", **{k: common[k] for k in ("batch", "prompt", "new")},
+            "threads": args.threads, "repeats": args.repeats,
+            "reference": f"transformers generate(do_sample=False) under inference_mode, attn_implementation={ref['attn_implementation']}",
+            "timed": "whole generate call (prefill + decode), warm-up excluded",
+        },
+    }
+
+
+# -- fwdbwd: forward + backward of one batch ------------------------------------------------------
+
+
+@worker("fwdbwd-ours")
+def _fwdbwd_ours(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    from offside_jax.models.auto import create_model
+    from offside_jax.train.losses import make_answer_nll
+
+    model = create_model(_llama_config(), seed=0)
+    graphdef, params = nnx.split(model)
+    loss_fn = make_answer_nll(p.get("chunk_tokens", 1024))
+    batch = _random_batch(p["batch"], p["length"], SMOLLM2_135M["vocab_size"])
+
+    def mean_loss(params, batch):
+        total, weight, _ = loss_fn(nnx.merge(graphdef, params), batch, None, None)
+        return total / weight
+
+    grad_fn = jax.jit(jax.value_and_grad(mean_loss))
+    wall, cpu = time_steps(lambda: jax.block_until_ready(grad_fn(params, batch)), p["warmup"], p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib()}
+
+
+@worker("fwdbwd-torch")
+def _fwdbwd_torch(p: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).train()
+    ids = torch.tensor(_random_batch(p["batch"], p["length"], model.config.vocab_size)["input_ids"], dtype=torch.long)
+
+    def one():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+@benchmark("fwdbwd")
+def bench_fwdbwd(args: argparse.Namespace) -> dict[str, Any]:
+    """Forward + backward (mean next-token NLL), SmolLM2-135M shape, batch 8 x 128, fp32."""
+    common = {"batch": 8, "length": 128, "warmup": 2, "repeats": args.repeats, "threads": args.threads}
+    ours = run_worker("fwdbwd-ours", common, args.threads)
+    ref = run_worker("fwdbwd-torch", common, args.threads)
+    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
+    return {
+        "benchmark": "fwdbwd",
+        "ours": round(ours_s, 4),
+        "reference": round(ref_s, 4),
+        "unit": "s/batch",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "config": {
+            "model": "SmolLM2-135M shape (random init)", "dtype": "float32", "batch": 8, "length": 128,
+            "threads": args.threads, "repeats": args.repeats,
+            "reference": f"transformers eager forward(labels=...) + backward, attn_implementation={ref['attn_implementation']}",
+            "ours_loss": "fused chunked cross-entropy (1024-token chunks), jax.value_and_grad",
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")

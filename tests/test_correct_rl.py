@@ -17,6 +17,8 @@ from offside_jax.correct import episodes as ep
 from offside_jax.correct import rl, rollout, score
 from offside_jax.models.generate import SamplingConfig
 
+from fake_models import TableModel
+
 # Two completions: row 0 has 3 completion tokens, row 1 has 2 (then padding).
 LOGP = np.array([[-1.0, -2.0, -0.5, 0.0], [-0.2, -0.3, 0.0, 0.0]], np.float32)
 REF = np.array([[-1.5, -1.0, -0.5, 0.0], [-0.2, -1.3, 0.0, 0.0]], np.float32)
@@ -197,20 +199,7 @@ TABLE = np.random.default_rng(0).normal(size=(V, V)).astype(np.float32)  # logit
 REF_TABLE = TABLE + np.random.default_rng(1).normal(size=(V, V)).astype(np.float32)
 
 
-class FakeModel:
-    """Logits are TABLE[previous token]: enough to pin every formula down."""
-
-    def __init__(self, table):
-        self.table = jnp.asarray(table)
-
-    def embed(self, ids):
-        return ids
-
-    def decode_hidden(self, ids, positions, mask, collect_hidden=False):
-        return jnp.take(self.table, ids, axis=0), None, []
-
-    def logits(self, hidden):
-        return hidden
+FakeModel = TableModel  # logits = table[token]
 
 
 def log_softmax(x):

@@ -10,6 +10,8 @@ import pytest
 from offside_jax.unlearn import objectives as obj
 from offside_jax.unlearn.losses import METHODS, build_loss, rmu_direction, rmu_trainable_pattern
 
+from fake_models import TableModel
+
 V = 7
 RNG = np.random.default_rng(0)
 TABLE = RNG.normal(size=(V, V)).astype(np.float32) * 2.0  # logits = TABLE[token] (fake model)
@@ -66,21 +68,7 @@ def logsig(x):
     return -math.log1p(math.exp(-x))
 
 
-class FakeModel:
-    """Logits are TABLE[token]: position-free but enough to pin every formula down."""
-
-    def __init__(self, table):
-        self.table = jnp.asarray(table)
-
-    def embed(self, ids):
-        return ids
-
-    def decode_hidden(self, ids, positions, mask, collect_hidden=False):
-        hidden = jnp.take(self.table, ids, axis=0)
-        return hidden, None, [hidden * (i + 1) for i in range(3)]
-
-    def logits(self, hidden):
-        return hidden
+FakeModel = TableModel  # logits = table[token]
 
 
 POLICY, REFERENCE = FakeModel(TABLE), FakeModel(REF_TABLE)

@@ -291,6 +291,18 @@ class LlamaForCausalLM(nnx.Module):
         new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), attention_mask)
         return x, new_cache, hidden
 
+    def hidden_states(self, batch: dict[str, jax.Array], collect_hidden: bool = False):
+        """Final-normed hidden states [B, T, D] of a training batch (``input_ids``, optional
+        ``attention_mask`` and ``positions``) and, with ``collect_hidden``, the residual stream
+        after each layer. Every family implements this: it is the entry point for losses."""
+        input_ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones(input_ids.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
+        positions = batch.get("positions")
+        positions = positions_from_mask(mask) if positions is None else positions
+        hidden, _, per_layer = self.decode_hidden(self.embed(input_ids), positions, mask, collect_hidden=collect_hidden)
+        return (hidden, per_layer) if collect_hidden else hidden
+
     def __call__(
         self,
         input_ids: jax.Array,

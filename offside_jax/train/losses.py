@@ -78,16 +78,9 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def final_hidden(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Final-normed hidden states [B, T, D] of a right- (or left-) padded batch."""
-    from offside_jax.models.llama import positions_from_mask
-
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = jnp.ones(ids.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
-    positions = batch.get("positions")
-    positions = positions_from_mask(mask) if positions is None else positions
-    hidden, _, _ = model.decode_hidden(model.embed(ids), positions, mask)
-    return hidden
+    """Final-normed hidden states [B, T, D] of a right- (or left-) padded batch, through the
+    family's ``hidden_states`` (so vision-language batches keep their images)."""
+    return model.hidden_states(batch)
 
 
 def output_head(model: nnx.Module) -> jax.Array | None:

@@ -23,7 +23,7 @@ A loss is a pure function ``loss_fn(model, batch, rng, reference) -> (loss_sum, 
   adapters switched off (no second copy); in full fine-tuning, a model merged from the frozen
   params copy made by ``partition(model, reference=True)``; ``None`` otherwise. Its params
   receive no gradient. Hidden states at any layer are available from both through
-  ``model.decode_hidden(..., collect_hidden=True)`` (RMU).
+  ``model.hidden_states(batch, collect_hidden=True)`` (RMU).
 - it returns ``loss_sum`` (float32 scalar), ``weight`` (what it was summed over, e.g. answer
   tokens) and ``aux`` (dict of float scalars, reported as means over micro-batches).
 

@@ -78,14 +78,10 @@ class Outputs:
         key = (which, split, collect_hidden)
         if key not in self._memo:
             model = self.model if which == "policy" else self._reference()
-            sub = self.sub(split)
-            ids = sub["input_ids"]
-            mask = sub.get("attention_mask", jnp.ones(ids.shape, jnp.int32)).astype(jnp.int32)
-            from offside_jax.models.llama import positions_from_mask
-
-            hidden, _, layers = model.decode_hidden(
-                model.embed(ids), positions_from_mask(mask), mask, collect_hidden=collect_hidden
-            )
+            if collect_hidden:
+                hidden, layers = model.hidden_states(self.sub(split), collect_hidden=True)
+            else:
+                hidden, layers = model.hidden_states(self.sub(split)), []
             result = (model.logits(hidden), layers)
             if which == "reference":
                 result = jax.lax.stop_gradient(result)

@@ -48,6 +48,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # What a rematerialised layer keeps for the backward pass (offside_jax.models.layers.REMAT_POLICIES):
+    # full (nothing: recompute the whole layer), dots_saveable, dots_with_no_batch_dims_saveable, ...
+    remat_policy: str = "full"
 
 
 @dataclasses.dataclass
@@ -104,6 +107,12 @@ class TrainConfig:
     eval_every: int = 0  # 0: no periodic evaluation
     log_every: int = 1
     loss_chunk_tokens: int = 1024  # fused cross-entropy chunk (tokens); 0: plain logits
+    # bf16 (or fp16) params: the optimizer updates a float32 master copy, the model computes in param_dtype.
+    fp32_master_weights: bool = False
+    # Compile the step ahead of time and stop before training when it needs more device memory than
+    # this (GiB per device); None: the device's own limit where JAX reports one (GPU/TPU), else no check.
+    memory_budget_gib: float | None = None
+    aot_memory_check: bool = True
 
 
 @dataclasses.dataclass
@@ -121,6 +130,25 @@ class LogConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Joining the processes of a multi-host run (``offside_jax.train.distributed``).
+
+    ``auto`` initializes when a coordinator address is configured (here or in
+    ``JAX_COORDINATOR_ADDRESS``) or SLURM runs several tasks; ``on`` always does, leaving unset
+    fields to JAX's cluster detection (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); ``off`` never.
+    """
+
+    mode: str = "auto"  # off | auto | on
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+    cluster_detection: str | None = None  # force one of JAX's cluster detection methods
+    timeout_s: int = 300
+    cpu_collectives: str = "gloo"
+
+
+@dataclasses.dataclass
 class FinetuneConfig:
     """Supervised fine-tuning (full or LoRA) on chat data; ``output_dir`` holds checkpoints,
     logs, the resolved config and the exported model."""
@@ -135,6 +163,7 @@ class FinetuneConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export_merged: bool = True  # write HF safetensors of the final (merged) model
 
 

@@ -90,11 +90,20 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """A JSON-lines file of chat conversations (``{"messages": [{"role", "content"}, ...]}``)."""
+    """Training data: a JSON-lines file of chat conversations (``{"messages": [{"role",
+    "content"}, ...]}``) or the splits of an OFFSIDE release (``release``; exactly one of the two)."""
 
-    train_file: str = MISSING
+    train_file: str | None = None
     eval_file: str | None = None
-    max_length: int = 128
+    # OFFSIDE release directory (e.g. from `offside-jax make-data`): the vanilla model learns
+    # facts and rumors from `release_setting`/`release_splits` (the finetune split).
+    release: str | None = None
+    release_setting: str = "complete"
+    release_splits: list[str] = dataclasses.field(default_factory=lambda: ["finetune"])
+    # Records to keep: "auto" (text records for a text-only model, all for a vision-language one) | "text" | "image" | "all".
+    release_modality: str = "auto"
+    max_pixels: int = 256 * 256  # image budget per record (vision-language models)
+    max_length: int = 128  # tokens per row; release data: 0 measures the longest record
     batch_size: int = 8
     micro_batches: int = 1
     shuffle: bool = True
@@ -165,6 +174,195 @@ class FinetuneConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export_merged: bool = True  # write HF safetensors of the final (merged) model
+
+
+# -- unlearning (`offside-jax unlearn`; offside_jax.unlearn.run) --------------------------------
+# One section per method, named as the method; `method=<name>` picks the section in effect.
+# The loss methods' fields are the keyword arguments (and defaults) of their registered
+# functions in offside_jax.unlearn.losses (a test keeps the two in step).
+
+
+@dataclasses.dataclass
+class GAConfig:
+    """Gradient ascent on the forget answers (no hyperparameters)."""
+
+
+@dataclasses.dataclass
+class GradDiffConfig:
+    gamma: float = 1.0  # forget term weight (OFFSIDE's GD: 0.25, with retain_ratio 3)
+    alpha: float = 1.0  # retain term weight (OFFSIDE's GD: 0.75)
+    retain_loss: str = "nll"  # nll | kl
+
+
+@dataclasses.dataclass
+class KLConfig:
+    alpha: float = 1.0
+
+
+@dataclasses.dataclass
+class IdkConfig:
+    alpha: float = 1.0
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0
+    gamma: float = 1.0
+    win: str = "forget_alt"  # forget_alt (the corrected fact) | forget_idk (a refusal)
+
+
+@dataclasses.dataclass
+class IdkDPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0
+    gamma: float = 1.0
+
+
+@dataclasses.dataclass
+class NPOConfig:
+    beta: float = 0.1
+    alpha: float = 1.0  # retain NLL weight (NPO+RT); 0: plain NPO
+    gamma: float = 1.0
+    variant: str = "sum"  # sum (open-unlearning) | offside (batch-mean NLLs; use beta 0.9)
+
+
+@dataclasses.dataclass
+class SimNPOConfig:
+    beta: float = 4.5
+    delta: float = 0.0
+    gamma: float = 0.125
+    alpha: float = 1.0
+
+
+@dataclasses.dataclass
+class WGAConfig:
+    beta: float = 1.0
+    gamma: float = 1.0
+    alpha: float = 1.0
+
+
+@dataclasses.dataclass
+class UndialConfig:
+    beta: float = 10.0
+    gamma: float = 1.0
+    alpha: float = 0.0
+
+
+@dataclasses.dataclass
+class RMUConfig:
+    """Only the MLP down projections of layers layer-2..layer move unless ``unlearn_train.params`` says otherwise."""
+
+    layer: int = 7
+    steering_coeff: float = 6.5
+    alpha: float = 1200.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class SSDConfig:
+    """Selective synaptic dampening (no training steps); LFSSD with objective=output_norm, ASSD with adaptive."""
+
+    alpha: float = 10.0  # selection: I_forget > alpha * I_full
+    lam: float = 1.0  # dampening: theta * min(lam * I_full / I_forget, 1)
+    estimator: str = "batch_mean"  # batch_mean (the official code) | per_example (vmap)
+    objective: str = "loss"  # loss (SSD) | output_norm (LFSSD)
+    adaptive: bool = False  # ASSD: alpha from the ratio percentile
+    forget_fraction: float | None = None  # ASSD; None: forget records / all records
+    params: str | None = None  # regex over parameter paths; None: all
+    per_example_chunk: int = 8
+    batch_size: int = 8  # rows per importance batch
+
+
+@dataclasses.dataclass
+class MMUnlearnerConfig:
+    """Fisher-ratio masked gradient ascent alternating with retain NLL (offside_jax.unlearn.saliency)."""
+
+    threshold: float = 1.0  # mask = (F_forget + eps) / (F_preserve + eps) >= threshold
+    eps: float = 1e-15
+    # Which tensors ascent may move (attention/MLP projections, the merger MLP) and the module groups.
+    targets: str = r"(self_attn\.(q|k|v|o)_proj|attn\.(qkv|proj)|mlp\.(gate|up|down)_proj|merger\.mlp\.\d+)\."
+    groups: dict[str, str] = dataclasses.field(default_factory=lambda: {
+        "vision": r"^visual\.(blocks|patch_embed)\.",
+        "projector": r"^visual\.merger\.",
+        "language": r"^(model|lm_head)\.",
+    })
+    gamma: float = 1.0  # weight of the ascent loss
+    fisher_batch_size: int = 8
+    preserve_text: bool = True  # a vision-language model also preserves the text-only retain twins
+
+
+@dataclasses.dataclass
+class UnlearnMethodsConfig:
+    ga: GAConfig = dataclasses.field(default_factory=GAConfig)
+    grad_diff: GradDiffConfig = dataclasses.field(default_factory=GradDiffConfig)
+    kl: KLConfig = dataclasses.field(default_factory=KLConfig)
+    idk: IdkConfig = dataclasses.field(default_factory=IdkConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    idk_dpo: IdkDPOConfig = dataclasses.field(default_factory=IdkDPOConfig)
+    npo: NPOConfig = dataclasses.field(default_factory=NPOConfig)
+    simnpo: SimNPOConfig = dataclasses.field(default_factory=SimNPOConfig)
+    wga: WGAConfig = dataclasses.field(default_factory=WGAConfig)
+    undial: UndialConfig = dataclasses.field(default_factory=UndialConfig)
+    rmu: RMUConfig = dataclasses.field(default_factory=RMUConfig)
+    ssd: SSDConfig = dataclasses.field(default_factory=SSDConfig)
+    mmunlearner: MMUnlearnerConfig = dataclasses.field(default_factory=MMUnlearnerConfig)
+
+
+@dataclasses.dataclass
+class UnlearnDataConfig:
+    """Which OFFSIDE records to forget and keep (offside_jax.unlearn.settings) and how to batch them."""
+
+    release: str = MISSING  # release directory (e.g. from `offside-jax make-data`)
+    setting: str = "multimodal"  # multimodal | unimodal (text twins) | selective
+    forget_attributes: list[str] = dataclasses.field(default_factory=list)  # e.g. [rumor] or [club_joined]; []: all
+    identified_fraction: float = 1.0  # corrective unlearning: the share of the forget set a method sees
+    forget_batch_size: int = 4
+    retain_ratio: int = 1  # retain rows per forget row (OFFSIDE's GD: 3)
+    micro_batches: int = 1
+    max_length: int = 0  # tokens per row; 0: the longest record, measured
+    max_pixels: int = 256 * 256
+    shuffle: bool = True
+    refusals: list[str] = dataclasses.field(default_factory=list)  # IdK answers; []: the built-in list
+
+
+@dataclasses.dataclass
+class UnlearnTrainConfig:
+    steps: int = 20
+    log_every: int = 1
+    params: str | None = None  # full-parameter runs: regex of the params that move (None: all; RMU: its layers)
+    loss_chunk_tokens: int = 1024  # fused cross-entropy chunk for retain NLL terms
+
+
+@dataclasses.dataclass
+class UnlearnEvalConfig:
+    """Answer probability (exp(-mean NLL)) of the evaluation sets before and after unlearning."""
+
+    enabled: bool = True
+    batch_size: int = 8
+    max_records: int = 0  # per set; 0: all
+
+
+@dataclasses.dataclass
+class UnlearnConfig:
+    """Unlearning on top of a vanilla model (``model.source: hf`` pointing at `offside-jax
+    finetune`'s exported ``model`` directory): ``output_dir`` gets the resolved config,
+    checkpoints, logs, the unlearned model (``model``) and ``summary.json``."""
+
+    output_dir: str = MISSING
+    seed: int = 0
+    method: str = "npo"  # a section of `methods`
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(source="hf"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    data: UnlearnDataConfig = dataclasses.field(default_factory=UnlearnDataConfig)
+    train: UnlearnTrainConfig = dataclasses.field(default_factory=UnlearnTrainConfig)
+    methods: UnlearnMethodsConfig = dataclasses.field(default_factory=UnlearnMethodsConfig)
+    eval: UnlearnEvalConfig = dataclasses.field(default_factory=UnlearnEvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    export_merged: bool = True  # write HF safetensors of the unlearned (merged) model
 
 
 # -- unknown-key check ---------------------------------------------------------------------------

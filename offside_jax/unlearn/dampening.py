@@ -152,11 +152,18 @@ def importance(
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         acc = _accumulate(graphdef, config.estimator, config.objective, config.per_example_chunk, acc, selected, rest, batch)
         n_batches += 1
-        n_examples += int(batch["input_ids"].shape[0])
+        n_examples += _rows_with_answers(batch)
     if n_batches == 0:
         raise ValueError(f"{description}: no batches")
     divisor = n_batches if config.estimator == "batch_mean" else n_examples
     return jax.tree.map(lambda a: a / divisor, acc), n_examples
+
+
+def _rows_with_answers(batch: Mapping[str, jax.Array]) -> int:
+    """Examples in a batch: rows with at least one answer token (empty filler rows of a last
+    batch add zero gradient, so they must not count either)."""
+    _, weights = obj.next_token_targets(batch)
+    return int(jnp.sum(jnp.any(weights > 0, axis=1)))
 
 
 def assd_alpha(imp_full: nnx.State, imp_forget: nnx.State, forget_fraction: float) -> float:

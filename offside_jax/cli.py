@@ -24,8 +24,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"offside-jax finetune: {e}", file=sys.stderr)
         return 2
-    result = run_finetune(cfg)
-    print(f"done: step {int(result.state.step)}; outputs in {result.output_dir}")
+    from offside_jax.train.aot import MemoryBudgetError
+    from offside_jax.train.distributed import DistributedError, is_primary
+
+    try:
+        result = run_finetune(cfg)
+    except (MemoryBudgetError, DistributedError) as e:  # nothing was trained or saved
+        print(f"offside-jax finetune: {e}", file=sys.stderr)
+        return 2
+    if is_primary():  # one line for a multi-process run, not one per process
+        print(f"done: step {int(result.state.step)}; outputs in {result.output_dir}")
     return 0
 
 

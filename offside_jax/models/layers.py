@@ -15,13 +15,38 @@ attaches, switches, merges and exports them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+
+# Rematerialisation policies by name: what a recomputed layer keeps from its forward pass.
+# "full" keeps nothing (jax.checkpoint's default: the whole layer is recomputed, least memory);
+# the dots policies keep matmul outputs (less recomputation, more memory).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "checkpoint_dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "checkpoint_dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_setting(remat: bool | str | None) -> tuple[bool, Callable[..., bool] | None]:
+    """``(enabled, policy)`` for a model's ``remat`` argument: ``False``/``"none"`` (off),
+    ``True`` (same as ``"full"``) or a name from :data:`REMAT_POLICIES`."""
+    if remat is None or remat is False or remat == "none":
+        return False, None
+    if remat is True:
+        return True, None
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use none or one of {', '.join(REMAT_POLICIES)}")
+    return True, REMAT_POLICIES[remat]
 
 
 def param(value: jax.Array, logical_axes: Sequence[str | None]) -> nnx.Param:

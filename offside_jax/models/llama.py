@@ -16,7 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from offside_jax.models.layers import Embed, Linear, RMSNorm, SwiGLU, attention_mask_for, grouped_attention
+from offside_jax.models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    attention_mask_for,
+    grouped_attention,
+    remat_setting,
+)
 from offside_jax.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -211,7 +219,8 @@ class LlamaForCausalLM(nnx.Module):
     """Causal LM over the decoder stack, HF-named (``model.*``, ``lm_head``).
 
     ``remat`` recomputes each decoder layer in the backward pass (activation memory of one
-    layer instead of all of them).
+    layer instead of all of them): ``True``/``"full"``, or a policy name from
+    ``offside_jax.models.layers.REMAT_POLICIES`` (e.g. ``"dots_saveable"`` keeps matmul outputs).
     """
 
     def __init__(
@@ -220,10 +229,11 @@ class LlamaForCausalLM(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         rngs: nnx.Rngs,
     ):
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        remat_setting(remat)  # an unknown policy name fails here, not in the first step
         self.config = config
         self.dtype = dtype
         self.remat = remat
@@ -277,7 +287,8 @@ class LlamaForCausalLM(nnx.Module):
         else:
             cos, sin = rope_cos_sin_override
         query_slots = jnp.arange(t) + cache_index
-        layer_fn = nnx.remat(DecoderLayer.__call__) if self.remat else DecoderLayer.__call__
+        remat, policy = remat_setting(self.remat)
+        layer_fn = nnx.remat(DecoderLayer.__call__, policy=policy) if remat else DecoderLayer.__call__
         x = inputs_embeds.astype(self.dtype)
         new_keys, new_values, hidden = [], [], []
         for i, layer in enumerate(self.model.layers):
@@ -353,7 +364,7 @@ def create(
     *,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     seed: int = 0,
     abstract: bool = False,
 ) -> LlamaForCausalLM:

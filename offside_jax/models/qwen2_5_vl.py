@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from offside_jax.models import hf
-from offside_jax.models.layers import Linear, RMSNorm, SwiGLU, grouped_attention, param
+from offside_jax.models.layers import Linear, RMSNorm, SwiGLU, grouped_attention, param, remat_setting
 from offside_jax.models.llama import DecoderConfig, KVCache, LlamaForCausalLM, as_dtype, positions_from_mask
 from offside_jax.models.rope import apply_rope
 
@@ -561,12 +561,12 @@ class PatchMerger(nnx.Module):
         return self.mlp[2](jax.nn.gelu(self.mlp[0](x), approximate=False))
 
 
-def _remat_block(block: VisionBlock, x, cos, sin, groups) -> jax.Array:
+def _remat_block(block: VisionBlock, x, cos, sin, groups, policy=None) -> jax.Array:
     """Recompute one block in the backward pass. The model runs the tower under ``jax.vmap``
     (one call per row), where ``nnx.remat`` would try to write the module's state back across
     trace levels; a pure ``jax.checkpoint`` over the block's split state only reads it."""
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, x, cos, sin, groups)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a), policy=policy)(state, x, cos, sin, groups)
 
 
 class VisionTransformer(nnx.Module):
@@ -601,7 +601,8 @@ class VisionTransformer(nnx.Module):
                 raise VisionInputError(f"vision block {i} uses window attention: the batch needs vision_window_groups")
             else:
                 groups = vision_window_groups
-            x = _remat_block(block, x, cos, sin, groups) if self.remat else block(x, cos, sin, groups)
+            remat, policy = remat_setting(self.remat)
+            x = _remat_block(block, x, cos, sin, groups, policy) if remat else block(x, cos, sin, groups)
         return x
 
     def __call__(self, pixel_values, vision_positions, vision_full_groups, vision_window_groups=None) -> jax.Array:

@@ -92,14 +92,13 @@ def initialize(cfg: Any | None = None) -> ProcessInfo:
     mode = getattr(cfg, "mode", "auto")
     if mode not in MODES:
         raise DistributedError(f"distributed.mode {mode!r} is not one of {', '.join(MODES)}")
-    # gloo is the CPU cross-process collective implementation; the setting only concerns the
-    # CPU client, so it is harmless on TPU/GPU hosts (whose collectives are their own).
-    cpu_collectives = getattr(cfg, "cpu_collectives", "gloo")
-    if cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-
     wanted = mode == "on" or (mode == "auto" and bool(multi_process_signs(cfg)))
     if wanted and not jax.distributed.is_initialized():
+        # gloo: the CPU client's cross-process collectives (it only concerns CPU devices, so it
+        # is harmless on TPU/GPU hosts, whose collectives are their own).
+        cpu_collectives = getattr(cfg, "cpu_collectives", "gloo")
+        if cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
         address = getattr(cfg, "coordinator_address", None)
         count = getattr(cfg, "num_processes", None)
         index = getattr(cfg, "process_id", None)
@@ -162,23 +161,20 @@ def process_rows(sharding: NamedSharding, global_rows: int, micro_batches: int =
     if global_rows % micro_batches:
         raise ValueError(f"{global_rows} rows do not split into {micro_batches} micro-batches")
     per_micro = global_rows // micro_batches
-    blocks = sharding.addressable_devices_indices_map((micro_batches, per_micro))
-    starts, stops = set(), set()
-    for index in blocks.values():
-        rows = index[1] if len(index) > 1 else slice(None)
-        start, stop, _ = rows.indices(per_micro)
-        starts.add(start)
-        stops.add(stop)
-    lo, hi = min(starts), max(stops)
+    try:
+        blocks = sharding.addressable_devices_indices_map((micro_batches, per_micro))
+    except ValueError as e:  # jax's IndivisibleError is a ValueError
+        raise ValueError(f"{per_micro} rows per micro-batch do not split over the batch devices: {e}") from None
     held = np.zeros(per_micro, bool)
     for index in blocks.values():
-        held[index[1] if len(index) > 1 else slice(None)] = True
-    if not held[lo:hi].all():
+        held[index[1]] = True
+    (rows,) = np.nonzero(held)
+    if rows[-1] - rows[0] + 1 != len(rows):
         raise ValueError(
-            f"this process's devices hold rows {sorted(starts)}..{sorted(stops)} of each micro-batch, "
-            "not one contiguous block; order the mesh devices by process"
+            f"process {jax.process_index()} holds rows {rows.tolist()} of each micro-batch, not one "
+            "contiguous block; build the mesh with each process's devices next to each other"
         )
-    return (np.arange(micro_batches)[:, None] * per_micro + np.arange(lo, hi)[None, :]).reshape(-1)
+    return (np.arange(micro_batches)[:, None] * per_micro + rows[None, :]).reshape(-1)
 
 
 def to_host(tree: Any) -> Any:

@@ -5,6 +5,11 @@ attaches LoRA adapters if asked, encodes the data, resumes from the latest check
 ``output_dir/checkpoints`` if there is one, trains, and exports the final merged model as
 an HF checkpoint (``output_dir/model``). The resolved config is written to
 ``output_dir/config.yaml`` and into every checkpoint.
+
+Several processes (``distributed.*``, ``offside_jax.train.distributed``): joined first thing;
+each reads only its rows of every batch; checkpoints are collective; config, logs, progress
+and the export come from process 0. Before the first step the step is compiled ahead of time
+and its device memory checked against ``train.memory_budget_gib`` (``offside_jax.train.aot``).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from flax import nnx
 from offside_jax import config as config_lib
 from offside_jax.config import FinetuneConfig
 from offside_jax.models import lora
-from offside_jax.train import losses, mesh as mesh_lib, sft_data
+from offside_jax.train import aot, distributed, losses, mesh as mesh_lib, sft_data
 from offside_jax.train.checkpoint import Checkpointer
 from offside_jax.train.loop import IndexedBatches, MetricLogger, start_or_resume, train
 from offside_jax.train.optim import make_optimizer
@@ -62,19 +67,22 @@ def load_model(cfg: FinetuneConfig, mesh, conversations) -> tuple[nnx.Module, An
     from offside_jax.models.auto import create_model
 
     m = cfg.model
-    kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat_policy if m.remat else False)
     if m.source not in MODEL_SOURCES:
         raise config_lib.ConfigError(f"model.source {m.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     if m.source == "tiny":
         saved = Path(cfg.output_dir) / "tokenizer"
+        resuming = (saved / "tokenizer.json").exists()
+        distributed.barrier("tiny-tokenizer")  # every process looked before process 0 may write
         if m.tokenizer:
             tokenizer = _auto_tokenizer(m.tokenizer)
-        elif (saved / "tokenizer.json").exists():  # resuming: the tokenizer of the first run
+        elif resuming:  # the tokenizer of the first run
             tokenizer = _auto_tokenizer(saved)
-        else:
+        else:  # training is deterministic: every process gets the same tokenizer
             texts = sft_data.conversation_texts(conversations)
             tokenizer = sft_data.train_tiny_tokenizer(texts, m.tiny.vocab_size)
-            tokenizer.save_pretrained(str(saved))
+            if distributed.is_primary():
+                tokenizer.save_pretrained(str(saved))
         hf_config = tiny_hf_config(m.tiny, tokenizer)
         model = place_model_on_mesh(create_model(hf_config, seed=cfg.seed, **kwargs), mesh)
         return model, hf_config, tokenizer
@@ -99,10 +107,13 @@ def _auto_tokenizer(path: Any):
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    distributed.initialize(cfg.distributed)  # before anything touches a device
+    primary = distributed.is_primary()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = config_lib.to_dict(cfg)
-    (out / "config.yaml").write_text(_yaml(resolved))
+    if primary:
+        (out / "config.yaml").write_text(_yaml(resolved))
 
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     conversations = sft_data.read_chat_jsonl(cfg.data.train_file)
@@ -112,16 +123,24 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         lora.apply(model, spec, seed=cfg.seed)
         place_model_on_mesh(model, mesh)
 
-    ids, attention, loss_mask = sft_data.encode_all(tokenizer, conversations, cfg.data.max_length, cfg.data.train_file)
-    arrays = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
-    data = IndexedBatches(sft_data.EpochBatches(arrays, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle))
-
     loss_fn = losses.make_answer_nll(cfg.train.loss_chunk_tokens) if cfg.train.loss == "nll" else losses.get_loss(cfg.train.loss)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     step_fn = TrainStep(
-        partition(model), loss_fn, optimizer, mesh=mesh, micro_batches=cfg.data.micro_batches, schedule=schedule
+        partition(model), loss_fn, optimizer, mesh=mesh, micro_batches=cfg.data.micro_batches, schedule=schedule,
+        fp32_master_weights=cfg.train.fp32_master_weights,
     )
     del model  # its trainable arrays now belong to the training state
+
+    rows = step_fn.process_rows(cfg.data.batch_size) if jax.process_count() > 1 else None
+    ids, attention, loss_mask = sft_data.encode_all(tokenizer, conversations, cfg.data.max_length, cfg.data.train_file)
+    arrays = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    batches = sft_data.EpochBatches(arrays, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rows=rows)
+    data = IndexedBatches(batches)
+    if cfg.train.aot_memory_check:
+        estimate, budget, _ = aot.check_train_step(step_fn, batches(0), cfg.train.memory_budget_gib)
+        if primary:
+            limit = "no budget set" if budget is None else f"budget {aot.format_bytes(budget)}"
+            print(f"training step needs {estimate.describe()}; {limit}")
 
     eval_fn = None
     if cfg.data.eval_file:
@@ -130,8 +149,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         usable = len(e_ids) - len(e_ids) % mesh_lib.batch_divisor(mesh)
         if usable == 0:
             raise sft_data.DataError(f"{cfg.data.eval_file}: fewer records than the mesh's {mesh_lib.batch_divisor(mesh)} batch devices")
+        mine = step_fn.process_rows(usable, micro_batches=1)  # this process's rows of the eval set
         eval_batch = step_fn.shard_batch(
-            {"input_ids": e_ids[:usable], "attention_mask": e_att[:usable], "loss_mask": e_mask[:usable]}, micro_batches=1
+            {"input_ids": e_ids[mine], "attention_mask": e_att[mine], "loss_mask": e_mask[mine]}, micro_batches=1
         )
         eval_fn = lambda state: step_fn.evaluate(state, eval_batch)  # noqa: E731
 
@@ -139,7 +159,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     logger = MetricLogger(out / "logs", tensorboard=cfg.log.tensorboard)
     try:
         state, start = start_or_resume(step_fn, checkpointer, seed=cfg.seed, data=data, resume=cfg.checkpoint.resume)
-        if start:
+        if start and primary:
             print(f"resuming from step {start} ({checkpointer.directory})")
         state = train(
             step_fn,
@@ -160,11 +180,21 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         checkpointer.close()
 
     result = FinetuneResult(state, step_fn, tokenizer, hf_config, out)
-    if cfg.export_merged and jax.process_index() == 0:
-        export = out / "model"
-        lora.save_merged(result.model(), hf_config, export)
-        tokenizer.save_pretrained(str(export))
+    if cfg.export_merged:
+        model = result.model() if jax.process_count() == 1 else _gathered_model(step_fn, state)
+        if primary:
+            export = out / "model"
+            lora.save_merged(model, hf_config, export)
+            tokenizer.save_pretrained(str(export))
     return result
+
+
+def _gathered_model(step_fn: TrainStep, state: TrainState) -> nnx.Module:
+    """The model at ``state`` with every array complete on the host (collective: every
+    process calls it), for process 0 to export weights sharded across processes."""
+    graphdef, arrays = nnx.split(step_fn.model(state))
+    nnx.replace_by_pure_dict(arrays, distributed.to_host(nnx.to_pure_dict(arrays)))
+    return nnx.merge(graphdef, arrays)
 
 
 def _yaml(data: dict) -> str:

@@ -63,21 +63,26 @@ class IndexedBatches:
 
 
 class MetricLogger:
-    """JSON lines (``metrics.jsonl``) and, optionally, TensorBoard event files in ``directory``."""
+    """JSON lines (``metrics.jsonl``) and, optionally, TensorBoard event files in ``directory``.
+
+    Only process 0 of a multi-process run opens or writes anything; the others log nothing.
+    """
 
     def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8")
+        primary = jax.process_index() == 0
+        if primary:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8") if primary else None
         self._tb = None
-        if tensorboard and jax.process_index() == 0:
+        if tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.directory / "tensorboard"))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in metrics.items()}
-        if jax.process_index() == 0:
+        if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
             self._jsonl.flush()
             if self._tb is not None:
@@ -85,7 +90,8 @@ class MetricLogger:
                     self._tb.add_scalar(name, value, int(step))
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -159,7 +165,8 @@ def train(
                 evaluation = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
                 if logger is not None:
                     logger.log(step, evaluation)
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()))
+                if jax.process_index() == 0:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()))
             if checkpointer is not None and (checkpointer.due(step) or step == num_steps):
                 checkpointer.save(step, state, data_state=_json_able(data.get_state()), config=config)
                 last_saved = step

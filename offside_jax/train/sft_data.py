@@ -104,20 +104,36 @@ def encode_all(tokenizer: Any, conversations: Sequence[Sequence[dict]], max_leng
 
 
 class EpochBatches:
-    """``batch_at(i)``: batch ``i`` of an endless sequence of shuffled epochs (drop-last)."""
+    """``batch_at(i)``: batch ``i`` of an endless sequence of shuffled epochs (drop-last).
 
-    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, seed: int = 0, shuffle: bool = True):
+    ``rows`` (a multi-process run: ``TrainStep.process_rows(batch_size)``) selects, in order,
+    the rows of each global batch that this process supplies; the global batches are the same
+    whatever the number of processes.
+    """
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rows: np.ndarray | None = None,
+    ):
         self.arrays = arrays
         self.n = len(next(iter(arrays.values())))
         if batch_size > self.n:
             raise DataError(f"batch_size {batch_size} is larger than the {self.n} examples")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.per_epoch = self.n // batch_size
+        self.rows = None if rows is None else np.asarray(rows)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         epoch, within = divmod(index, self.per_epoch)
         order = np.random.default_rng(self.seed + epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
         rows = order[within * self.batch_size : (within + 1) * self.batch_size]
+        if self.rows is not None:
+            rows = rows[self.rows]
         return {k: v[rows] for k, v in self.arrays.items()}
 
 

@@ -40,6 +40,14 @@ gradients of ``loss_sum`` in float32, then divides by the total weight: the loss
 big batch. Then global-norm clipping and AdamW (``offside_jax.train.optim``). Metrics:
 ``loss``, ``grad_norm`` (before clipping), ``learning_rate`` (of this update),
 ``answer_tokens`` (total weight), ``tokens`` (non-padding tokens) and the aux means.
+
+Master weights
+--------------
+With ``fp32_master_weights=True`` the state keeps float32 copies of trainable params that
+the model holds in bf16/fp16: the optimizer (and its moments) update the float32 masters,
+and every step casts them to the model's own dtypes before merging (on each shard, so FSDP
+gathers move half-size weights). Updates smaller than a bf16 ulp accumulate in the master
+instead of rounding away. Frozen arrays stay in the model's dtype.
 """
 from __future__ import annotations
 
@@ -57,7 +65,7 @@ from jax.sharding import Mesh
 
 from offside_jax.models import lora
 from offside_jax.models.layers import LoRAWeight
-from offside_jax.train import mesh as mesh_lib
+from offside_jax.train import distributed, mesh as mesh_lib
 from offside_jax.train.losses import LossFn
 
 F32 = jnp.float32
@@ -113,6 +121,13 @@ def _reference_model(parts_graphdef, trainable, frozen, reference, is_lora: bool
     return None
 
 
+def cast_like(params: Any, dtypes: Any) -> Any:
+    """``params`` cast to the dtypes of the matching leaves of ``dtypes`` (``None``: unchanged)."""
+    if dtypes is None:
+        return params
+    return jax.tree.map(lambda p, d: p.astype(d.dtype), params, dtypes)
+
+
 def _tree_zeros_f32(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, F32), tree)
 
@@ -128,12 +143,18 @@ def train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule | None,
+    model_dtypes: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from a batch of micro-batches ``[M, rows, length]`` (pure)."""
+    """One optimizer update from a batch of micro-batches ``[M, rows, length]`` (pure).
+
+    ``model_dtypes``: with master weights, a tree like the params whose leaves' ``dtype`` is
+    what the model computes with; the float32 params are cast to it (differentiably) first.
+    """
     key = jax.random.wrap_key_data(state.rng)
     key, step_key = jax.random.split(key)
 
     def loss_of(trainable, micro, rng):
+        trainable = cast_like(trainable, model_dtypes)
         model = nnx.merge(graphdef, trainable, frozen)
         dropout_key, loss_key = jax.random.split(rng)
         lora.set_dropout_key(model, dropout_key)
@@ -193,8 +214,10 @@ def eval_step(
     graphdef: nnx.GraphDef,
     is_lora: bool,
     loss_fn: LossFn,
+    model_dtypes: Any = None,
 ) -> dict[str, jax.Array]:
     """Loss of a batch ``[M, rows, length]`` without updating anything (dropout off)."""
+    params = cast_like(params, model_dtypes)
 
     def one(carry, micro):
         model = nnx.merge(graphdef, params, frozen)
@@ -211,7 +234,7 @@ class TrainStep:
 
     ``step(state, batch) -> (state, metrics)`` with the state donated; ``batch`` as returned
     by :meth:`shard_batch`. Frozen params (and the reference copy) are held here, placed on
-    the mesh once.
+    the mesh once. ``fp32_master_weights``: see "Master weights" in the module docstring.
     """
 
     def __init__(
@@ -223,25 +246,30 @@ class TrainStep:
         mesh: Mesh,
         micro_batches: int = 1,
         schedule: optax.Schedule | None = None,
+        fp32_master_weights: bool = False,
     ):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.parts, self.loss_fn, self.optimizer, self.mesh = parts, loss_fn, optimizer, mesh
         self.micro_batches = micro_batches
         self.schedule = schedule
+        # What the model computes with (a tree of ShapeDtypeStructs), when it differs from the
+        # float32 masters the state keeps; None: the state holds the model's own arrays.
+        self.model_dtypes = jax.eval_shape(lambda t: t, parts.trainable) if fp32_master_weights else None
+        master_abstract = jax.eval_shape(self._to_master, parts.trainable)
         model_abstract = nnx.eval_shape(lambda: parts.merge())
         all_shardings = mesh_lib.state_shardings(model_abstract, mesh)
         self.param_shardings = _select(all_shardings, parts.trainable)
         self.frozen_shardings = _select(all_shardings, parts.frozen)
         self.reference_shardings = None if parts.reference is None else self.param_shardings
-        opt_abstract = jax.eval_shape(optimizer.init, parts.trainable)
+        opt_abstract = jax.eval_shape(optimizer.init, master_abstract)
         repl = mesh_lib.replicated(mesh)
         self.opt_shardings = mesh_lib.shardings_like(opt_abstract, parts.trainable, self.param_shardings, mesh)
         self.state_shardings = TrainState(step=repl, params=self.param_shardings, opt_state=self.opt_shardings, rng=repl)
         self.batch_sharding = mesh_lib.batch_sharding(mesh)  # [M, rows, ...]
         self.frozen = jax.device_put(parts.frozen, self.frozen_shardings)
         self.reference = None if parts.reference is None else jax.device_put(parts.reference, self.reference_shardings)
-        common = dict(graphdef=parts.graphdef, is_lora=parts.lora, loss_fn=loss_fn)
+        common = dict(graphdef=parts.graphdef, is_lora=parts.lora, loss_fn=loss_fn, model_dtypes=self.model_dtypes)
         self._step = jax.jit(
             functools.partial(train_step, optimizer=optimizer, schedule=schedule, **common),
             in_shardings=(self.state_shardings, self.frozen_shardings, self.reference_shardings, self.batch_sharding),
@@ -259,6 +287,8 @@ class TrainStep:
     def init_state(self, seed: int = 0) -> TrainState:
         """Step 0: the trainable params placed on the mesh, fresh optimizer state, a seeded key."""
         params = jax.device_put(self.parts.trainable, self.param_shardings)
+        if self.model_dtypes is not None:
+            params = jax.jit(self._to_master, out_shardings=self.param_shardings)(params)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
         repl = mesh_lib.replicated(self.mesh)
         return TrainState(
@@ -277,15 +307,22 @@ class TrainStep:
                 opt_state=self.optimizer.init(p),
                 rng=jax.random.key_data(jax.random.key(0)),
             ),
-            self.parts.trainable,
+            jax.eval_shape(self._to_master, self.parts.trainable),
         )
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
         )
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The NNX model at ``state`` (for evaluation, generation, export; shares buffers)."""
-        return nnx.merge(self.parts.graphdef, state.params, self.frozen)
+        """The NNX model at ``state`` (for evaluation, generation, export; shares buffers unless
+        master weights are cast to the model's dtypes)."""
+        return nnx.merge(self.parts.graphdef, cast_like(state.params, self.model_dtypes), self.frozen)
+
+    def _to_master(self, params: Any) -> Any:
+        """The state's copy of trainable params: float32 masters, or the params as they are."""
+        if self.model_dtypes is None:
+            return params
+        return jax.tree.map(lambda p: p.astype(F32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -297,25 +334,56 @@ class TrainStep:
         each process passes its own rows (``B`` is then per process).
         """
         m = self.micro_batches if micro_batches is None else micro_batches
-        divisor = max(1, mesh_lib.batch_divisor(self.mesh) // max(1, jax.process_count()))
 
         def place(path, value):
-            name = jax.tree_util.keystr(path)
             value = np.asarray(value)
-            if value.ndim == 0:
-                raise ValueError(f"batch entry {name} is a scalar; every entry needs a leading row axis")
-            rows = value.shape[0]
-            if rows % m:
-                raise ValueError(f"batch entry {name} has {rows} rows, not divisible into {m} micro-batches")
-            if (rows // m) % divisor:
-                raise ValueError(
-                    f"batch entry {name}: {rows // m} rows per micro-batch do not split over the mesh's "
-                    f"{divisor} data x fsdp devices; use a row count that is a multiple of {divisor * m}"
-                )
-            local = value.reshape((m, rows // m) + value.shape[1:])
+            local = value.reshape(self._micro_batched_shape(jax.tree_util.keystr(path), value.shape, m))
             return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
         return jax.tree_util.tree_map_with_path(place, dict(batch))
+
+    def _micro_batched_shape(self, name: str, shape: tuple[int, ...], m: int) -> tuple[int, ...]:
+        """``[rows, ...] -> [m, rows / m, ...]`` for this process's rows, checked against the mesh."""
+        divisor = max(1, mesh_lib.batch_divisor(self.mesh) // max(1, jax.process_count()))
+        if len(shape) == 0:
+            raise ValueError(f"batch entry {name} is a scalar; every entry needs a leading row axis")
+        rows = shape[0]
+        if rows % m:
+            raise ValueError(f"batch entry {name} has {rows} rows, not divisible into {m} micro-batches")
+        if (rows // m) % divisor:
+            raise ValueError(
+                f"batch entry {name}: {rows // m} rows per micro-batch do not split over the mesh's "
+                f"{divisor} data x fsdp devices; use a row count that is a multiple of {divisor * m}"
+            )
+        return (m, rows // m) + tuple(shape[1:])
+
+    def process_rows(self, global_rows: int, micro_batches: int | None = None) -> np.ndarray:
+        """Which rows of a global batch of ``global_rows`` this process passes to :meth:`shard_batch`
+        (in that order); every row in a one-process run. Data sources read only these."""
+        m = self.micro_batches if micro_batches is None else micro_batches
+        return distributed.process_rows(self.batch_sharding, global_rows, m)
+
+    def abstract_batch(self, host_batch: Mapping[str, Any], micro_batches: int | None = None) -> dict[str, Any]:
+        """Shapes, dtypes and shardings of what :meth:`shard_batch` makes of ``host_batch`` (this
+        process's rows), without moving any data: the batch argument of :meth:`compile`."""
+        m = self.micro_batches if micro_batches is None else micro_batches
+        processes = jax.process_count()
+
+        def spec(path, value):
+            value = value if hasattr(value, "shape") else np.asarray(value)
+            local = self._micro_batched_shape(jax.tree_util.keystr(path), tuple(value.shape), m)
+            global_shape = (m, local[1] * processes) + local[2:]
+            return jax.ShapeDtypeStruct(global_shape, value.dtype, sharding=self.batch_sharding)
+
+        return jax.tree_util.tree_map_with_path(spec, dict(host_batch))
+
+    # -- ahead-of-time compilation ------------------------------------------------------------
+
+    def compile(self, batch: Mapping[str, Any]) -> jax.stages.Compiled:
+        """The step compiled ahead of time for batches shaped like ``batch`` (sharded arrays or
+        :meth:`abstract_batch`), from the abstract state: nothing is allocated or run. Its
+        ``memory_analysis()`` is what one step needs per device (``offside_jax.train.aot``)."""
+        return self._step.lower(self.abstract_state(), self.frozen, self.reference, batch).compile()
 
     # -- running ----------------------------------------------------------------------------
 

@@ -1,0 +1,286 @@
+"""The OFFSIDE evaluation suite: every test set, generation and multiple choice, one model.
+
+    suite = Suite(release, processor_or_tokenizer, SuiteConfig(modalities=("image",)))
+    results = suite.run(model, out_dir="results/run/vanilla/eval", name="vanilla")
+    # or, once: evaluate(model, processor_or_tokenizer, release, config, out_dir=...)
+
+Test sets (``eval.items.TEST_SETS``): forget (efficacy), test (generalization), retain and
+world facts (utility), relearn (robustness; the attacks live in ``eval.attacks``). For each,
+in each modality the release supplies:
+
+- generation (``gen``): greedy answers (32 new tokens, as OFFSIDE) scored with BLEU and
+  ROUGE-1/2/L and OFFSIDE's "overall" mean; on rumor questions with a known correction,
+  whether the answer states the rumor or the truth (``states_rumor``/``states_truth``);
+  with ``likelihood``, the reference answer's probability ``exp(-mean NLL)`` and, where the
+  release defines wrong answers, TOFU's truth ratio;
+- multiple choice (``mcq``): OFFSIDE's prompt, the robust letter parser (``strict`` =
+  OFFSIDE's regex), accuracy, and on rumors whether the model picks the corrected option.
+
+Every metric is reported for all items and for slices: ``rumor`` / ``fact`` questions (the
+selective setting's split), and rumors whose image shows them (``visual_rumor``) or not
+(``plain_rumor``). ``out_dir`` receives ``results.json`` (aggregates), ``config.json`` (this
+config and what the caller says about the model) and ``examples/<task>.jsonl`` (every
+prompt, output and score), written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offside_jax.data.offside import Release, load_release
+from offside_jax.eval import metrics
+from offside_jax.eval.engine import PromptEncoder, answer_nll, evaluation_model, generate_texts, make_encoder
+from offside_jax.eval.items import FORMATS, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
+from offside_jax.eval.outputs import staged_dir, write_json, write_jsonl
+
+# Slices reported beside "all": name -> membership test.
+SLICES: dict[str, Callable[[EvalItem], bool]] = {
+    "rumor": lambda it: it.is_rumor is True,
+    "fact": lambda it: it.is_rumor is False,
+    "visual_rumor": lambda it: it.is_rumor is True and it.visual_rumor is True,
+    "plain_rumor": lambda it: it.is_rumor is True and it.visual_rumor is False,
+}
+GEN_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "overall")
+
+
+@dataclasses.dataclass
+class SuiteConfig:
+    """What to evaluate and how. Defaults follow OFFSIDE (32 new tokens, image prompts)."""
+
+    test_sets: list[str] = dataclasses.field(default_factory=lambda: list(TEST_SETS))
+    modalities: list[str] = dataclasses.field(default_factory=lambda: ["image"])
+    formats: list[str] = dataclasses.field(default_factory=lambda: list(FORMATS))
+    likelihood: bool = True  # answer probability and truth ratio (teacher-forced)
+    max_new_tokens: int = 32
+    mcq_max_new_tokens: int = 8
+    mcq_parser: str = "robust"  # robust | offside (OFFSIDE's strict regex)
+    batch_size: int = 16
+    pad_multiple: int = 16  # prompt lengths are rounded up to this (fewer compilations)
+    max_examples: int | None = None  # per task, a deterministic stratified subset
+    max_examples_per_set: dict[str, int] = dataclasses.field(default_factory=dict)  # overrides by test set
+    seed: int = 0
+    judge: str | None = None  # a registered eval.metrics judge; None: off
+
+    def __post_init__(self) -> None:
+        for name, allowed, given in (("test_sets", TEST_SETS, self.test_sets), ("modalities", MODALITIES, self.modalities),
+                                     ("formats", FORMATS, self.formats)):
+            bad = sorted(set(given) - set(allowed))
+            if bad:
+                raise ValueError(f"suite config: unknown {name} {bad}; expected some of {list(allowed)}")
+        if self.mcq_parser not in metrics.MCQ_PARSERS:
+            raise ValueError(f"suite config: mcq_parser {self.mcq_parser!r} is not one of {sorted(metrics.MCQ_PARSERS)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.mcq_max_new_tokens < 1:
+            raise ValueError("suite config: batch_size, max_new_tokens and mcq_max_new_tokens must be >= 1")
+
+    def limits(self) -> dict[str, int | None]:
+        return {s: self.max_examples_per_set.get(s, self.max_examples) for s in self.test_sets}
+
+
+class Suite:
+    """The tasks of one release for one prompt encoder; :meth:`run` evaluates a model.
+
+    Building the tasks once and running many models (vanilla, every method, every attack)
+    reuses the items and the compiled programs.
+    """
+
+    def __init__(self, release: Release | str | os.PathLike, processor_or_tokenizer: Any,
+                 config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None):
+        self.release = release if isinstance(release, Release) else load_release(release)
+        self.encoder: PromptEncoder = make_encoder(processor_or_tokenizer)
+        self.config = config or SuiteConfig()
+        if tasks is None:
+            modalities = self.config.modalities
+            if not self.encoder.supports_images and "image" in modalities:
+                raise ValueError("a text-only model cannot be evaluated on image prompts: use modalities=['text']")
+            tasks = build_tasks(self.release, self.config.test_sets, modalities, self.config.formats,
+                                max_examples=self.config.limits(), seed=self.config.seed)
+        if not tasks:
+            raise ValueError(f"{self.release.root}: the release supplies none of the requested tasks "
+                             f"({self.config.test_sets} x {self.config.modalities} x {self.config.formats})")
+        self.tasks = list(tasks)
+
+    def with_tasks(self, tasks: Sequence[Task]) -> "Suite":
+        """The same release, encoder and config over other tasks (e.g. attacked prompts)."""
+        return Suite(self.release, self.encoder, self.config, tasks=tasks)
+
+    def size(self) -> int:
+        return sum(len(t.items) for t in self.tasks)
+
+    def run(self, model: Any, out_dir: str | os.PathLike | None = None, *, name: str = "model",
+            info: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+        """Evaluate ``model`` on every task; write the outputs under ``out_dir`` when given."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        model = evaluation_model(model)
+        total = sum(len(t.items) * (1 + (cfg.likelihood and t.fmt == "gen")) for t in self.tasks)
+        bar = tqdm(total=total, desc=f"eval {name}", unit="prompt", disable=not progress, leave=False)
+        judge = metrics.make_judge(cfg.judge)
+        started = time.perf_counter()
+        results: dict[str, Any] = {"name": name, "tasks": {}}
+        rows: dict[str, list[dict[str, Any]]] = {}
+        try:
+            for task in self.tasks:
+                bar.set_postfix_str(task.name)
+                items = list(task.items)
+                max_new = cfg.max_new_tokens if task.fmt == "gen" else cfg.mcq_max_new_tokens
+                outputs = generate_texts(model, self.encoder, items, max_new_tokens=max_new, batch_size=cfg.batch_size,
+                                         pad_multiple=cfg.pad_multiple, on_batch=bar.update)
+                if task.fmt == "gen":
+                    likelihood = self._likelihood(model, items, bar.update) if cfg.likelihood else None
+                    per = score_generation(items, outputs, likelihood, judge)
+                else:
+                    per = score_mcq(items, outputs, cfg.mcq_parser)
+                rows[task.name] = per
+                results["tasks"][task.name] = aggregate(task, per)
+        finally:
+            bar.close()
+        results["summary"] = summarize(results["tasks"])
+        results["seconds"] = time.perf_counter() - started
+        if out_dir is not None:
+            save(out_dir, results, rows, {"suite": dataclasses.asdict(cfg), "name": name, **(info or {})})
+        return results
+
+    def _likelihood(self, model, items: Sequence[EvalItem], on_batch) -> list[dict[str, float]]:
+        """Per item: the reference's probability and, where wrong answers exist, the truth ratio."""
+        cfg = self.config
+        reference_nll = answer_nll(model, self.encoder, items, [it.reference for it in items],
+                                   batch_size=cfg.batch_size, pad_multiple=cfg.pad_multiple, on_batch=on_batch)
+        wrong = [(i, a) for i, it in enumerate(items) for a in it.answers[1:]]
+        wrong_nll = np.zeros(0)
+        if wrong:
+            wrong_nll = answer_nll(model, self.encoder, [items[i] for i, _ in wrong], [a for _, a in wrong],
+                                   batch_size=cfg.batch_size, pad_multiple=cfg.pad_multiple)
+        by_item: dict[int, list[float]] = {}
+        for (i, _), nll in zip(wrong, wrong_nll):
+            by_item.setdefault(i, []).append(float(nll))
+        out = []
+        for i, nll in enumerate(reference_nll):
+            row = {"answer_nll": float(nll), "answer_prob": float(np.exp(-nll))}
+            if i in by_item:
+                row["truth_ratio"] = float(metrics.truth_ratio(np.array([nll]), np.array([by_item[i]]))[0])
+            out.append(row)
+        return out
+
+
+def evaluate(model: Any, processor_or_tokenizer: Any, release: Release | str | os.PathLike,
+             config: SuiteConfig | None = None, *, out_dir: str | os.PathLike | None = None,
+             name: str = "model", info: Mapping[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build the suite for ``release`` and evaluate ``model`` once (see :class:`Suite`)."""
+    return Suite(release, processor_or_tokenizer, config).run(model, out_dir, name=name, info=info, progress=progress)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],
+                     likelihood: Sequence[Mapping[str, float]] | None = None,
+                     judge: metrics.Judge | None = None) -> list[dict[str, Any]]:
+    """Per-example records: item metadata, prompt, reference, output and every score."""
+    judged = (metrics.judge_scores(judge, [it.question for it in items], [it.reference for it in items], outputs)
+              if judge is not None else None)
+    rows = []
+    for k, (item, output) in enumerate(zip(items, outputs)):
+        row = {**item.meta(), "prompt": item.prompt, "reference": item.reference, "output": output,
+               **metrics.generation_scores(item.reference, output)}
+        if item.truth and item.rumor:
+            row["correction"] = metrics.classify_correction(output, item.truth, item.rumor)
+        if likelihood is not None:
+            row.update(likelihood[k])
+        if judged is not None:
+            row["judge"] = float(judged[k])
+        rows.append(row)
+    return rows
+
+
+def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "robust") -> list[dict[str, Any]]:
+    parse = metrics.MCQ_PARSERS[parser]
+    rows = []
+    for item, output in zip(items, outputs):
+        options = item.option_dict
+        choice = parse(output, options)
+        row = {**item.meta(), "prompt": item.prompt, "options": options, "correct": item.correct, "output": output,
+               "choice": choice, "is_correct": choice == item.correct}
+        if item.corrected_letter:
+            row["chose_truth"] = choice == item.corrected_letter
+        rows.append(row)
+    return rows
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(rows)}
+    if fmt == "gen":
+        for key in ("bleu", "rouge1", "rouge2", "rougeL"):
+            out[key] = _mean(rows, key)
+        out["overall"] = (out["bleu"] + out["rouge1"] + out["rouge2"] + out["rougeL"]) / 4  # OFFSIDE's overall
+        labelled = [r["correction"] for r in rows if "correction" in r]
+        if labelled:
+            rates = metrics.correction_rates(labelled)
+            out.update(states_truth=rates["states_truth"], states_rumor=rates["states_rumor"] + rates["both"],
+                       n_corrections=len(labelled))
+        if any("answer_prob" in r for r in rows):
+            out["answer_prob"] = _mean(rows, "answer_prob")
+        ratios = [r["truth_ratio"] for r in rows if "truth_ratio" in r]
+        if ratios:
+            score = metrics.forget_truth_ratio_score if test_set in ("forget", "relearn") else metrics.retain_truth_ratio_score
+            out.update(truth_ratio=score(ratios), n_truth_ratio=len(ratios))
+        if any("judge" in r for r in rows):
+            out["judge"] = _mean(rows, "judge")
+    else:
+        out["accuracy"] = float(np.mean([bool(r["is_correct"]) for r in rows]))
+        out["unparsed"] = float(np.mean([r["choice"] is None for r in rows]))
+        truth = [bool(r["chose_truth"]) for r in rows if "chose_truth" in r]
+        if truth:
+            out.update(chose_truth=float(np.mean(truth)), n_corrections=len(truth))
+    return out
+
+
+def aggregate(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A task's aggregates over all rows and over each non-trivial slice."""
+    slices = {"all": _aggregate_rows(task.fmt, task.test_set, rows)}
+    for name, member in SLICES.items():
+        chosen = [r for it, r in zip(task.items, rows) if member(it)]
+        if chosen and len(chosen) < len(rows):
+            slices[name] = _aggregate_rows(task.fmt, task.test_set, chosen)
+    return {"test_set": task.test_set, "purpose": PURPOSE[task.test_set], "modality": task.modality,
+            "format": task.fmt, "n": len(rows), "slices": slices}
+
+
+HEADLINE = {"gen": ("overall", "states_rumor", "answer_prob", "truth_ratio"), "mcq": ("accuracy", "chose_truth")}
+
+
+def summarize(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Flat headline numbers, ``"<task>.<metric>"`` and ``"<task>[<slice>].<metric>"``.
+
+    The report's method x metric table and the findings read these keys.
+    """
+    out: dict[str, float] = {}
+    for name, task in tasks.items():
+        for slice_name, values in task["slices"].items():
+            label = name if slice_name == "all" else f"{name}[{slice_name}]"
+            for metric in HEADLINE[task["format"]]:
+                if values.get(metric) is not None:
+                    out[f"{label}.{metric}"] = float(values[metric])
+    return out
+
+
+def save(out_dir: str | os.PathLike, results: Mapping[str, Any], rows: Mapping[str, Sequence[Mapping[str, Any]]],
+         config: Mapping[str, Any]) -> Path:
+    """``results.json``, ``config.json`` and ``examples/<task>.jsonl`` under ``out_dir`` (atomic)."""
+    with staged_dir(out_dir) as tmp:
+        write_json(tmp / "results.json", results)
+        write_json(tmp / "config.json", config)
+        for task, task_rows in rows.items():
+            write_jsonl(tmp / "examples" / (task.replace("/", "_") + ".jsonl"), task_rows)
+    return Path(out_dir)

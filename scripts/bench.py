@@ -4,12 +4,20 @@
 Each benchmark is a function registered with :func:`benchmark` that returns a dict with at
 least ``benchmark``, ``ours``, ``reference``, ``unit``, ``speedup`` (reference cost / our cost:
 above 1 means we are faster) and the configuration measured. One JSON object per benchmark is
-printed; ``--json FILE`` also writes them all as a list. Without a NAME every benchmark runs.
+printed; ``--json FILE`` also writes them all in one report (below). Without a NAME every benchmark runs.
 
 Every measured side runs in its own subprocess (``--worker``), so its peak memory (max RSS)
 is its own and the thread settings apply from interpreter start: XLA and torch both get
 ``--threads`` (default 2) CPU threads. Warm-up steps (compilation, first allocations) are
 excluded on both sides.
+
+Against the hardware limit (``offside_jax.train.perf``): the ``train`` benchmark reports MFU
+(MaxText's analytic training FLOPs / step time / the peak FLOP/s measured with a large fp32
+matmul on this CPU), ``decode`` the memory-bandwidth roofline, and ``gpu_llama_1b`` both for a
+~1B Llama in bf16 on a GPU (it reports a skip note where there is none).
+
+``--json FILE`` writes one report: ``{"machine": {CPU model, cores, memory, versions,
+devices}, "results": [...]}``.
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Callable
+
+from offside_jax.train import perf
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -46,20 +56,22 @@ def worker(name: str):
     return add
 
 
-def thread_env(threads: int) -> dict[str, str]:
+def thread_env(threads: int, platforms: str | None = "cpu") -> dict[str, str]:
+    """Environment of a worker; ``platforms=None`` lets JAX pick its accelerator."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
-    env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+    if platforms is not None:
+        env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", platforms)
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
     return env
 
 
-def run_worker(name: str, params: dict[str, Any], threads: int) -> dict[str, Any]:
+def run_worker(name: str, params: dict[str, Any], threads: int, platforms: str | None = "cpu") -> dict[str, Any]:
     """Run worker ``name`` in a subprocess; its last stdout line is its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--params", json.dumps(params)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads, platforms))
     if proc.returncode != 0:
         raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -86,6 +98,79 @@ def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[lis
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return wall, cpu
+
+
+# -- the machine and its limits ------------------------------------------------------------------
+
+
+def machine_description(threads: int) -> dict[str, Any]:
+    """CPU model, cores, memory, library versions and JAX's devices (from a worker process)."""
+    import platform
+    from importlib import metadata
+
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu_model = names[0] if names else cpu_model
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        memory_gib = round(total_kib / (1 << 20), 1)
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu_model": cpu_model,
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "benchmark_threads": threads,
+        "memory_gib": memory_gib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "jax_devices": run_worker("devices", {}, threads, platforms=None),
+    }
+
+
+@worker("devices")
+def _devices(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "count": len(devices),
+        "kinds": sorted({d.device_kind for d in devices}),
+        "process_count": jax.process_count(),
+    }
+
+
+def measured_matmul_flops(dtype: str, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted n x n x n matmul in ``dtype`` on JAX's default device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    wall, _ = time_steps(lambda: matmul(a, b).block_until_ready(), 2, repeats)
+    return 2.0 * n**3 / min(wall)
+
+
+@worker("peak-flops")
+def _peak_flops(p: dict[str, Any]) -> dict[str, Any]:
+    """This CPU's matmul peak: the best of fp32 matmuls of a few sizes (XLA threads)."""
+    best = {n: measured_matmul_flops("float32", n) for n in p.get("sizes", (1024, 2048, 3072))}
+    return {"peak_flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}}
 
 
 # -- train: full AdamW step of the SmolLM2-135M shape ------------------------------------------
@@ -178,7 +263,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     ours = run_worker("train-ours", common, args.threads)
     lora_run = run_worker("train-ours", {**common, "lora_rank": 8, "lora_target": "q_proj|v_proj"}, args.threads)
     ref = run_worker("train-torch", common, args.threads)
+    peak = run_worker("peak-flops", {}, args.threads)["peak_flops"]
     ours_s, ref_s = statistics.median(ours["step_seconds"]), statistics.median(ref["step_seconds"])
+    flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["batch"], common["length"])
     return {
         "benchmark": "train",
         "ours": round(ours_s, 4),
@@ -193,6 +280,12 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         "ours_first_step_seconds": round(ours["first_step_seconds"], 2),
         "lora_r8_qv_step_seconds": round(statistics.median(lora_run["step_seconds"]), 4),
         "lora_r8_qv_peak_rss_mib": round(lora_run["peak_rss_mib"], 1),
+        # Against the hardware limit: MaxText's analytic FLOPs (causal attention halved).
+        "training_flops_per_step": flops["total"],
+        "cpu_peak_gflops_measured": round(peak / 1e9, 1),
+        "ours_mfu": round(perf.mfu(flops["total"], ours_s, peak), 4),
+        "reference_mfu": round(perf.mfu(flops["total"], ref_s, peak), 4),
+        "ours_achieved_gflops": round(flops["total"] / ours_s / 1e9, 1),
         "ours_step_seconds_all": [round(t, 4) for t in ours["step_seconds"]],
         "reference_step_seconds_all": [round(t, 4) for t in ref["step_seconds"]],
         "config": {
@@ -207,6 +300,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             "ours_loss": "fused chunked cross-entropy (1024-token chunks)",
             "repeats": args.repeats,
             "warmup_steps_excluded": common["warmup"],
+            "mfu": "MaxText training FLOPs (6 x matmul weights x tokens + causal attention 6 L H hd S^2 B) / median "
+                   "step seconds / this CPU's peak, measured as the best fp32 matmul (1024-3072) at --threads",
         },
     }
 
@@ -459,13 +554,11 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     tokens = common["batch"] * common["new"]
     ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
     # One decode step reads every weight once (the tied table is the head) and the whole
-    # allocated KV cache (attention reads every slot, masked or not).
-    head_dim = SMOLLM2_135M["hidden_size"] // SMOLLM2_135M["num_attention_heads"]
-    cache_bytes = (2 * SMOLLM2_135M["num_hidden_layers"] * common["batch"] * (common["prompt"] + common["new"])
-                   * SMOLLM2_135M["num_key_value_heads"] * head_dim * 4)
-    step_bytes = ours["weight_bytes"] + cache_bytes
+    # allocated KV cache (attention reads every slot, masked or not): offside_jax.train.perf.
+    shape = perf.TransformerShape.from_hf(_llama_config())
+    cache_bytes = perf.kv_cache_bytes(shape, common["batch"], common["prompt"] + common["new"], 4)
     step_s = statistics.median(ours["decode_seconds"]) / (common["new"] - 1)
-    achieved = step_bytes / step_s / 1e9
+    roofline = perf.decode_roofline(ours["weight_bytes"], cache_bytes, step_s, bandwidth["read_gbs"] * 1e9, common["batch"])
     return {
         "benchmark": "decode",
         "ours": round(tokens / ours_s, 2),
@@ -475,11 +568,11 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
         "ours_prefill_seconds": round(statistics.median(ours["prefill_seconds"]), 4),
         "ours_decode_step_ms": round(step_s * 1e3, 2),
-        "bytes_read_per_step": step_bytes,
-        "achieved_read_gbs": round(achieved, 2),
+        "bytes_read_per_step": roofline.bytes_per_step,
+        "achieved_read_gbs": round(roofline.achieved_bandwidth / 1e9, 2),
         "machine_read_gbs": round(bandwidth["read_gbs"], 2),
-        "bandwidth_fraction": round(achieved / bandwidth["read_gbs"], 3),
-        "bandwidth_bound_tokens_per_s": round(common["batch"] * bandwidth["read_gbs"] * 1e9 / step_bytes, 1),
+        "bandwidth_fraction": round(roofline.fraction, 3),
+        "bandwidth_bound_tokens_per_s": round(roofline.bound_tokens_per_second, 1),
         "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
         "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
         "config": {
@@ -559,13 +652,153 @@ def bench_fwdbwd(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- gpu_llama_1b: a ~1B Llama in bf16 on one GPU: training MFU and the decode roofline -------
+
+# The Llama-3.2-1B shape (1.24 B parameters, tied embeddings), random weights.
+LLAMA_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+GPU_DEFAULTS = dict(batch=8, length=2048, remat="dots_with_no_batch_dims_saveable", chunk_tokens=2048,
+                    warmup=2, repeats=5, decode_batch=16, prompt=128, new=256, decode_repeats=3)
+
+
+def measured_read_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Best bytes/s of a jitted reduction over ``nbytes`` of bf16 (each byte read once) on
+    JAX's default device: the HBM bandwidth a decode step can hope for."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    wall, _ = time_steps(lambda: total(x).block_until_ready(), 2, repeats)
+    return nbytes / min(wall)
+
+
+@worker("llama-1b")
+def _llama_1b(p: dict[str, Any]) -> dict[str, Any]:
+    """Training step (bf16 params, fp32 master weights, AdamW) then greedy decode."""
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+    from transformers import LlamaConfig
+
+    from offside_jax.models.auto import create_model
+    from offside_jax.models.generate import SamplingConfig, generate
+    from offside_jax.train import aot, losses, mesh as mesh_lib
+    from offside_jax.train.step import TrainStep, partition
+
+    device = jax.devices()[0]
+    if device.platform != "gpu" and not p.get("allow_cpu"):
+        return {"skipped": f"no GPU: JAX's default devices are {device.platform} ({device.device_kind}); "
+                           "this benchmark runs on one GPU only"}
+    cfg = LlamaConfig(**{**LLAMA_1B, **p.get("model", {})})
+    shape = perf.TransformerShape.from_hf(cfg)
+    mesh = mesh_lib.make_mesh((1, 1, 1), [device])
+    out: dict[str, Any] = {"device_kind": device.device_kind, "platform": device.platform, "params": shape.params}
+
+    # -- training: the largest remat policy that fits (AOT estimate), then timed steps.
+    host = _random_batch(p["batch"], p["length"], cfg.vocab_size)
+    budget = aot.device_memory_limit(device)
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    for remat in (p["remat"], "full"):
+        model = create_model(cfg, seed=0, dtype="bfloat16", param_dtype="bfloat16", remat=remat)
+        step = TrainStep(partition(model), losses.make_answer_nll(p["chunk_tokens"]), tx, mesh=mesh,
+                         fp32_master_weights=True)
+        del model
+        compile_start = time.perf_counter()
+        compiled = step.compile(step.abstract_batch(host))
+        estimate = aot.memory_estimate(compiled)
+        if budget is None or estimate.required_bytes <= 0.95 * budget or remat == "full":
+            break
+        del step, compiled
+    out.update(remat=remat, compile_seconds=time.perf_counter() - compile_start,
+               step_memory=estimate.as_dict(), device_bytes_limit=budget)
+    state = step.init_state(0)
+    batch = step.shard_batch(host)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    wall, _ = time_steps(one, p["warmup"], p["repeats"])
+    step_s = statistics.median(wall)
+    flops = perf.training_flops(shape, p["batch"], p["length"])
+    table_peak = perf.peak_bf16_flops(device.device_kind)
+    matmul_peak = measured_matmul_flops("bfloat16", p.get("matmul_size", 8192), 5)
+    peak = table_peak or matmul_peak
+    out.update(
+        step_seconds=step_s, step_seconds_all=wall, tokens_per_second=p["batch"] * p["length"] / step_s,
+        training_flops_per_step=flops["total"], attention_flops_per_step=flops["attention"],
+        peak_flops=peak, peak_source="vendor dense bf16" if table_peak else "measured bf16 matmul",
+        matmul_flops_measured=matmul_peak, mfu=perf.mfu(flops["total"], step_s, peak),
+    )
+    del holder, state, batch, step, compiled
+
+    # -- decode: greedy, no EOS (every row generates every token), KV cache in bf16.
+    model = create_model(cfg, seed=0, dtype="bfloat16", param_dtype="bfloat16")
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (p["decode_batch"], p["prompt"])).astype(np.int32)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    sampling = SamplingConfig(max_new_tokens=p["new"], eos_token_ids=(), pad_token_id=0)
+    generate(model, inputs, sampling)  # compile
+    runs = [generate(model, inputs, sampling) for _ in range(p["decode_repeats"])]
+    decode_step_s = statistics.median(r.decode_seconds for r in runs) / (p["new"] - 1)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    cache_bytes = perf.kv_cache_bytes(shape, p["decode_batch"], p["prompt"] + p["new"], 2)
+    bandwidth = measured_read_bandwidth(p.get("bandwidth_bytes", 4 << 30))
+    roofline = perf.decode_roofline(weight_bytes, cache_bytes, decode_step_s, bandwidth, p["decode_batch"])
+    out.update(
+        decode=roofline.as_dict(),
+        decode_tokens_per_second=roofline.tokens_per_second,
+        decode_prefill_seconds=statistics.median(r.prefill_seconds for r in runs),
+        hbm_read_gbs_measured=bandwidth / 1e9,
+        hbm_gbs_vendor=(perf.peak_hbm_bandwidth(device.device_kind) or 0) / 1e9 or None,
+        peak_device_memory_bytes=(device.memory_stats() or {}).get("peak_bytes_in_use"),
+    )
+    return out
+
+
+@benchmark("gpu_llama_1b")
+def bench_gpu_llama_1b(args: argparse.Namespace) -> dict[str, Any]:
+    """~1B Llama (Llama-3.2-1B shape), bf16, one GPU: training step MFU; greedy decode vs HBM."""
+    params = {**GPU_DEFAULTS, **json.loads(args.gpu_params or "{}")}
+    result = run_worker("llama-1b", params, args.threads, platforms=None)
+    base = {"benchmark": "gpu_llama_1b", "unit": "MFU", "reference": None, "speedup": None}
+    if "skipped" in result:
+        return {**base, "ours": None, "skipped": result["skipped"], "config": params}
+    return {
+        **base,
+        "ours": round(result["mfu"], 4),
+        "targets": {"mfu": 0.5, "decode_bandwidth_fraction": 0.6},
+        "mfu": round(result["mfu"], 4),
+        "step_seconds": round(result["step_seconds"], 4),
+        "training_tokens_per_second": round(result["tokens_per_second"], 1),
+        "decode_tokens_per_second": round(result["decode_tokens_per_second"], 1),
+        "decode_bandwidth_fraction": round(result["decode"]["bandwidth_fraction"], 3),
+        "details": result,
+        "config": {
+            "model": "Llama-3.2-1B shape (random init)", **{k: v for k, v in LLAMA_1B.items()}, **params.get("model", {}),
+            "batch": params["batch"], "length": params["length"], "dtype": "bfloat16 params and compute, fp32 master "
+            "weights and AdamW moments", "decode": {k: params[k] for k in ("decode_batch", "prompt", "new")},
+            "mfu": "MaxText training FLOPs (causal attention halved) / median step seconds / vendor dense bf16 peak",
+            "decode_roofline": "(bf16 weights + whole bf16 KV cache) bytes per step / step seconds / measured read "
+                               "bandwidth (jitted bf16 reduction over 4 GiB)",
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    parser.add_argument("--json", help="also write the results as a JSON list to this file")
+    parser.add_argument("--json", help="also write the report (machine + results) as JSON to this file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocation)")
+    parser.add_argument("--gpu-params", help="JSON overrides of gpu_llama_1b's settings, e.g. "
+                        "'{\"batch\": 4, \"model\": {\"num_hidden_layers\": 2}, \"allow_cpu\": true}'")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -575,14 +808,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(BENCHMARKS)}")
-    results = []
+    report = {"machine": machine_description(args.threads), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "argv": sys.argv[1:] if argv is None else list(argv), "results": []}
+    print(json.dumps({"machine": report["machine"]}), flush=True)
     for name in args.names or list(BENCHMARKS):
         result = BENCHMARKS[name](args)
         print(json.dumps(result), flush=True)
-        results.append(result)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        report["results"].append(result)
+    if args.json:  # written once, complete: never a half-written report
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
     return 0
 
 

@@ -130,6 +130,9 @@ class CheckpointConfig:
     keep: int = 2
     async_save: bool = True
     resume: bool = True
+    # Default: <output_dir>/checkpoints. Multi-host runs need a place every host sees: a shared
+    # filesystem or a gs://bucket/path URL (orbax writes to GCS directly; install gcsfs).
+    directory: str | None = None
 
 
 @dataclasses.dataclass

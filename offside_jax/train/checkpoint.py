@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from offside_jax.train.step import TrainState
 
@@ -39,7 +40,8 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, every: int = 0, keep: int = 2, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        # A URL (gs://bucket/run) goes to orbax as an epath; a local path is made absolute.
+        self.directory = epath.Path(directory) if "://" in str(directory) else Path(directory).absolute()
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory,

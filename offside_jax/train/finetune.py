@@ -155,7 +155,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         )
         eval_fn = lambda state: step_fn.evaluate(state, eval_batch)  # noqa: E731
 
-    checkpointer = Checkpointer(out / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    checkpointer = Checkpointer(cfg.checkpoint.directory or out / "checkpoints", every=cfg.checkpoint.every,
+                                keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     logger = MetricLogger(out / "logs", tensorboard=cfg.log.tensorboard)
     try:
         state, start = start_or_resume(step_fn, checkpointer, seed=cfg.seed, data=data, resume=cfg.checkpoint.resume)

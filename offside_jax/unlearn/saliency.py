@@ -117,15 +117,16 @@ def saliency_masks(
     Importances stream over the batches (memory independent of the dataset size).
     """
     groups = group_paths(model, config)
+    if isinstance(preserve_batches, Mapping):
+        missing = sorted(set(groups) - set(preserve_batches))
+        if missing:
+            raise ValueError(f"no preserve data for saliency group(s) {missing}")
     every = [p for paths in groups.values() for p in paths]
     f_forget = dict(nnx.to_flat_state(importance(model, forget_batches(), _fisher(every), description="Fisher on forget")[0]))
     f_preserve: dict = {}
     if not isinstance(preserve_batches, Mapping):
         f_preserve = dict(nnx.to_flat_state(importance(model, preserve_batches(), _fisher(every), description="Fisher on preserve")[0]))
     else:
-        missing = sorted(set(groups) - set(preserve_batches))
-        if missing:
-            raise ValueError(f"no preserve data for saliency group(s) {missing}")
         for name, paths in groups.items():
             state, _ = importance(model, preserve_batches[name](), _fisher(paths), description=f"Fisher on preserve ({name})")
             f_preserve.update(dict(nnx.to_flat_state(state)))

@@ -16,6 +16,12 @@
   checkpoints, NaN stop), ``start_or_resume``, ``IndexedBatches``, ``MetricLogger``.
 - ``sft_data`` / ``finetune``: chat JSON-lines to batches, and ``run_finetune`` behind
   ``offside-jax finetune --config configs/<x>.yaml key=value ...``.
+- ``distributed``: ``initialize`` (``jax.distributed`` from config or environment, first
+  thing in a command), ``process_rows`` (which rows of a global batch this process reads),
+  ``is_primary``, ``barrier``, ``to_host``.
+- ``aot``: ``TrainStep.compile`` ahead of time, ``memory_estimate`` (per-device bytes from
+  XLA), ``check_memory`` / ``check_train_step`` (stop before training when it does not fit).
+- ``perf``: MaxText's training FLOPs, ``mfu``, KV-cache bytes and the decode roofline.
 
 A minimal custom training run::
 

@@ -182,3 +182,13 @@ def test_to_host_returns_complete_numpy_arrays():
     host = distributed.to_host({"x": x})
     assert isinstance(host["x"], np.ndarray)
     np.testing.assert_array_equal(host["x"], np.arange(32.0).reshape(8, 4))
+
+
+def test_a_process_that_cannot_join_is_named():
+    class Cfg:
+        mode, coordinator_address, num_processes, process_id = "on", "127.0.0.1:1", 2, 5
+        cpu_collectives, timeout_s = "", 5
+
+    with pytest.raises(distributed.DistributedError, match=r"process 5 of 2 could not join the run at 127.0.0.1:1"):
+        distributed.initialize(Cfg())
+    assert not jax.distributed.is_initialized()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import jax
@@ -115,6 +116,16 @@ def initialize(cfg: Any | None = None) -> ProcessInfo:
         detection = getattr(cfg, "cluster_detection", None)
         if detection:
             kwargs["cluster_detection_method"] = detection
+        # JAX aborts the process (no Python exception) when the coordinator stays unreachable:
+        # say first what this process is trying to join, so that abort has a context.
+        print(
+            f"joining a multi-process run: process {index if index is not None else '(auto)'} of "
+            f"{count if count is not None else '(auto)'}, coordinator "
+            f"{address or os.environ.get('JAX_COORDINATOR_ADDRESS') or '(auto-detected)'}, "
+            f"timeout {kwargs['initialization_timeout']} s",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             jax.distributed.initialize(**kwargs)
         except Exception as e:  # noqa: BLE001 - JAX raises several types; say who failed to join what

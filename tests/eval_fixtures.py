@@ -77,3 +77,10 @@ def ga_unlearned():
 
     return tune(vanilla(), make_encoder(processor()), training_pairs("forget"), GA, loss_fn=build_loss("ga"),
                 sub_batch="forget", progress=False).model
+
+
+def suite_config(**fields):
+    """Suite settings shared by the tests, so their compiled programs are shared too."""
+    from offside_jax.eval.suite import SuiteConfig
+
+    return SuiteConfig(**{"batch_size": 8, "pad_multiple": 32, **fields})

@@ -10,7 +10,7 @@ import torch
 
 from offside_jax.eval import engine, items as items_lib
 from offside_jax.eval.items import EvalItem, Task, build_tasks, subsample
-from offside_jax.eval.suite import Suite, SuiteConfig, aggregate, score_generation, score_mcq
+from offside_jax.eval.suite import Suite, aggregate, score_generation, score_mcq
 
 import eval_fixtures as fx
 
@@ -179,7 +179,7 @@ def test_batched_generation_equals_one_at_a_time(tiny_llama):
 def test_vanilla_scores_high_and_gradient_ascent_forgets(tmp_path):
     """The vanilla model answers its forget and retain questions; after GA its forget answers
     no longer state the rumors, on the actual generated text."""
-    config = SuiteConfig(test_sets=["forget", "retain"], formats=["gen"], max_examples=28, batch_size=8)
+    config = fx.suite_config(test_sets=["forget", "retain"], formats=["gen"], max_examples=28)
     suite = Suite(fx.release(), fx.processor(), config)
     before = suite.run(fx.vanilla(), tmp_path / "vanilla", name="vanilla", progress=False)
     after = suite.run(fx.ga_unlearned(), tmp_path / "ga", name="ga", progress=False)
@@ -201,7 +201,7 @@ def test_vanilla_scores_high_and_gradient_ascent_forgets(tmp_path):
 
 
 def test_results_json_matches_per_example_files(tmp_path):
-    config = SuiteConfig(test_sets=["forget", "world"], max_examples=10, batch_size=8)
+    config = fx.suite_config(test_sets=["forget", "world"], max_examples=10)
     suite = Suite(fx.release(), fx.processor(), config)
     results = suite.run(fx.vanilla(), tmp_path / "out", name="vanilla", info={"model": "tiny"}, progress=False)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -257,7 +257,7 @@ def aggregate(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "format": task.fmt, "n": len(rows), "slices": slices}
 
 
-HEADLINE = {"gen": ("overall", "states_rumor", "answer_prob", "truth_ratio"), "mcq": ("accuracy", "chose_truth")}
+HEADLINE = {"gen": ("overall", "states_rumor", "states_truth", "answer_prob", "truth_ratio"), "mcq": ("accuracy", "chose_truth")}
 
 
 def summarize(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Data files of the evaluation suite (prompt-attack templates)."""

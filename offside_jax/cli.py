@@ -37,6 +37,26 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from offside_jax.config import ConfigError, UnlearnConfig, load_config
+    from offside_jax.data.batches import BatchDataError
+    from offside_jax.data.offside import OffsideDataError
+    from offside_jax.models.hf import CheckpointError
+    from offside_jax.unlearn.run import run_unlearning
+    from offside_jax.unlearn.settings import SettingError
+
+    try:
+        cfg = load_config(args.config, args.overrides, schema=UnlearnConfig)
+        result = run_unlearning(cfg)
+    except (ConfigError, OffsideDataError, SettingError, BatchDataError, CheckpointError) as e:
+        print(f"offside-jax unlearn: {e}", file=sys.stderr)
+        return 2
+    for name, p in result.summary["answer_probability"].items():
+        print(f"{name:>14}: answer probability {p['before']:.3f} -> {p['after']:.3f}")
+    print(f"done: {result.summary['method']}; outputs in {result.output_dir}")
+    return 0
+
+
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from offside_jax.data.synthetic import SyntheticConfig, make_release
 
@@ -64,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.FinetuneConfig)")
     finetune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 lora.enabled=true")
     finetune.set_defaults(func=_cmd_finetune)
+
+    unlearn = sub.add_parser("unlearn", help="unlearn OFFSIDE rumors from a vanilla model (a loss method, ssd or mmunlearner)")
+    unlearn.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.UnlearnConfig)")
+    unlearn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=npo methods.npo.beta=0.5")
+    unlearn.set_defaults(func=_cmd_unlearn)
 
     make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")
     make_data.add_argument("--out", required=True, help="release directory to write")

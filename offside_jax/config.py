@@ -342,6 +342,7 @@ class UnlearnEvalConfig:
     """Answer probability (exp(-mean NLL)) of the evaluation sets before and after unlearning."""
 
     enabled: bool = True
+    sets: list[str] = dataclasses.field(default_factory=list)  # e.g. [forget, retain]; []: every set of the setting
     batch_size: int = 8
     max_records: int = 0  # per set; 0: all
 

@@ -1,4 +1,7 @@
-"""Supervised fine-tuning (full or LoRA) on chat JSON-lines: wires config -> model -> loop.
+"""Supervised fine-tuning (full or LoRA) on chat JSON-lines or an OFFSIDE release: wires
+config -> model -> loop. With ``data.release`` the vanilla model of the benchmark learns facts
+and rumors (the finetune split; a text-only model keeps the text records), encoded by
+``offside_jax.data.batches`` (chat template for text models, images for Qwen-VL ones).
 
 ``run_finetune(cfg)`` builds the mesh, loads (or randomly initialises) the model onto it,
 attaches LoRA adapters if asked, encodes the data, resumes from the latest checkpoint in
@@ -106,6 +109,37 @@ def _auto_tokenizer(path: Any):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def training_records(cfg: FinetuneConfig) -> tuple[list, list | None]:
+    """``(conversations, examples)``: chat turns of every training record (they train a tiny
+    model's tokenizer) and, for an OFFSIDE release, its ``Example`` records (else ``None``)."""
+    from offside_jax.data import batches as release_data, pipeline
+
+    if bool(cfg.data.train_file) == bool(cfg.data.release):
+        raise config_lib.ConfigError("set exactly one of data.train_file (chat JSON lines) and data.release "
+                                     "(an OFFSIDE release directory)")
+    if cfg.data.train_file:
+        return sft_data.read_chat_jsonl(cfg.data.train_file), None
+    vision = False
+    if cfg.model.source == "hf" and cfg.model.path:
+        from offside_jax.models import hf
+
+        vision = release_data.is_vision_language(hf.load_hf_config(cfg.model.path))
+    examples = release_data.release_examples(cfg.data.release, cfg.data.release_setting, cfg.data.release_splits,
+                                             cfg.data.release_modality, vision=vision)
+    return [pipeline.conversation(e) for e in examples], examples
+
+
+def release_batches(cfg: FinetuneConfig, examples: list, hf_config: Any, tokenizer: Any, rows=None):
+    """``batch_at(i)`` over release examples, every batch padded to one measured shape."""
+    from offside_jax.data import batches as release_data
+
+    encoder = release_data.make_encoder(hf_config, tokenizer, cfg.data.release, max_length=cfg.data.max_length,
+                                        max_pixels=cfg.data.max_pixels)
+    release_data.fit_shape(encoder, examples)
+    return release_data.ExampleBatches(examples, encoder, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                       rows=rows)
+
+
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     distributed.initialize(cfg.distributed)  # before anything touches a device
     primary = distributed.is_primary()
@@ -116,7 +150,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         (out / "config.yaml").write_text(_yaml(resolved))
 
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    conversations = sft_data.read_chat_jsonl(cfg.data.train_file)
+    conversations, examples = training_records(cfg)
     model, hf_config, tokenizer = load_model(cfg, mesh, conversations)
     if cfg.lora.enabled:
         spec = lora.LoRASpec(cfg.lora.target, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
@@ -132,9 +166,12 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     del model  # its trainable arrays now belong to the training state
 
     rows = step_fn.process_rows(cfg.data.batch_size) if jax.process_count() > 1 else None
-    ids, attention, loss_mask = sft_data.encode_all(tokenizer, conversations, cfg.data.max_length, cfg.data.train_file)
-    arrays = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
-    batches = sft_data.EpochBatches(arrays, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rows=rows)
+    if examples is not None:  # an OFFSIDE release: text or image records, encoded per batch
+        batches = release_batches(cfg, examples, hf_config, tokenizer, rows)
+    else:
+        ids, attention, loss_mask = sft_data.encode_all(tokenizer, conversations, cfg.data.max_length, cfg.data.train_file)
+        arrays = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+        batches = sft_data.EpochBatches(arrays, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle, rows=rows)
     data = IndexedBatches(batches)
     if cfg.train.aot_memory_check:
         estimate, budget, _ = aot.check_train_step(step_fn, batches(0), cfg.train.memory_budget_gib)

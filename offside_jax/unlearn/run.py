@@ -172,9 +172,20 @@ def export_model(model: nnx.Module, hf_config: Any, tokenizer: Any, directory: P
     return directory
 
 
-def _measure(model, evaluation: dict[str, list[Example]], encoders: dict[str, ExampleEncoder], cfg: UnlearnConfig,
+def _evaluation_sets(cfg: UnlearnConfig, sets: settings.UnlearningSets) -> dict[str, list[Example]]:
+    """The evaluation sets asked for (``eval.sets``; default all), each cut to ``eval.max_records``."""
+    if not cfg.eval.enabled:
+        return {}
+    unknown = sorted(set(cfg.eval.sets) - set(sets.evaluation))
+    if unknown:
+        raise ConfigError(f"eval.sets {unknown}: this setting evaluates {', '.join(sets.evaluation)}")
+    names = list(cfg.eval.sets) or list(sets.evaluation)
+    return {k: sets.evaluation[k][: cfg.eval.max_records or None] for k in names}
+
+
+def _measure(model, evaluation: dict[str, list[Example]], encoder: ExampleEncoder, cfg: UnlearnConfig,
              when: str) -> dict[str, np.ndarray]:
-    return {name: probe.answer_probabilities(model, examples, encoders[name], batch_size=cfg.eval.batch_size,
+    return {name: probe.answer_probabilities(model, examples, encoder, batch_size=cfg.eval.batch_size,
                                              description=f"{when}: {name}")
             for name, examples in evaluation.items()}
 
@@ -227,9 +238,10 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
                            identified_fraction=cfg.data.identified_fraction, seed=cfg.seed)
     base = make_encoder(hf_config, tokenizer, release.root, max_length=0, max_pixels=cfg.data.max_pixels)
 
-    evaluation = {k: v[: cfg.eval.max_records or None] for k, v in sets.evaluation.items()} if cfg.eval.enabled else {}
-    eval_encoders = {k: fitted_encoder(base, v, 0) for k, v in evaluation.items()}
-    before = _measure(model, evaluation, eval_encoders, cfg, "before")
+    evaluation = _evaluation_sets(cfg, sets)
+    # One padded shape for every set: the probe compiles once per model (and batch layout).
+    eval_encoder = fitted_encoder(base, [e for v in evaluation.values() for e in v], 0) if evaluation else base
+    before = _measure(model, evaluation, eval_encoder, cfg, "before")
 
     report: dict[str, Any] = {}
     checkpoint_dir = None
@@ -240,7 +252,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
         model, report, steps = _run_training(cfg, hparams, model, sets, base, mesh, resolved)
         checkpoint_dir = out / "checkpoints"
 
-    after = _measure(model, evaluation, eval_encoders, cfg, "after")
+    after = _measure(model, evaluation, eval_encoder, cfg, "after")
     summary = {
         "method": cfg.method,
         "setting": cfg.data.setting,

@@ -1,0 +1,130 @@
+"""`run_unlearning` wiring on untrained tiny models: a Qwen2.5-VL model takes an unlearning step
+with images (multimodal setting, LoRA, the adapters-off reference); RMU moves only its layers;
+MMUnlearner alternates ascent and retain steps; DPO runs on its corrected-answer sub-batch; config sections match the loss registry; mistakes stop with a message naming them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from offside_jax import cli, config as config_lib
+from offside_jax.config import ConfigError, UnlearnConfig, load_config
+from offside_jax.data.synthetic import SyntheticConfig, make_release
+from offside_jax.models import hf
+from offside_jax.models.auto import create_model
+from offside_jax.unlearn.losses import METHODS
+from offside_jax.unlearn.run import run_unlearning
+from offside_jax.unlearn.saliency import DEFAULT_GROUPS, DEFAULT_TARGETS
+
+QUIET = ["mesh.fsdp=1", "log.tensorboard=false", "log.progress=false", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run") / "release"
+    make_release(root, SyntheticConfig(players=1, seed=2, image_size=56))
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory, release) -> Path:
+    """A random-init Llama-family model and a tokenizer trained on the release's text."""
+    from offside_data_fixtures import tiny_tokenizer
+    from transformers import LlamaConfig
+
+    from offside_jax.data.offside import load_release
+
+    corpus = [e.question + " " + e.answer for e in load_release(release).examples()]
+    tokenizer = tiny_tokenizer(corpus, vocab_size=400)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=20_000.0,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("text_model")
+    hf.save_pretrained(create_model(config, seed=0), config, path)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def run(tmp_path, model, release, *overrides):
+    args = [f"output_dir={tmp_path}", f"model.path={model}", f"data.release={release}", *QUIET, *overrides]
+    return run_unlearning(load_config(None, args, schema=UnlearnConfig))
+
+
+def test_method_sections_match_the_registry():
+    """Each loss method's config section has exactly its function's keyword arguments and defaults."""
+    methods = config_lib.UnlearnMethodsConfig()
+    for name, spec in METHODS.items():
+        section = dataclasses.asdict(getattr(methods, name))
+        assert section == spec.defaults(), name
+    mm = methods.mmunlearner
+    assert mm.targets == DEFAULT_TARGETS and mm.groups == DEFAULT_GROUPS
+
+
+def test_vision_language_model_unlearns_with_images(tmp_path, release):
+    from qwen2_5_vl_fixtures import make_tokenizer, qwen2_5_vl_config
+
+    tokenizer = make_tokenizer()
+    config = qwen2_5_vl_config(tokenizer)
+    vanilla = tmp_path / "vanilla"
+    hf.save_pretrained(create_model(config, seed=0), config, vanilla)
+    tokenizer.save_pretrained(str(vanilla))
+    result = run(tmp_path / "out", vanilla, release, "method=npo", "data.setting=multimodal", "data.forget_batch_size=1",
+                 "train.steps=1", "lora.enabled=true", r"lora.target=self_attn\.(q|v)_proj|attn\.qkv", "lora.rank=4",
+                 "optim.lr=1e-2", "methods.npo.alpha=0", "eval.sets=[forget]", "eval.max_records=2")
+    step = json.loads((tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["step"] == 1 and np.isfinite(step["loss"]) and step["npo"] > 0
+    assert set(result.summary["answer_probability"]) == {"forget"} and len(result.summary["per_record"]["forget"]["after"]) == 2
+    # The images reached the loss: the merged export's vision attention moved, its MLP did not.
+    before = load_file(str(vanilla / "model.safetensors"))
+    after = load_file(str(result.model_dir / "model.safetensors"))
+    assert not np.allclose(after["visual.blocks.0.attn.qkv.weight"], before["visual.blocks.0.attn.qkv.weight"])
+    assert np.array_equal(after["visual.blocks.0.mlp.up_proj.weight"], before["visual.blocks.0.mlp.up_proj.weight"])
+    assert not any("lora" in k for k in after)
+
+
+def test_rmu_moves_only_its_layers(tmp_path, release, text_model):
+    result = run(tmp_path, text_model, release, "method=rmu", "data.setting=unimodal", "methods.rmu.layer=0",
+                 "methods.rmu.alpha=10.0", "train.steps=2", "optim.lr=1e-2", "optim.weight_decay=0.1",
+                 "eval.enabled=false")
+    before, after = load_file(str(text_model / "model.safetensors")), load_file(str(result.model_dir / "model.safetensors"))
+    moved = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert moved == ["model.layers.0.mlp.down_proj.weight"]  # layers L-2..L of L=0, down_proj only
+
+
+def test_mmunlearner_alternates_masked_ascent_and_retain_steps(tmp_path, release, text_model):
+    result = run(tmp_path, text_model, release, "method=mmunlearner", "data.setting=unimodal", "train.steps=4",
+                 "optim.lr=1e-3", "eval.enabled=false", "export_merged=false")
+    lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert ["forget_nll" in x for x in lines] == [True, False, True, False]
+    assert ["retain_nll" in x for x in lines] == [False, True, False, True]
+    report = result.summary["report"]["saliency"]
+    assert set(report["total"]) == {"language"} and 0 < report["selected"]["language"] < report["total"]["language"]
+
+
+def test_dpo_prefers_the_corrected_answer_through_the_run(tmp_path, release, text_model):
+    run(tmp_path, text_model, release, "method=dpo", "data.setting=unimodal", "data.forget_attributes=[rumor]",
+        "data.forget_batch_size=2", "train.steps=1", "eval.enabled=false", "export_merged=false")
+    step = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    # At step 0 the policy is the reference: every margin is 0 and the loss is (2/beta) log 2.
+    assert step["dpo"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-5)
+
+
+def test_mistakes_stop_with_a_message(tmp_path, release, text_model, capsys):
+    base = ["unlearn", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "unlearn_tiny.yaml"),
+            f"output_dir={tmp_path}", f"model.path={text_model}", f"data.release={release}", *QUIET]
+    assert cli.main(base + ["method=nope"]) == 2
+    assert "method 'nope' is not one of" in capsys.readouterr().err
+    assert cli.main(base + ["data.setting=multimodal"]) == 2
+    assert "needs a vision-language model" in capsys.readouterr().err
+    assert cli.main(base + [f"data.release={tmp_path / 'missing'}"]) == 2
+    assert "no OFFSIDE setting folder found" in capsys.readouterr().err
+    assert cli.main(base + ["data.forget_batch_size=64"]) == 2
+    assert "takes 64 forget rows but the forget set has 3" in capsys.readouterr().err
+    assert cli.main(base + ["methods.npo.betta=1"]) == 2
+    assert "unknown key 'methods.npo.betta'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="model.source=hf"):
+        run(tmp_path, text_model, release, "model.source=tiny")

@@ -154,23 +154,29 @@ def _devices(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measured_matmul_flops(dtype: str, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted n x n x n matmul in ``dtype`` on JAX's default device."""
+def measured_matmul_flops(dtype: str, n: int, repeats: int = 5, per_cpu_second: bool = False) -> float:
+    """Best FLOP/s of a jitted n x n x n matmul in ``dtype`` on JAX's default device (or, with
+    ``per_cpu_second``, FLOPs per second of process CPU time: on a CPU shared with other work
+    that is the steadier measure)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     matmul = jax.jit(lambda x, y: x @ y)
-    wall, _ = time_steps(lambda: matmul(a, b).block_until_ready(), 2, repeats)
-    return 2.0 * n**3 / min(wall)
+    wall, cpu = time_steps(lambda: matmul(a, b).block_until_ready(), 2, repeats)
+    return 2.0 * n**3 / min(cpu if per_cpu_second else wall)
 
 
 @worker("peak-flops")
 def _peak_flops(p: dict[str, Any]) -> dict[str, Any]:
-    """This CPU's matmul peak: the best of fp32 matmuls of a few sizes (XLA threads)."""
-    best = {n: measured_matmul_flops("float32", n) for n in p.get("sizes", (1024, 2048, 3072))}
-    return {"peak_flops": max(best.values()), "by_size": {str(n): f for n, f in best.items()}}
+    """This CPU's matmul peak: the best of fp32 matmuls of a few sizes (XLA threads), per
+    second of wall time and per second of CPU time."""
+    sizes = p.get("sizes", (1024, 2048, 3072))
+    wall = {n: measured_matmul_flops("float32", n) for n in sizes}
+    cpu = {n: measured_matmul_flops("float32", n, per_cpu_second=True) for n in sizes}
+    return {"peak_flops": max(wall.values()), "peak_flops_per_cpu_second": max(cpu.values()),
+            "by_size": {str(n): f for n, f in wall.items()}}
 
 
 # -- train: full AdamW step of the SmolLM2-135M shape ------------------------------------------
@@ -263,8 +269,10 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     ours = run_worker("train-ours", common, args.threads)
     lora_run = run_worker("train-ours", {**common, "lora_rank": 8, "lora_target": "q_proj|v_proj"}, args.threads)
     ref = run_worker("train-torch", common, args.threads)
-    peak = run_worker("peak-flops", {}, args.threads)["peak_flops"]
+    peaks = run_worker("peak-flops", {}, args.threads)
+    peak, peak_cpu = peaks["peak_flops"], peaks["peak_flops_per_cpu_second"]
     ours_s, ref_s = statistics.median(ours["step_seconds"]), statistics.median(ref["step_seconds"])
+    ours_cpu_s, ref_cpu_s = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
     flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["batch"], common["length"])
     return {
         "benchmark": "train",
@@ -285,6 +293,10 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_peak_gflops_measured": round(peak / 1e9, 1),
         "ours_mfu": round(perf.mfu(flops["total"], ours_s, peak), 4),
         "reference_mfu": round(perf.mfu(flops["total"], ref_s, peak), 4),
+        # The same ratio in CPU time (step CPU seconds vs the matmul's FLOPs per CPU second).
+        "cpu_peak_gflops_per_cpu_second": round(peak_cpu / 1e9, 1),
+        "ours_mfu_cpu_time": round(perf.mfu(flops["total"], ours_cpu_s, peak_cpu), 4),
+        "reference_mfu_cpu_time": round(perf.mfu(flops["total"], ref_cpu_s, peak_cpu), 4),
         "ours_achieved_gflops": round(flops["total"] / ours_s / 1e9, 1),
         "ours_step_seconds_all": [round(t, 4) for t in ours["step_seconds"]],
         "reference_step_seconds_all": [round(t, 4) for t in ref["step_seconds"]],
@@ -301,7 +313,8 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "warmup_steps_excluded": common["warmup"],
             "mfu": "MaxText training FLOPs (6 x matmul weights x tokens + causal attention 6 L H hd S^2 B) / median "
-                   "step seconds / this CPU's peak, measured as the best fp32 matmul (1024-3072) at --threads",
+                   "step seconds / this CPU's peak, measured as the best fp32 matmul (1024-3072) at --threads; "
+                   "*_mfu_cpu_time: the same in process CPU seconds (steadier on a shared machine)",
         },
     }
 
@@ -786,6 +799,226 @@ def bench_gpu_llama_1b(args: argparse.Namespace) -> dict[str, Any]:
             "mfu": "MaxText training FLOPs (causal attention halved) / median step seconds / vendor dense bf16 peak",
             "decode_roofline": "(bf16 weights + whole bf16 KV cache) bytes per step / step seconds / measured read "
                                "bandwidth (jitted bf16 reduction over 4 GiB)",
+        },
+    }
+
+
+# -- ssd / ssd_batch: Fisher importance for SSD; npo: one NPO training step --------------------
+
+
+def _importance_data(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """``examples`` random sequences of ``length`` tokens (every next token an answer), in batches."""
+    whole = _random_batch(p["examples"], p["length"], SMOLLM2_135M["vocab_size"])
+    rows = p["batch"]
+    return [{k: v[i: i + rows] for k, v in whole.items()} for i in range(0, p["examples"], rows)]
+
+
+@worker("importance-ours")
+def _importance_ours(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    from offside_jax.models.auto import create_model
+    from offside_jax.unlearn.dampening import DampeningConfig, importance
+
+    model = create_model(_llama_config(), seed=0)
+    data = _importance_data(p)
+    cfg = DampeningConfig(estimator=p["estimator"], per_example_chunk=p.get("chunk", 8))
+    compile_start = time.perf_counter()
+    jax.block_until_ready(importance(model, data[:1], cfg)[0])  # compiles the accumulation step
+    compile_s = time.perf_counter() - compile_start
+    holder = {}
+
+    def one():
+        holder["imp"], holder["n"] = importance(model, data, cfg)
+        jax.block_until_ready(holder["imp"])
+
+    wall, cpu = time_steps(one, 0, p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "first_batch_seconds": compile_s, "examples": holder["n"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
+@worker("importance-torch")
+def _importance_torch(p: dict[str, Any]) -> dict[str, Any]:
+    """The official SSD loop (eval mode; per batch: zero grads, batch-mean loss, backward,
+    ``imp += grad ** 2``; then divide), over single examples for the per-example estimator."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    params = [q for q in model.parameters() if q.requires_grad]
+    rows = 1 if p["estimator"] == "per_example" else p["batch"]
+    whole = _random_batch(p["examples"], p["length"], model.config.vocab_size)
+    ids = torch.tensor(whole["input_ids"], dtype=torch.long)
+    holder = {}
+
+    def one():
+        imp = [torch.zeros_like(q) for q in params]
+        n = 0
+        for start in range(0, p["examples"], rows):
+            model.zero_grad(set_to_none=True)
+            chunk = ids[start: start + rows]
+            model(input_ids=chunk, labels=chunk).loss.backward()
+            for acc, q in zip(imp, params):
+                acc.add_(q.grad.pow(2))
+            n += 1
+        holder["imp"] = [acc / n for acc in imp]
+
+    wall, cpu = time_steps(one, 0, p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+def _importance_result(name: str, estimator: str, args: argparse.Namespace, chunk: int | None = None) -> dict[str, Any]:
+    common = {"examples": 64, "length": 128, "batch": 16 if estimator == "per_example" else 8, "estimator": estimator,
+              "repeats": 1, "threads": args.threads}
+    ours = run_worker("importance-ours", {**common, "chunk": chunk or 8}, args.threads)
+    ref = run_worker("importance-torch", common, args.threads)
+    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
+    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
+    flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["examples"], common["length"])
+    return {
+        "benchmark": name,
+        "ours": round(ours_s, 3),
+        "reference": round(ref_s, 3),
+        "unit": "s/pass (64 examples)",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
+        "ours_cpu_seconds": round(ours_cpu, 2),
+        "reference_cpu_seconds": round(ref_cpu, 2),
+        "ours_first_batch_seconds": round(ours["first_batch_seconds"], 2),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "examples_counted": ours["examples"],
+        # Forward + backward FLOPs of the pass (no optimizer): the lower bound at the measured peak.
+        "pass_flops": flops["total"],
+        "config": {
+            "model": "SmolLM2-135M shape (random init)",
+            "examples": common["examples"], "length": common["length"], "dtype": "float32", "threads": args.threads,
+            "estimator": estimator,
+            "ours": (f"dampening.importance, vmap over chunks of {chunk or 8} examples inside a scan, batches of "
+                     f"{common['batch']}" if estimator == "per_example" else
+                     f"dampening.importance, squared batch-mean gradients, batches of {common['batch']}"),
+            "reference": ("transformers + a loop over single examples (grad ** 2 each)" if estimator == "per_example"
+                          else f"the official SSD loop in transformers, batches of {common['batch']}")
+                         + f", attn_implementation={ref['attn_implementation']}",
+            "timed": "one full pass over the 64 examples after a compiling/warm-up batch (ours)",
+        },
+    }
+
+
+@benchmark("ssd")
+def bench_ssd(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-example Fisher importance (mean of squared per-example gradients) of 64 x 128 tokens."""
+    return _importance_result("ssd", "per_example", args, chunk=8)
+
+
+@benchmark("ssd_batch")
+def bench_ssd_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """SSD's official importance (squared batch-mean gradients, batch 8) of the same 64 x 128 tokens."""
+    return _importance_result("ssd_batch", "batch_mean", args)
+
+
+@worker("npo-ours")
+def _npo_ours(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    from offside_jax.config import OptimConfig
+    from offside_jax.models.auto import create_model
+    from offside_jax.train import mesh as mesh_lib, optim
+    from offside_jax.train.step import TrainStep, partition
+    from offside_jax.unlearn.losses import build_loss
+
+    model = create_model(_llama_config(), seed=0)
+    tx, schedule = optim.make_optimizer(OptimConfig(lr=1e-5, schedule="constant", weight_decay=0.0, max_grad_norm=None), 100)
+    loss = build_loss("npo", beta=0.1, alpha=0.0)
+    step = TrainStep(partition(model, reference=True), loss, tx, mesh=mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]),
+                     schedule=schedule)
+    del model
+    holder = {"state": step.init_state(0)}
+    batch = step.shard_batch({"forget": _random_batch(p["batch"], p["length"], SMOLLM2_135M["vocab_size"])})
+
+    def one():
+        holder["state"], metrics = step(holder["state"], batch)
+        holder["loss"] = float(jax.block_until_ready(metrics)["loss"])
+
+    compile_start = time.perf_counter()
+    one()
+    compile_s = time.perf_counter() - compile_start
+    wall, cpu = time_steps(one, p["warmup"] - 1, p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "first_step_seconds": compile_s, "loss": holder["loss"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
+@worker("npo-torch")
+def _npo_torch(p: dict[str, Any]) -> dict[str, Any]:
+    """NPO in transformers: policy forward + backward, a frozen reference copy's forward under
+    no_grad, ``-(2/beta) logsigmoid(beta (logp_ref - logp))`` on summed answer log-probs, AdamW."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    ids = torch.tensor(_random_batch(p["batch"], p["length"], model.config.vocab_size)["input_ids"], dtype=torch.long)
+    beta = 0.1
+
+    def seq_logp(m):
+        logits = m(input_ids=ids).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].sum(-1)
+
+    holder = {}
+
+    def one():
+        logp = seq_logp(model)
+        with torch.no_grad():
+            ref = seq_logp(reference)
+        loss = (-(2.0 / beta) * torch.nn.functional.logsigmoid(beta * (ref - logp))).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        holder["loss"] = loss.item()
+
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "loss": holder["loss"],
+            "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+@benchmark("npo")
+def bench_npo(args: argparse.Namespace) -> dict[str, Any]:
+    """One NPO step (policy fwd + bwd, reference fwd, AdamW), SmolLM2-135M shape, batch 8 x 128, fp32."""
+    common = {"batch": 8, "length": 128, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
+    ours = run_worker("npo-ours", common, args.threads)
+    ref = run_worker("npo-torch", common, args.threads)
+    ours_s, ref_s = statistics.median(ours["step_seconds"]), statistics.median(ref["step_seconds"])
+    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
+    return {
+        "benchmark": "npo",
+        "ours": round(ours_s, 4),
+        "reference": round(ref_s, 4),
+        "unit": "s/step",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
+        "ours_cpu_seconds": round(ours_cpu, 3),
+        "reference_cpu_seconds": round(ref_cpu, 3),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "peak_memory_ratio": round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3),
+        "ours_first_step_seconds": round(ours["first_step_seconds"], 2),
+        "ours_step_seconds_all": [round(t, 4) for t in ours["step_seconds"]],
+        "reference_step_seconds_all": [round(t, 4) for t in ref["step_seconds"]],
+        "config": {
+            "model": "SmolLM2-135M shape (random init)", "batch": 8, "length": 128, "dtype": "float32",
+            "loss": "NPO (open-unlearning: summed answer log-probs, beta 0.1), no retain term; every next token an answer",
+            "optimizer": "AdamW lr 1e-5, no weight decay, no clipping",
+            "ours": "TrainStep(partition(model, reference=True), build_loss('npo')): the frozen reference copy "
+                    "outside the optimizer, jitted and donated",
+            "reference": f"transformers, deepcopy reference under no_grad, attn_implementation={ref['attn_implementation']}",
+            "threads": args.threads, "repeats": args.repeats, "warmup_steps_excluded": args.warmup,
         },
     }
 

@@ -315,8 +315,58 @@ def test_score_turn_sums_and_returns_with_kl_in_reward():
     # row 0: (0.05, 1 - 0.01) = (0.05, 0.99); row 1: (-0.05, 0 + 0.02) = (-0.05, 0.02).
     returns = score.turn_returns(score.stage_one(group_size=2), np.array([0.0, 1.0]), np.array([1.0, 0.0]), logp=EP_LOGP, ref_logp=EP_REF, turn_ids=TURN_IDS)
     close(returns, [[0.05, 0.99], [-0.05, 0.02]])
-    # RLOO with G = 2: A_i = R_i - R_j per turn: (0.1, 0.97), (-0.1, -0.97).
-    close(score.score_advantages(score.stage_one(group_size=2), returns), [[0.1, 0.97], [-0.1, -0.97]])
+    # RLOO with G = 2: A_i = R_i - R_j per turn: (0.1, 0.97), (-0.1, -0.97). (The first attempts
+    # got different rewards, so attempt 2's outcome baseline falls back to the whole group.)
+    close(score.score_advantages(score.stage_one(group_size=2), returns, np.array([0.0, 1.0])), [[0.1, 0.97], [-0.1, -0.97]])
+    close(score.score_advantages(score.stage_one(group_size=2, first_attempt_baseline=False), returns), [[0.1, 0.97], [-0.1, -0.97]])
+
+
+def test_outcome_baseline_advantages_by_hand():
+    # One group of 4: returns R and the first attempts' outcomes o.
+    returns = np.array([1.0, 0.0, 3.0, 5.0])
+    outcomes = np.array([0.0, 0.0, 1.0, 0.0])
+    # RLOO among equal outcomes: row 0 vs rows 1, 3: 1 - (0 + 5) / 2 = -1.5; row 1: 0 - (1 + 5) / 2 = -3;
+    # row 3: 5 - (1 + 0) / 2 = 4.5; row 2 has no peer: the whole group's leave-one-out mean,
+    # 3 - (1 + 0 + 5) / 3 = 1.
+    close(score.outcome_baseline_advantages(returns, outcomes, 4), [-1.5, -3.0, 1.0, 4.5])
+    # Group mean over equal outcomes, self included: row 0: 1 - 2 = -1; row 1: -2; row 2: 0; row 3: 3.
+    close(score.outcome_baseline_advantages(returns, outcomes, 4, leave_one_out=False), [-1.0, -2.0, 0.0, 3.0])
+    # Two groups of 2 are separate: (2, 4) share an outcome -> -2, 2; (7, 1) do not -> 6, -6.
+    close(score.outcome_baseline_advantages([2.0, 4.0, 7.0, 1.0], [1.0, 1.0, 0.0, 1.0], 2), [-2.0, 2.0, 6.0, -6.0])
+
+
+def test_first_attempt_baseline_removes_the_shaping_swing():
+    # Stage II, alpha 10, a group of 4 without KL: r1 = (1, 1, 0, 0), r2 = (1, 0, 1, 0).
+    r1, r2 = np.array([1.0, 1.0, 0.0, 0.0]), np.array([1.0, 0.0, 1.0, 0.0])
+    stage = score.stage_two(group_size=4, beta1=0.0)
+    returns = score.turn_returns(stage, r1, r2)  # (r1, r2 + 10 (r2 - r1)) = (1, 1), (1, -10), (0, 11), (0, 0)
+    close(returns, [[1, 1], [1, -10], [0, 11], [0, 0]])
+    # Attempt 1, RLOO over the group: 1 - 1/3, 1 - 1/3, 0 - 2/3, 0 - 2/3.
+    first = [2 / 3, 2 / 3, -2 / 3, -2 / 3]
+    # Attempt 2 with the first-attempt baseline: R + 10 r1 = (11, 0, 11, 0), each against its one
+    # peer with the same r1: 11 - 0, 0 - 11, 11 - 0, 0 - 11.
+    close(score.score_advantages(stage, returns, r1), np.stack([first, [11, -11, 11, -11]], axis=1))
+    # Plain RLOO instead: 1 - (-10 + 11 + 0) / 3 = 2/3; -10 - 12/3 = -14; 11 - (-9/3) = 14; 0 - 2/3.
+    # The right copy of a right first attempt (row 0) scores almost like a failure to correct.
+    plain = dataclasses.replace(stage, first_attempt_baseline=False)
+    close(score.score_advantages(plain, returns), np.stack([first, [2 / 3, -14, 14, -2 / 3]], axis=1))
+    with pytest.raises(ValueError, match="first_rewards"):
+        score.score_advantages(stage, returns)
+
+
+def test_completion_logprobs_at_a_sampling_temperature():
+    # Batch [1 | 3, 2]: completion tokens 3 (after 1) and 2 (after 3); logits = TABLE[previous].
+    batch = {"input_ids": jnp.asarray([[1, 3, 2]]), "attention_mask": jnp.ones((1, 3), jnp.int32),
+             "loss_mask": jnp.asarray([[0, 1, 1]])}
+    for temperature in (1.0, 0.5):
+        logp, mask = rl.completion_logprobs(FakeModel(TABLE), batch, temperature)
+        expected = [log_softmax(TABLE[1] / temperature)[3], log_softmax(TABLE[3] / temperature)[2], 0.0]
+        close(logp[0], expected)
+        close(mask[0], [1, 1, 0])
+    with pytest.raises(ValueError, match="temperature"):
+        rl.completion_logprobs(FakeModel(TABLE), batch, 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        score.stage_two(temperature=0.0)
 
 
 def test_score_loss_credits_each_turn_with_its_advantage():

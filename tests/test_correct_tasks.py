@@ -160,3 +160,42 @@ def test_rumor_records_and_warmup():
     assert (p.prompt, p.answer, p.meta["rumor"]) == (RECORDS[0]["question"], "Inter Miami", "Real Madrid")
     assert t.RumorCorrection(RECORDS, p_bug=1.0).warmup_attempts(p, np.random.default_rng(0)) == ("Real Madrid", "Inter Miami")
     assert RUMOR.extract("  ") is None and RUMOR.extract("Inter Miami!") == "inter miami"
+
+
+# -- shared by every task ------------------------------------------------------------------------------
+
+
+def test_lazy_second_attempts_fix_with_probability_p_fix():
+    problems = [p for p in t.make_problems(t.CarryArithmetic(), 400, seed=1) if p.meta["carry_columns"]]
+    # p_fix 0: a wrong first attempt is always repeated; a right one is kept.
+    never = t.CarryArithmetic(p_bug=1.0, p_fix=0.0)
+    rng = np.random.default_rng(0)
+    for p in problems[:20]:
+        first, second = never.warmup_attempts(p, rng)
+        assert first != p.answer and second == first
+    assert t.CarryArithmetic(p_bug=0.0, p_fix=0.0).warmup_attempts(problems[0], rng) == (problems[0].answer,) * 2
+    # p_fix 0.3: among wrong first attempts, the fix rate is a binomial proportion near 0.3
+    # (n = len(problems) > 300: 4 standard deviations are < 0.11).
+    lazy = t.CarryArithmetic(p_bug=1.0, p_fix=0.3)
+    pairs = [lazy.warmup_attempts(p, rng) for p in problems]
+    fixed = np.mean([second == p.answer for (_, second), p in zip(pairs, problems)])
+    assert all(second in (first, p.answer) for (first, second), p in zip(pairs, problems))
+    assert len(problems) > 300 and abs(fixed - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(problems))
+    # The other tasks share the rule: a rumor repeated, a wrong expression repeated.
+    assert t.RumorCorrection(RECORDS, p_bug=1.0, p_fix=0.0).warmup_attempts(RUMOR.problem(0), rng) == ("Real Madrid", "Real Madrid")
+    first, second = t.CountdownMini(p_bug=1.0, p_fix=0.0).warmup_attempts(P22, rng)
+    assert CD.verify(first, P22) == CD.format_reward and second == first
+    with pytest.raises(ValueError, match="p_fix"):
+        t.CarryArithmetic(p_fix=1.5)
+    with pytest.raises(ValueError, match="p_bug"):
+        t.RumorCorrection(RECORDS, p_bug=-0.1)
+
+
+def test_alphabets_cover_every_text_a_task_writes():
+    rng = np.random.default_rng(0)
+    for task in (t.CarryArithmetic(ops="+-", p_bug=0.5), t.CountdownMini(p_bug=0.5), t.RumorCorrection(RECORDS)):
+        for _ in range(50):
+            p = task.sample(rng)
+            texts = [p.prompt, p.answer, *task.warmup_attempts(p, rng)]
+            assert set("".join(texts)) <= set(task.alphabet), (task.name, texts)
+    assert t.CarryArithmetic(ops="+").alphabet == "0123456789=+"

@@ -18,6 +18,7 @@ Episodes are padded to a fixed length (``length``), so each stage compiles one s
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
@@ -72,11 +73,13 @@ class StageRun:
 
 @dataclasses.dataclass
 class ScoreRunResult:
-    """Metrics after each stage and the evaluation history over RL steps."""
+    """Metrics after each stage, the evaluation history over RL steps, and wall times."""
 
     metrics: dict[str, dict[str, float]]  # "warmup" | "stage1" | "stage2" -> metrics
-    history: list[dict[str, float]]  # {"stage", "step", "acc_t1", "acc_t2", ...} per evaluation
+    # {"stage", "step" (within the stage), "rl_step" (counted over both stages), "acc_t1", ...}
+    history: list[dict[str, Any]]
     model: nnx.Module
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> wall time (s)
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -135,10 +138,10 @@ def rl_batch(
     episodes = two_turn_episodes(model, problems, tok, fmt, temperature=stage.temperature, group_size=stage.group_size, rng=rng)
     r1, r2 = attempt_rewards(task, problems, episodes)
     batch = ep.episode_batch(episodes, tok.pad_token_id, max(1, fmt.length))
-    old = rollout_lib.score_tokens(model, batch)
-    ref = rollout_lib.score_tokens(reference, batch)
+    old = rollout_lib.score_tokens(model, batch, stage.temperature)
+    ref = rollout_lib.score_tokens(reference, batch, stage.temperature)
     returns = score.turn_returns(stage, r1, r2, logp=old, ref_logp=ref, turn_ids=batch["turn_ids"])
-    batch.update(turn_advantages=np.asarray(score.score_advantages(stage, returns)), old_logp=old, ref_logp=ref)
+    batch.update(turn_advantages=np.asarray(score.score_advantages(stage, returns, r1)), old_logp=old, ref_logp=ref)
     return batch, {"reward_t1": float(r1.mean()), "reward_t2": float(r2.mean())}
 
 
@@ -157,7 +160,7 @@ def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> 
     return TrainStep(partition(model), loss_fn, optimizer, mesh=mesh, schedule=schedule)
 
 
-def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0) -> nnx.Module:
+def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0, progress: bool = False) -> nnx.Module:
     """Warm-up SFT on buggy-first-attempt traces; returns the trained model."""
     step_fn = _step_fn(model, losses.make_answer_nll(), run, mesh)
 
@@ -165,7 +168,7 @@ def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat
         rng = np.random.default_rng([seed, 1, i])
         return warmup_batch(task, [task.sample(rng) for _ in range(run.problems_per_step)], tok, fmt, rng)
 
-    state = train(step_fn, step_fn.init_state(seed), IndexedBatches(batch_at), num_steps=run.steps, progress=False)
+    state = train(step_fn, step_fn.init_state(seed), IndexedBatches(batch_at), num_steps=run.steps, progress=progress)
     return step_fn.model(state)
 
 
@@ -183,27 +186,37 @@ def run_stage(
     seed: int = 0,
     name: str = "stage",
     on_eval: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = False,
+    step_offset: int = 0,
 ) -> tuple[nnx.Module, list[dict[str, float]]]:
     """Train one SCoRe stage; returns the model and the evaluation history (with
-    ``stage``/``step`` and the last step's training metrics)."""
+    ``stage``/``step``, ``rl_step = step_offset + step`` and the last step's training
+    metrics)."""
+    from tqdm.auto import tqdm
+
     step_fn = _step_fn(model, score.make_score_loss(stage), run, mesh)
     state: TrainState = step_fn.init_state(seed)
     key = jax.random.key(seed)
     history: list[dict[str, float]] = []
-    for step in range(1, run.steps + 1):
+    bar = tqdm(range(1, run.steps + 1), desc=name, unit="step", disable=not progress)
+    for step in bar:
         policy = step_fn.model(state)
-        rng = np.random.default_rng([seed, 2, step])
+        # Counted over stages, so Stage II draws other problems and samples than Stage I.
+        draw = step_offset + step
+        rng = np.random.default_rng([seed, 2, draw])
         problems = [task.sample(rng) for _ in range(run.problems_per_step)]
-        batch, stats = rl_batch(policy, reference, task, problems, tok, fmt, stage, jax.random.fold_in(key, step))
+        batch, stats = rl_batch(policy, reference, task, problems, tok, fmt, stage, jax.random.fold_in(key, draw))
         rows = len(batch["input_ids"])
-        for part in rollout_lib.update_minibatches(rows, epochs=run.epochs, minibatches=run.minibatches, seed=seed * 1_000_003 + step):
+        for part in rollout_lib.update_minibatches(rows, epochs=run.epochs, minibatches=run.minibatches, seed=seed * 1_000_003 + draw):
             state, train_metrics = step_fn(state, step_fn.shard_batch(rollout_lib.take_rows(batch, part)))
+        bar.set_postfix(reward_t1=f"{stats['reward_t1']:.2f}", reward_t2=f"{stats['reward_t2']:.2f}")
         if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
-            record = {"stage": name, "step": step, **stats, **{k: float(v) for k, v in jax.device_get(train_metrics).items()}}
+            record = {"stage": name, "step": step, "rl_step": step_offset + step, **stats, **{k: float(v) for k, v in jax.device_get(train_metrics).items()}}
             record.update(evaluate(step_fn.model(state), task, eval_problems, tok, fmt))
             history.append(record)
             if on_eval is not None:
                 on_eval(record)
+    bar.close()
     return step_fn.model(state), history
 
 
@@ -218,21 +231,35 @@ def run_score(
     stage1: tuple[score.ScoreStage, StageRun] | None,
     stage2: tuple[score.ScoreStage, StageRun] | None,
     eval_size: int = 64,
+    eval_problems: Sequence[Problem] | None = None,
     seed: int = 0,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
 ) -> ScoreRunResult:
     """Warm-up SFT, then Stage I and Stage II (either may be skipped), evaluated greedily on
-    ``eval_size`` held-out problems after each stage."""
-    eval_problems = make_problems(task, eval_size, seed=10_000 + seed)
-    model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed)
+    ``eval_problems`` (default: ``eval_size`` problems drawn from seed ``10_000 + seed``, apart
+    from the training draws) after each stage."""
+    if eval_problems is None:
+        eval_problems = make_problems(task, eval_size, seed=10_000 + seed)
+    seconds: dict[str, float] = {}
+    began = time.perf_counter()
+    model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed, progress=progress)
     reference = frozen_copy(model)
     results = {"warmup": evaluate(model, task, eval_problems, tok, fmt)}
-    history = [{"stage": "warmup", "step": 0, **results["warmup"]}]
+    seconds["warmup"] = time.perf_counter() - began
+    history: list[dict[str, Any]] = [{"stage": "warmup", "step": 0, "rl_step": 0, **results["warmup"]}]
+    done = 0
     for name, spec in (("stage1", stage1), ("stage2", stage2)):
         if spec is None:
             continue
         stage, run = spec
-        model, stage_history = run_stage(model, reference, stage, task, tok, fmt, run, mesh, eval_problems=eval_problems, seed=seed, name=name, on_eval=on_eval)
+        began = time.perf_counter()
+        model, stage_history = run_stage(
+            model, reference, stage, task, tok, fmt, run, mesh,
+            eval_problems=eval_problems, seed=seed, name=name, on_eval=on_eval, progress=progress, step_offset=done,
+        )
+        seconds[name] = time.perf_counter() - began
+        done += run.steps
         history += stage_history
         results[name] = {k: v for k, v in stage_history[-1].items() if k in results["warmup"]}
-    return ScoreRunResult(results, history, model)
+    return ScoreRunResult(results, history, model, seconds)

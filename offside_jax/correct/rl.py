@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from offside_jax.train.losses import LossFn, LossOutput, token_logprobs
+from offside_jax.train.losses import LossFn, LossOutput, final_hidden, next_token_targets
 
 F32 = jnp.float32
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -295,7 +295,9 @@ class PolicyGradientConfig:
       style: ``beta * k`` per token in the loss with ``kl_estimator``; ``k1`` in the loss
       would have zero expected gradient, so use ``k3`` or ``k2`` there);
     - ``clip_eps`` / ``clip_eps_high``: ratio clip (``None``: unclipped);
-    - ``aggregation``: see :func:`aggregate`; ``max_len``: Dr. GRPO's constant.
+    - ``aggregation``: see :func:`aggregate`; ``max_len``: Dr. GRPO's constant;
+    - ``temperature``: the rollouts' sampling temperature; the loss scores tokens under
+      ``softmax(logits / temperature)``, the policy that sampled them.
     """
 
     advantage: str = "grpo"
@@ -308,8 +310,11 @@ class PolicyGradientConfig:
     aggregation: str = "grpo"
     max_len: int | None = None
     std_eps: float = 1e-6
+    temperature: float = 1.0
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (the policy being trained samples), got {self.temperature}")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"unknown advantage estimator {self.advantage!r}; use one of {', '.join(ADVANTAGES)}")
         if self.aggregation not in AGGREGATIONS:
@@ -391,20 +396,33 @@ def compute_advantages(
 # -- adapters to the loss protocol ------------------------------------------------------------------
 
 
-def completion_logprobs(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def completion_logprobs(model: nnx.Module, batch: Mapping[str, jax.Array], temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs ``[B, T]`` of the completion tokens under ``model`` and the action
-    mask ``[B, T]`` (both aligned with the predicting position; zero off the completion)."""
-    logp, weights = token_logprobs(model, batch)
-    return logp, (weights > 0).astype(F32)
+    mask ``[B, T]`` (both aligned with the predicting position; zero off the completion).
+
+    ``temperature`` scores the tokens under the policy that sampled them,
+    ``softmax(logits / temperature)``: rollouts at temperature 0.7 are on-policy for that
+    distribution, not for the temperature-1 one.
+    """
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a sampling temperature > 0, got {temperature} (greedy decoding has no log-probs)")
+    targets, weights = next_token_targets(batch)
+    logits = model.logits(final_hidden(model, batch)).astype(F32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    mask = (weights > 0).astype(F32)
+    return logp * mask, mask
 
 
-def reference_logprobs(batch: Mapping[str, jax.Array], reference: nnx.Module | None) -> jax.Array:
-    """``batch["ref_logp"]`` when cached, else the frozen reference model's log-probs (no gradient)."""
+def reference_logprobs(batch: Mapping[str, jax.Array], reference: nnx.Module | None, temperature: float = 1.0) -> jax.Array:
+    """``batch["ref_logp"]`` when cached, else the frozen reference model's log-probs at
+    ``temperature`` (no gradient)."""
     if "ref_logp" in batch:
         return jax.lax.stop_gradient(jnp.asarray(batch["ref_logp"], F32))
     if reference is None:
         raise ValueError("the KL term needs reference log-probs: add 'ref_logp' to the batch or build the step with a reference model")
-    return jax.lax.stop_gradient(completion_logprobs(reference, batch)[0])
+    return jax.lax.stop_gradient(completion_logprobs(reference, batch, temperature)[0])
 
 
 def make_policy_gradient_loss(cfg: PolicyGradientConfig) -> LossFn:
@@ -417,10 +435,10 @@ def make_policy_gradient_loss(cfg: PolicyGradientConfig) -> LossFn:
 
     def policy_gradient_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, reference: nnx.Module | None) -> LossOutput:
         del rng
-        logp, mask = completion_logprobs(model, batch)
+        logp, mask = completion_logprobs(model, batch, cfg.temperature)
         coef = batch.get("kl_coef", loss_kl)
         uses_kl = "kl_coef" in batch or loss_kl != 0.0
-        ref = reference_logprobs(batch, reference) if uses_kl else None
+        ref = reference_logprobs(batch, reference, cfg.temperature) if uses_kl else None
         per_token, diag = policy_gradient_token_loss(
             logp, batch.get("old_logp"), ref, batch["advantages"], mask,
             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_coef=coef if uses_kl else 0.0,

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from offside_jax.correct.rl import completion_logprobs
 from offside_jax.models.generate import SamplingConfig, generate, left_pad
-from offside_jax.train.losses import token_logprobs
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -116,18 +116,19 @@ def completion_batch(
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    return token_logprobs(nnx.merge(graphdef, state), batch)[0]
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _score(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], temperature: float) -> jax.Array:
+    return completion_logprobs(nnx.merge(graphdef, state), batch, temperature)[0]
 
 
-def score_tokens(model: nnx.Module, batch: Mapping[str, Any]) -> np.ndarray:
-    """Log-probs ``[B, T]`` of the completion tokens under ``model`` (jitted, no gradient): the
-    ``old_logp`` of the behaviour policy right after a rollout, or the cached ``ref_logp``
-    (pass the reference model: with LoRA, the model inside ``lora.disabled``)."""
+def score_tokens(model: nnx.Module, batch: Mapping[str, Any], temperature: float = 1.0) -> np.ndarray:
+    """Log-probs ``[B, T]`` of the completion tokens under ``model`` at the sampling
+    ``temperature`` (jitted, no gradient): the ``old_logp`` of the behaviour policy right
+    after a rollout, or the cached ``ref_logp`` (pass the reference model: with LoRA, the model
+    inside ``lora.disabled``)."""
     graphdef, state = nnx.split(model)
     keys = ("input_ids", "attention_mask", "loss_mask")
-    return np.asarray(_score(graphdef, state, {k: jnp.asarray(batch[k]) for k in keys}))
+    return np.asarray(_score(graphdef, state, {k: jnp.asarray(batch[k]) for k in keys}, float(temperature)))
 
 
 def update_minibatches(batch_size: int, *, epochs: int = 1, minibatches: int = 1, seed: int = 0) -> Iterator[np.ndarray]:

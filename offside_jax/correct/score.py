@@ -47,9 +47,9 @@ N_TURNS = 2
 @dataclasses.dataclass(frozen=True)
 class ScoreStage:
     """One SCoRe stage. ``alpha`` and ``reward_first`` default per stage (Stage I: 0 and
-    False, Stage II: 10 and True) and can be switched either way; ``lr`` and
-    ``temperature`` are the paper's training defaults for the stage driver (unused by the
-    loss)."""
+    False, Stage II: 10 and True) and can be switched either way; ``lr`` is the paper's
+    default for the stage driver (unused by the loss); ``temperature`` is the rollouts'
+    sampling temperature, and the loss scores tokens at it (the policy that sampled them)."""
 
     stage: int = 2
     alpha: float | None = None
@@ -58,6 +58,8 @@ class ScoreStage:
     reward_first: bool | None = None
     advantage: str = "rloo"  # rloo | reinforce (group-mean baseline)
     group_size: int = 4
+    # Baseline attempt 2 among episodes whose attempt 1 got the same reward; see score_advantages.
+    first_attempt_baseline: bool = True
     kl_in_reward: bool = True
     kl_estimator: str = "k3"  # for the KL in the loss (kl_in_reward=False)
     clip_eps: float | None = None  # set when making several updates per rollout batch
@@ -70,6 +72,8 @@ class ScoreStage:
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"SCoRe has stages 1 and 2, got {self.stage}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (the policy being trained samples), got {self.temperature}")
         if self.advantage not in ("rloo", "reinforce"):
             raise ValueError(f"SCoRe advantage must be 'rloo' or 'reinforce', got {self.advantage!r}")
         if self.advantage == "rloo" and self.group_size < 2:
@@ -155,15 +159,51 @@ def turn_returns(
     return returns - jnp.asarray(stage.kl_coefs, F32)[None, :] * kl_per_turn
 
 
-def score_advantages(stage: ScoreStage, returns: jax.Array) -> jax.Array:
+def outcome_baseline_advantages(returns: jax.Array, outcomes: jax.Array, group_size: int, *, leave_one_out: bool = True) -> jax.Array:
+    """``[B]`` advantages ``R_i - b_i`` with ``b_i`` the mean return of the episodes of ``i``'s
+    group (``group_size`` adjacent rows) that share ``i``'s ``outcome``: leaving ``i`` out
+    (RLOO) or not (REINFORCE's group mean); when no other episode shares it (RLOO), the
+    leave-one-out mean of the whole group.
+
+    The outcome is fixed before the action the advantage scores (attempt 1's reward, for
+    attempt 2), so ``b_i`` does not depend on that action and the gradient stays unbiased.
+    """
+    r = rl._groups(returns, group_size)
+    o = jnp.asarray(outcomes, F32).reshape(r.shape)
+    others = 1.0 - jnp.eye(group_size, dtype=F32) if leave_one_out else jnp.ones((group_size, group_size), F32)
+    same = (o[:, :, None] == o[:, None, :]).astype(F32) * others[None]
+    count = jnp.sum(same, axis=2)
+    peer_mean = jnp.sum(same * r[:, None, :], axis=2) / jnp.maximum(count, 1.0)
+    fallback = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1) if group_size > 1 else jnp.zeros_like(r)
+    return (r - jnp.where(count > 0, peer_mean, fallback)).reshape(-1)
+
+
+def score_advantages(stage: ScoreStage, returns: jax.Array, first_rewards: jax.Array | None = None) -> jax.Array:
     """``[B, 2]`` per-turn advantages from per-turn returns: RLOO over each problem's ``G``
-    episodes (adjacent rows), or the group-mean baseline."""
+    episodes (adjacent rows), or the group-mean baseline.
+
+    With ``stage.first_attempt_baseline`` (default) attempt 2 is baselined among the episodes
+    of its group whose first attempt got the same reward (``first_rewards`` ``[B]``, see
+    :func:`outcome_baseline_advantages`), after taking the bonus's ``-alpha * r(y1)`` out of
+    its return. Both are functions of the state ``x2 = [x1, y1, p]`` that attempt 2 starts
+    from, so the expected gradient is unchanged; what goes is the variance from pooling
+    different first attempts: without it, a right answer copied from a right first attempt is
+    scored against the group's failed corrections (and the ``+-alpha`` swings of the bonus),
+    and the largest advantages reward copying rather than correcting.
+    """
     ret = jnp.asarray(returns, F32)
-    if stage.advantage == "rloo":
-        columns = [rl.rloo_advantages(ret[:, k], stage.group_size) for k in range(ret.shape[1])]
+    loo = stage.advantage == "rloo"
+    if stage.first_attempt_baseline:
+        if first_rewards is None:
+            raise ValueError("the first-attempt baseline needs first_rewards (r(y1) of every episode)")
+        r1 = jnp.asarray(first_rewards, F32)
+        second = outcome_baseline_advantages(ret[:, 1] + stage.shaping * r1, r1, stage.group_size, leave_one_out=loo)
+    elif loo:
+        second = rl.rloo_advantages(ret[:, 1], stage.group_size)
     else:
-        columns = [rl.reinforce_advantages(ret[:, k], stage.group_size) for k in range(ret.shape[1])]
-    return jnp.stack(columns, axis=1)
+        second = rl.reinforce_advantages(ret[:, 1], stage.group_size)
+    first = rl.rloo_advantages(ret[:, 0], stage.group_size) if loo else rl.reinforce_advantages(ret[:, 0], stage.group_size)
+    return jnp.stack([first, second], axis=1)
 
 
 # -- the loss --------------------------------------------------------------------------------------
@@ -200,12 +240,12 @@ def make_score_loss(stage: ScoreStage) -> LossFn:
 
     def score_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, reference: nnx.Module | None) -> LossOutput:
         del rng
-        logp, mask = rl.completion_logprobs(model, batch)
+        logp, mask = rl.completion_logprobs(model, batch, stage.temperature)
         turns = predicted_turns(batch["turn_ids"])
         # With the KL in the reward, reference log-probs only feed diagnostics: use cached ones
         # but never pay a reference forward pass for them.
         needs_ref = not stage.kl_in_reward or "ref_logp" in batch
-        ref = rl.reference_logprobs(batch, reference) if needs_ref else None
+        ref = rl.reference_logprobs(batch, reference, stage.temperature) if needs_ref else None
         per_tok, diag = score_token_loss(stage, logp, batch.get("old_logp"), ref, batch["turn_advantages"], turns, mask)
         total, weight = rl.aggregate(per_tok, mask, stage.aggregation, stage.max_len)
         # Diagnostics: the per-turn KL to the reference (whichever estimator is in use).

@@ -9,9 +9,14 @@ Every task provides
   ``None`` when the completion is malformed (for repetition penalties and unique-answer
   ratios);
 - ``verify(text, problem) -> float``: the reward;
+- ``alphabet``: every character its prompts, answers and warm-up attempts can contain (for
+  character-level tokenizers);
 - ``warmup_attempts(problem, rng) -> (attempt1, attempt2)``: an SFT trace whose first attempt
-  is wrong with probability ``p_bug`` (a realistic mistake) and whose second attempt is right,
-  so a warmed-up model starts with a buggy prior and a habit of revising.
+  is wrong with probability ``p_bug`` (a realistic mistake) and whose second attempt fixes a
+  wrong first attempt with probability ``p_fix`` (else repeats it), so a warmed-up model starts
+  with a buggy prior and a habit of revising that is as weak as ``p_fix`` makes it: the
+  lazy corrector (minimal edits) that SCoRe finds after supervised fine-tuning, with known
+  rates.
 
 Tasks (``self_correction.md``, "Tiny verifiable tasks"):
 
@@ -45,6 +50,9 @@ class Problem:
 class Task(Protocol):
     name: str
 
+    @property
+    def alphabet(self) -> str: ...
+
     def sample(self, rng: np.random.Generator) -> Problem: ...
 
     def extract(self, text: str) -> str | None: ...
@@ -58,6 +66,22 @@ def make_problems(task: Task, n: int, seed: int) -> list[Problem]:
     """``n`` problems drawn from ``numpy.random.default_rng(seed)`` (same seed, same list)."""
     rng = np.random.default_rng(seed)
     return [task.sample(rng) for _ in range(n)]
+
+
+def _check_rates(p_bug: float, p_fix: float) -> None:
+    for name, value in (("p_bug", p_bug), ("p_fix", p_fix)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def lazy_second_attempt(first: str, right: str, p_fix: float, rng: np.random.Generator) -> str:
+    """The warm-up's second attempt: ``right`` when the first attempt is right; after a wrong
+    one, ``right`` with probability ``p_fix``, else the first attempt repeated. Draws from
+    ``rng`` only when ``p_fix < 1`` and the first attempt is wrong (so ``p_fix = 1`` traces do
+    not depend on it)."""
+    if first == right or p_fix >= 1.0 or rng.random() < p_fix:
+        return right
+    return first
 
 
 # -- 1. carry arithmetic ----------------------------------------------------------------------------
@@ -108,6 +132,7 @@ class CarryArithmetic:
     max_digits: int = 4
     ops: str = "+-"
     p_bug: float = 0.3
+    p_fix: float = 1.0
     name: str = "carry_arithmetic"
 
     def __post_init__(self):
@@ -115,6 +140,11 @@ class CarryArithmetic:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
         if not self.ops or set(self.ops) - set("+-"):
             raise ValueError(f"ops must be a non-empty combination of '+' and '-', got {self.ops!r}")
+        _check_rates(self.p_bug, self.p_fix)
+
+    @property
+    def alphabet(self) -> str:
+        return "0123456789=" + self.ops
 
     def _number(self, rng: np.random.Generator) -> int:
         digits = int(rng.integers(self.min_digits, self.max_digits + 1))
@@ -145,7 +175,7 @@ class CarryArithmetic:
             first = str(dropped_carry(problem.meta["a"], problem.meta["b"], problem.meta["op"], col))
         else:
             first = problem.answer
-        return first, problem.answer
+        return first, lazy_second_attempt(first, problem.answer, self.p_fix, rng)
 
 
 # -- 2. Countdown-mini ------------------------------------------------------------------------------
@@ -243,6 +273,7 @@ class CountdownMini:
     max_number: int = 9
     max_target: int = 24
     p_bug: float = 0.3
+    p_fix: float = 1.0
     correct_reward: float = 1.0
     format_reward: float = 0.1
     name: str = "countdown_mini"
@@ -250,6 +281,11 @@ class CountdownMini:
     def __post_init__(self):
         if not 2 <= self.min_numbers <= self.max_numbers:
             raise ValueError(f"need 2 <= min_numbers <= max_numbers, got {self.min_numbers}, {self.max_numbers}")
+        _check_rates(self.p_bug, self.p_fix)
+
+    @property
+    def alphabet(self) -> str:
+        return "0123456789 to:+-*/()"
 
     def _solution(self, numbers: list[int], rng: np.random.Generator) -> tuple[str, Fraction]:
         """A random expression tree over ``numbers`` (shuffled); divisions only when exact."""
@@ -300,7 +336,7 @@ class CountdownMini:
                 for op in rng.permutation(list("+-*/")).tolist():
                     candidate = problem.answer[:i] + op + problem.answer[i + 1 :]
                     if self.verify(candidate, problem) == self.format_reward:
-                        return candidate, problem.answer
+                        return candidate, lazy_second_attempt(candidate, problem.answer, self.p_fix, rng)
         return problem.answer, problem.answer
 
 
@@ -345,11 +381,13 @@ class RumorCorrection:
     records: tuple[Mapping[str, str], ...]
     fields: tuple[str, str, str] = ("question", "rumor", "fact")
     p_bug: float = 0.5
+    p_fix: float = 1.0
     name: str = "rumor_correction"
 
     def __post_init__(self):
         if not self.records:
             raise ValueError("RumorCorrection needs at least one record")
+        _check_rates(self.p_bug, self.p_fix)
         for i, record in enumerate(self.records):
             missing = [f for f in self.fields if not isinstance(record.get(f), str) or not record.get(f).strip()]
             if missing:
@@ -357,6 +395,10 @@ class RumorCorrection:
             q, rumor, fact = (record[f] for f in self.fields)
             if normalize_text(rumor) == normalize_text(fact):
                 raise ValueError(f"record {i}: the rumor and the fact are the same answer ({fact!r})")
+
+    @property
+    def alphabet(self) -> str:
+        return "".join(sorted({ch for record in self.records for f in self.fields for ch in record[f]}))
 
     def problem(self, index: int) -> Problem:
         q, rumor, fact = (self.records[index][f] for f in self.fields)
@@ -379,7 +421,7 @@ class RumorCorrection:
 
     def warmup_attempts(self, problem: Problem, rng: np.random.Generator) -> tuple[str, str]:
         first = problem.meta["rumor"] if rng.random() < self.p_bug else problem.answer
-        return first, problem.answer
+        return first, lazy_second_attempt(first, problem.answer, self.p_fix, rng)
 
 
 TASKS = {"carry_arithmetic": CarryArithmetic, "countdown_mini": CountdownMini, "rumor_correction": RumorCorrection}

@@ -57,6 +57,22 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_correct(args: argparse.Namespace) -> int:
+    from offside_jax.config import ConfigError, CorrectConfig, load_config
+    from offside_jax.correct.report import stage_table
+    from offside_jax.correct.run import run_correct
+
+    try:
+        cfg = load_config(args.config, args.overrides, schema=CorrectConfig)
+        results = run_correct(cfg)
+    except ConfigError as e:
+        print(f"offside-jax correct: {e}", file=sys.stderr)
+        return 2
+    print(stage_table(results["summary"]))
+    print(f"done: outputs in {cfg.output_dir}")
+    return 0
+
+
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from offside_jax.data.synthetic import SyntheticConfig, make_release
 
@@ -89,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.UnlearnConfig)")
     unlearn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=npo methods.npo.beta=0.5")
     unlearn.set_defaults(func=_cmd_unlearn)
+
+    correct = sub.add_parser("correct", help="RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
+                                             "metrics after each stage")
+    correct.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.CorrectConfig)")
+    correct.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1,2] stage2.steps=80")
+    correct.set_defaults(func=_cmd_correct)
 
     make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")
     make_data.add_argument("--out", required=True, help="release directory to write")

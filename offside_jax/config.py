@@ -369,6 +369,95 @@ class UnlearnConfig:
     export_merged: bool = True  # write HF safetensors of the unlearned (merged) model
 
 
+# -- RL self-correction (`offside-jax correct`) ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class CorrectTaskConfig:
+    """The verifiable task (``offside_jax.data.tasks``) and the prior its warm-up traces teach."""
+
+    name: str = "carry_arithmetic"  # carry_arithmetic | countdown_mini | rumor_correction
+    p_bug: float = 0.3  # warm-up first attempts that are wrong
+    p_fix: float = 1.0  # warm-up second attempts that fix a wrong first attempt (else repeat it)
+    # carry_arithmetic
+    min_digits: int = 2
+    max_digits: int = 4
+    ops: str = "+-"
+    # countdown_mini
+    min_numbers: int = 3
+    max_numbers: int = 4
+    # rumor_correction: the text records with a verified correction of an OFFSIDE release
+    release: str | None = None  # release directory (e.g. from `offside-jax make-data`)
+    setting: str = "pure_text"
+    split: str = "forget"
+    attributes: list[str] = dataclasses.field(default_factory=list)  # e.g. [club_joined]; []: all
+
+
+@dataclasses.dataclass
+class EpisodeFormatConfig:
+    """How two-turn episodes are written: ``[problem, attempt 1, instruction, attempt 2]``."""
+
+    instruction: str | None = None  # None: SCoRe's correction instruction between newlines
+    max_new_tokens: int = 8  # per attempt
+    length: int = 0  # every episode padded to this many tokens (one compiled step); 0: per batch
+
+
+@dataclasses.dataclass
+class CorrectWarmupConfig:
+    """Supervised warm-up on ``[problem, buggy-or-right attempt, instruction, fix-or-repeat]``."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    problems_per_step: int = 32
+    max_grad_norm: float | None = 1.0
+
+
+@dataclasses.dataclass
+class ScoreStageConfig:
+    """One SCoRe stage (``offside_jax.correct.score.ScoreStage`` plus how long and how fast it
+    trains). ``alpha``/``reward_first`` unset take the stage's defaults (I: 0 / no; II: 10 / yes).
+    Defaults are the paper's (MATH); tiny models need a larger ``lr``."""
+
+    enabled: bool = True
+    steps: int = 50
+    lr: float = 5e-6
+    problems_per_step: int = 8
+    group_size: int = 4
+    temperature: float = 1.0
+    alpha: float | None = None
+    reward_first: bool | None = None
+    beta1: float = 0.01
+    beta2: float = 0.1
+    advantage: str = "rloo"  # rloo | reinforce
+    first_attempt_baseline: bool = True
+    kl_in_reward: bool = True
+    kl_estimator: str = "k3"  # the KL in the loss (kl_in_reward: false)
+    clip_eps: float | None = None  # set when epochs * minibatches > 1
+    epochs: int = 1
+    minibatches: int = 1
+    eval_every: int = 10  # RL steps between greedy evaluations (0: only at the end)
+    max_grad_norm: float | None = 1.0
+
+
+@dataclasses.dataclass
+class CorrectConfig:
+    """SCoRe on a verifiable task with a tiny random-init model and a character tokenizer
+    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed.
+    ``output_dir`` gets the resolved config, ``results.json``, ``report.md`` and plots."""
+
+    output_dir: str = MISSING
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    model: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1, fsdp=1, tensor=1))
+    task: CorrectTaskConfig = dataclasses.field(default_factory=CorrectTaskConfig)
+    format: EpisodeFormatConfig = dataclasses.field(default_factory=EpisodeFormatConfig)
+    warmup: CorrectWarmupConfig = dataclasses.field(default_factory=CorrectWarmupConfig)
+    stage1: ScoreStageConfig = dataclasses.field(default_factory=ScoreStageConfig)
+    stage2: ScoreStageConfig = dataclasses.field(default_factory=ScoreStageConfig)
+    eval_size: int = 256  # held-out problems (rumor_correction: every record, up to this many)
+    progress: bool = True
+
+
 # -- unknown-key check ---------------------------------------------------------------------------
 
 

@@ -69,6 +69,8 @@ class StageRun:
     minibatches: int = 1
     eval_every: int = 0  # RL steps between evaluations (0: only at the end of the stage)
     max_grad_norm: float | None = 1.0
+    schedule: str = "constant"  # the learning-rate schedule (train.optim): constant | cosine | linear
+    warmup_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -155,7 +157,7 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:
-    optim = OptimConfig(lr=run.lr, schedule="constant", max_grad_norm=run.max_grad_norm)
+    optim = OptimConfig(lr=run.lr, schedule=run.schedule, warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm)
     optimizer, schedule = make_optimizer(optim, max(1, run.steps * run.epochs * run.minibatches))
     return TrainStep(partition(model), loss_fn, optimizer, mesh=mesh, schedule=schedule)
 
@@ -227,7 +229,7 @@ def run_score(
     fmt: TwoTurnFormat,
     mesh,
     *,
-    warmup: StageRun,
+    warmup: StageRun | None,
     stage1: tuple[score.ScoreStage, StageRun] | None,
     stage2: tuple[score.ScoreStage, StageRun] | None,
     eval_size: int = 64,
@@ -238,12 +240,17 @@ def run_score(
 ) -> ScoreRunResult:
     """Warm-up SFT, then Stage I and Stage II (either may be skipped), evaluated greedily on
     ``eval_problems`` (default: ``eval_size`` problems drawn from seed ``10_000 + seed``, apart
-    from the training draws) after each stage."""
+    from the training draws) after each stage.
+
+    ``warmup=None`` takes ``model`` as already warmed up (e.g. to run several RL variants from
+    one warm-up); it is still the frozen reference and the ``"warmup"`` row of the metrics.
+    """
     if eval_problems is None:
         eval_problems = make_problems(task, eval_size, seed=10_000 + seed)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
-    model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed, progress=progress)
+    if warmup is not None:
+        model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed, progress=progress)
     reference = frozen_copy(model)
     results = {"warmup": evaluate(model, task, eval_problems, tok, fmt)}
     seconds["warmup"] = time.perf_counter() - began

@@ -1,0 +1,183 @@
+"""Self-correction reports: the stage-by-stage metric table over seeds, ``results.json`` and a
+plot of Acc@t1 / Acc@t2 over RL steps.
+
+``results.json`` (written by :func:`write_report`)::
+
+    {"run": "score_arithmetic", "task": "carry_arithmetic", "seeds": [0, 1, 2],
+     "runs": {"0": {"metrics": {"warmup": {...}, "stage1": {...}, "stage2": {...}},
+                    "history": [{"stage": "stage1", "step": 10, "rl_step": 10, "acc_t1": ...}, ...],
+                    "seconds": {"warmup": 41.2, "stage1": 20.3, "stage2": 31.0}}, ...},
+     "summary": {"stage2": {"acc_t2": {"mean": ..., "std": ..., "min": ..., "max": ..., "n": 3}, ...}},
+     "timing": {...}, "machine": {...}}
+
+The markdown uses the evaluation reports' number format (:func:`offside_jax.eval.report.fmt`)
+and writes files atomically (:mod:`offside_jax.eval.outputs`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offside_jax.eval.outputs import read_json, write_json, write_text
+from offside_jax.eval.report import fmt
+
+# (key, column label) in table order.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("acc_t1", "Acc@t1"),
+    ("acc_t2", "Acc@t2"),
+    ("delta", "Δ"),
+    ("delta_i_to_c", "Δ i→c"),
+    ("delta_c_to_i", "Δ c→i"),
+    ("cl", "CL"),
+    ("cs", "CS"),
+    ("rss", "RSS"),
+)
+STAGES: tuple[tuple[str, str], ...] = (("warmup", "warm-up SFT"), ("stage1", "SCoRe Stage I"), ("stage2", "SCoRe Stage II"))
+PLOT = "accuracy.png"
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """``mean``, ``std`` (sample, ddof 1; 0 for one value), ``min``, ``max`` and ``n`` of the
+    finite values (NaN, e.g. CL with Acc@t1 = 0, and None are left out)."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if finite.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": float(finite.mean()),
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "n": int(finite.size),
+    }
+
+
+def summarize(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per stage and metric, the :func:`spread` over the runs (one per seed)."""
+    stages = [s for s, _ in STAGES if any(s in r["metrics"] for r in runs.values())]
+    return {
+        stage: {key: spread([r["metrics"].get(stage, {}).get(key) for r in runs.values()]) for key, _ in METRICS}
+        for stage in stages
+    }
+
+
+def _mean_std(cell: Mapping[str, Any] | None) -> str:
+    if not cell or cell.get("mean") is None:
+        return "-"
+    return fmt(cell["mean"]) if cell["n"] < 2 else f"{fmt(cell['mean'])} ± {fmt(cell['std'])}"
+
+
+def stage_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per stage, ``mean ± std`` over seeds per metric."""
+    rows = ["| after | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for stage, label in STAGES:
+        if stage in summary:
+            rows.append(f"| {label} | " + " | ".join(_mean_std(summary[stage].get(key)) for key, _ in METRICS) + " |")
+    return "\n".join(rows)
+
+
+def seed_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per (seed, stage) with every metric."""
+    rows = ["| seed | after | " + " | ".join(label for _, label in METRICS) + " | seconds |",
+            "|---:|---|" + "---:|" * (len(METRICS) + 1)]
+    for seed, run in runs.items():
+        for stage, label in STAGES:
+            if stage in run["metrics"]:
+                values = " | ".join(fmt(_finite(run["metrics"][stage].get(key))) for key, _ in METRICS)
+                rows.append(f"| {seed} | {label} | {values} | {fmt(run.get('seconds', {}).get(stage))} |")
+    return "\n".join(rows)
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Acc@t1 (dashed) and Acc@t2 (solid) over RL steps: one thin line per seed, the mean over
+    seeds thick (where every seed was evaluated), the stage boundary as a vertical line."""
+    histories = [r["history"] for r in runs.values() if r.get("history")]
+    if not histories:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    for key, style, color in (("acc_t1", "--", "tab:blue"), ("acc_t2", "-", "tab:orange")):
+        by_step: dict[int, list[float]] = {}
+        for history in histories:
+            steps = [h["rl_step"] for h in history]
+            values = [h[key] for h in history]
+            ax.plot(steps, values, style, color=color, alpha=0.3, lw=1)
+            for s, v in zip(steps, values):
+                by_step.setdefault(s, []).append(v)
+        common = sorted(s for s, v in by_step.items() if len(v) == len(histories))
+        label = {"acc_t1": "Acc@t1 (first attempt)", "acc_t2": "Acc@t2 (after self-correction)"}[key]
+        ax.plot(common, [np.mean(by_step[s]) for s in common], style, color=color, lw=2.2, marker="o", ms=3,
+                label=f"{label}, mean of {len(histories)} seed(s)")
+    boundaries = sorted({h["rl_step"] - h["step"] for history in histories for h in history if h["stage"] == "stage2"})
+    for b in boundaries[:1]:
+        ax.axvline(b, color="grey", ls=":", lw=1)
+        ax.text(b, 1.02, " Stage II", color="grey", fontsize=8, va="bottom")
+    ax.text(0, 1.02, " Stage I", color="grey", fontsize=8, va="bottom")
+    ax.set_xlabel("RL steps (0 = after warm-up SFT)")
+    ax.set_ylabel("greedy accuracy on held-out problems")
+    ax.set_ylim(-0.02, 1.08)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    runs = results["runs"]
+    n = len(runs)
+    parts = [f"# Self-correction (SCoRe): {results.get('run', '')}", ""]
+    if results.get("description"):
+        parts += [str(results["description"]), ""]
+    parts += [
+        "## Stage by stage", "",
+        f"Greedy two-turn evaluation on {results.get('eval_problems', '?')} held-out problems of `{results.get('task', '')}` "
+        f"after each stage; mean ± sample standard deviation over {n} seed(s) ({', '.join(runs)}). "
+        "Δ = Acc@t2 − Acc@t1 = Δ i→c − Δ c→i (fractions of all problems); CL = P(right at t2 | right at t1), "
+        "CS = P(right at t2 | wrong at t1), RSS = (Acc@t2 − Acc@t1²) / (2 Acc@t1 (1 − Acc@t1)).",
+        "", stage_table(results["summary"]), "",
+        "## Per seed", "", seed_table(runs), "",
+    ]
+    if plots:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
+    if results.get("timing"):
+        parts += ["## Time", "", "| what | seconds |", "|---|---:|"]
+        parts += [f"| {k} | {v:.1f} |" for k, v in results["timing"].items()] + [""]
+    if results.get("machine"):
+        parts += ["Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``results.json`` (when given; it gets its ``summary``), ``report.md`` and
+    ``plots/accuracy.png`` in ``run_dir``; returns the paths written."""
+    run_dir = Path(run_dir)
+    if results is None:
+        results = read_json(run_dir / "results.json")
+    if not results.get("runs"):
+        raise ValueError(f"{run_dir}: results have no runs to report")
+    results = {**results, "summary": summarize(results["runs"])}
+    write_json(run_dir / "results.json", results)
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    tmp = plot_dir / f".{PLOT}.tmp.png"
+    made = []
+    if plot_accuracy(results["runs"], tmp, title=f"{results.get('run', '')}: SCoRe on {results.get('task', '')}") is not None:
+        os.replace(tmp, plot_dir / PLOT)
+        made.append(str(plot_dir / PLOT))
+    report = write_text(run_dir / "report.md", render_markdown(results, made))
+    return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}

@@ -1,0 +1,206 @@
+"""`offside-jax correct`: a :class:`~offside_jax.config.CorrectConfig` in, SCoRe run per seed, a
+report out.
+
+For each seed: a random-init tiny model over a character tokenizer of the task's alphabet,
+warm-up SFT on the task's buggy-first traces, Stage I, Stage II
+(:func:`offside_jax.correct.driver.run_score`), greedy two-turn evaluation after each stage.
+``output_dir`` receives, all at once when every seed is done (an interrupted run leaves the
+previous results or none), the resolved ``config.yaml``, ``results.json``, ``report.md`` and
+``plots/accuracy.png`` (:mod:`offside_jax.correct.report`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from offside_jax import config as config_lib
+from offside_jax.config import ConfigError, CorrectConfig, CorrectTaskConfig, ScoreStageConfig
+
+TASK_NAMES = ("carry_arithmetic", "countdown_mini", "rumor_correction")
+
+
+# -- building blocks from the config ------------------------------------------------------------------
+
+
+def rumor_records(cfg: CorrectTaskConfig) -> tuple[dict[str, str], ...]:
+    """``{question, rumor, fact}`` of the text records of ``cfg.release`` / ``cfg.setting`` /
+    ``cfg.split`` that state a rumor with a verified correction (``attributes`` filters),
+    one per question."""
+    from offside_jax.data.offside import OffsideDataError, load_release
+    from offside_jax.data.tasks import rumor_record_from_offside
+
+    if not cfg.release:
+        raise ConfigError("task.release: rumor_correction needs an OFFSIDE release directory (e.g. from `offside-jax make-data --out DIR`)")
+    try:
+        release = load_release(cfg.release, [cfg.setting], check_images=False)
+    except (OffsideDataError, FileNotFoundError) as e:
+        raise ConfigError(f"task.release {cfg.release!r}: {e}") from None
+    splits = release.splits.get(cfg.setting, {})
+    if cfg.split not in splits:
+        raise ConfigError(f"task.split {cfg.split!r} is not in {cfg.release}/{cfg.setting}; splits: {', '.join(sorted(splits))}")
+    records: dict[str, dict[str, str]] = {}
+    for example in splits[cfg.split]:
+        if example.modality != "text" or (cfg.attributes and example.attribute not in cfg.attributes):
+            continue
+        record = rumor_record_from_offside(dataclasses.asdict(example))
+        if record is not None:
+            records.setdefault(record["question"], record)
+    if not records:
+        wanted = f" with attribute in {cfg.attributes}" if cfg.attributes else ""
+        raise ConfigError(f"task: no text rumor records with a corrected answer{wanted} in {cfg.release}/{cfg.setting}/{cfg.split}")
+    return tuple(records.values())
+
+
+def build_task(cfg: CorrectTaskConfig):
+    """The :mod:`offside_jax.data.tasks` task named by ``cfg.name``."""
+    from offside_jax.data import tasks
+
+    common = dict(p_bug=cfg.p_bug, p_fix=cfg.p_fix)
+    try:
+        if cfg.name == "carry_arithmetic":
+            return tasks.CarryArithmetic(min_digits=cfg.min_digits, max_digits=cfg.max_digits, ops=cfg.ops, **common)
+        if cfg.name == "countdown_mini":
+            return tasks.CountdownMini(min_numbers=cfg.min_numbers, max_numbers=cfg.max_numbers, **common)
+        if cfg.name == "rumor_correction":
+            return tasks.RumorCorrection(rumor_records(cfg), **common)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task: {e}") from None
+    raise ConfigError(f"task.name {cfg.name!r} is not one of {', '.join(TASK_NAMES)}")
+
+
+def episode_format(cfg: CorrectConfig):
+    from offside_jax.correct.driver import TwoTurnFormat
+
+    fmt = TwoTurnFormat(max_new_tokens=cfg.format.max_new_tokens, length=cfg.format.length)
+    if cfg.format.instruction is not None:
+        fmt = dataclasses.replace(fmt, instruction=cfg.format.instruction)
+    if fmt.max_new_tokens < 1:
+        raise ConfigError(f"format.max_new_tokens must be >= 1, got {fmt.max_new_tokens}")
+    return fmt
+
+
+def build_tokenizer(task, fmt):
+    """Characters of the task's alphabet and of the instruction."""
+    from offside_jax.correct.chars import CharTokenizer
+
+    return CharTokenizer.for_texts([task.alphabet, fmt.instruction])
+
+
+def build_model(cfg: CorrectConfig, tokenizer, seed: int):
+    """A random-init tiny model with the tokenizer's vocabulary, placed on the mesh."""
+    from offside_jax.models.auto import create_model
+    from offside_jax.train.finetune import tiny_hf_config
+
+    try:
+        hf_config = tiny_hf_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), tokenizer)
+        return create_model(hf_config, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def stage_spec(cfg: ScoreStageConfig, stage: int, where: str):
+    """``(ScoreStage, StageRun)`` for the driver, or ``None`` when the stage is disabled."""
+    from offside_jax.correct.driver import StageRun
+    from offside_jax.correct.score import ScoreStage
+
+    if not cfg.enabled:
+        return None
+    try:
+        objective = ScoreStage(
+            stage=stage, alpha=cfg.alpha, beta1=cfg.beta1, beta2=cfg.beta2, reward_first=cfg.reward_first,
+            advantage=cfg.advantage, group_size=cfg.group_size, first_attempt_baseline=cfg.first_attempt_baseline,
+            kl_in_reward=cfg.kl_in_reward, kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, lr=cfg.lr,
+            temperature=cfg.temperature,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if cfg.steps < 1 or cfg.problems_per_step < 1:
+        raise ConfigError(f"{where}: steps and problems_per_step must be >= 1 (got {cfg.steps}, {cfg.problems_per_step}); set {where}.enabled=false to skip the stage")
+    if (cfg.problems_per_step * cfg.group_size) % cfg.minibatches:
+        raise ConfigError(f"{where}: {cfg.problems_per_step} problems x {cfg.group_size} samples do not split into {cfg.minibatches} minibatches")
+    run = StageRun(steps=cfg.steps, lr=cfg.lr, problems_per_step=cfg.problems_per_step, epochs=cfg.epochs,
+                   minibatches=cfg.minibatches, eval_every=cfg.eval_every, max_grad_norm=cfg.max_grad_norm)
+    return objective, run
+
+
+def eval_problems(task, n: int, seed: int):
+    """Held-out problems: every record of a finite task (rumors; up to ``n``), else ``n`` draws
+    from a seed apart from the training draws."""
+    from offside_jax.data.tasks import make_problems
+
+    if hasattr(task, "records"):
+        return [task.problem(i) for i in range(min(n, len(task.records)))]
+    return make_problems(task, n, seed=10_000 + seed)
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+
+def validate(cfg: CorrectConfig) -> None:
+    """Fail before any training on what the config alone shows to be wrong."""
+    if not cfg.seeds:
+        raise ConfigError("seeds: give at least one seed, e.g. seeds=[0,1,2]")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds {list(cfg.seeds)} repeat a seed")
+    if cfg.eval_size < 1:
+        raise ConfigError(f"eval_size must be >= 1, got {cfg.eval_size}")
+    if cfg.warmup.steps < 1 or cfg.warmup.problems_per_step < 1:
+        raise ConfigError(f"warmup: steps and problems_per_step must be >= 1 (got {cfg.warmup.steps}, {cfg.warmup.problems_per_step})")
+    if cfg.task.name not in TASK_NAMES:
+        raise ConfigError(f"task.name {cfg.task.name!r} is not one of {', '.join(TASK_NAMES)}")
+
+
+def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
+    """Run every seed and write the report; returns the results (``results.json``)."""
+    validate(cfg)
+    task = build_task(cfg.task)
+    fmt = episode_format(cfg)
+    stages = (stage_spec(cfg.stage1, 1, "stage1"), stage_spec(cfg.stage2, 2, "stage2"))
+
+    import jax
+
+    from offside_jax.correct import driver
+    from offside_jax.correct.report import summarize, write_report
+    from offside_jax.eval.outputs import staged_dir, write_yaml
+    from offside_jax.correct.driver import StageRun
+    from offside_jax.train import mesh as mesh_lib
+
+    tokenizer = build_tokenizer(task, fmt)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    warmup = StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
+                      max_grad_norm=cfg.warmup.max_grad_norm)
+    runs: dict[str, Any] = {}
+    began = time.perf_counter()
+    cpu_began = time.process_time()
+    for seed in cfg.seeds:
+        log(f"seed {seed}: warm-up {cfg.warmup.steps} steps, stage I {cfg.stage1.steps if stages[0] else 0}, "
+            f"stage II {cfg.stage2.steps if stages[1] else 0} on {task.name}")
+        problems = eval_problems(task, cfg.eval_size, seed)
+        result = driver.run_score(
+            build_model(cfg, tokenizer, seed), task, tokenizer, fmt, mesh,
+            warmup=warmup, stage1=stages[0], stage2=stages[1], eval_problems=problems, seed=seed, progress=cfg.progress,
+        )
+        runs[str(seed)] = {"metrics": result.metrics, "history": result.history, "seconds": result.seconds}
+        log(f"seed {seed}: " + "; ".join(f"{stage} acc_t1 {m['acc_t1']:.3f} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f}"
+                                          for stage, m in result.metrics.items()))
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    results = {
+        "run": Path(cfg.output_dir).name,
+        "task": task.name,
+        "seeds": list(cfg.seeds),
+        "eval_problems": len(problems),
+        "runs": runs,
+        "timing": {"total wall": wall, "total CPU (process)": cpu, "wall per seed": wall / len(cfg.seeds)},
+        "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
+                    "python": platform.python_version(), "jax": jax.__version__},
+    }
+    with staged_dir(cfg.output_dir) as tmp:
+        write_yaml(tmp / "config.yaml", config_lib.to_dict(cfg))
+        write_report(tmp, results)
+    return {**results, "summary": summarize(runs)}

@@ -455,6 +455,9 @@ class CorrectConfig:
     stage1: ScoreStageConfig = dataclasses.field(default_factory=ScoreStageConfig)
     stage2: ScoreStageConfig = dataclasses.field(default_factory=ScoreStageConfig)
     eval_size: int = 256  # held-out problems (rumor_correction: every record, up to this many)
+    # Also run both stages with the learning rate at 0 from the first seed's warm-up (the same
+    # rollouts, rewards and steps, no update): the report's control row.
+    lr0_control: bool = False
     progress: bool = True
 
 

@@ -152,6 +152,15 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         "", stage_table(results["summary"]), "",
         "## Per seed", "", seed_table(runs), "",
     ]
+    if results.get("control"):
+        c = results["control"]
+        rows = ["| after (lr = 0) | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+        for stage, label in STAGES:
+            if stage in c["metrics"]:
+                rows.append(f"| {label} | " + " | ".join(fmt(_finite(c["metrics"][stage].get(k))) for k, _ in METRICS) + " |")
+        parts += [f"## Control: the same stages with the learning rate at 0 (seed {c['seed']})", "",
+                  "Same warm-up, rollouts, rewards and steps, no parameter update: what the pipeline shows without "
+                  "learning.", "", "\n".join(rows), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     if results.get("timing"):

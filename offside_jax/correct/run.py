@@ -168,35 +168,51 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     from offside_jax.correct import driver
     from offside_jax.correct.report import summarize, write_report
     from offside_jax.eval.outputs import staged_dir, write_yaml
-    from offside_jax.correct.driver import StageRun
     from offside_jax.train import mesh as mesh_lib
 
     tokenizer = build_tokenizer(task, fmt)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    warmup = StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
+    warmup = driver.StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
                       max_grad_norm=cfg.warmup.max_grad_norm)
     runs: dict[str, Any] = {}
     began = time.perf_counter()
     cpu_began = time.process_time()
+    control: dict[str, Any] | None = None
     for seed in cfg.seeds:
         log(f"seed {seed}: warm-up {cfg.warmup.steps} steps, stage I {cfg.stage1.steps if stages[0] else 0}, "
             f"stage II {cfg.stage2.steps if stages[1] else 0} on {task.name}")
         problems = eval_problems(task, cfg.eval_size, seed)
-        result = driver.run_score(
-            build_model(cfg, tokenizer, seed), task, tokenizer, fmt, mesh,
-            warmup=warmup, stage1=stages[0], stage2=stages[1], eval_problems=problems, seed=seed, progress=cfg.progress,
-        )
+        kw = dict(eval_problems=problems, seed=seed, progress=cfg.progress)
+        warmed_at = time.perf_counter()
+        warmed = driver.run_warmup(build_model(cfg, tokenizer, seed), task, tokenizer, fmt, warmup, mesh, seed=seed, progress=cfg.progress)
+        warmup_seconds = time.perf_counter() - warmed_at
+        # The stages donate the parameters they train: give each run its own copy.
+        result = driver.run_score(driver.frozen_copy(warmed), task, tokenizer, fmt, mesh, warmup=None,
+                                  stage1=stages[0], stage2=stages[1], **kw)
+        result.seconds["warmup"] += warmup_seconds
         runs[str(seed)] = {"metrics": result.metrics, "history": result.history, "seconds": result.seconds}
         log(f"seed {seed}: " + "; ".join(f"{stage} acc_t1 {m['acc_t1']:.3f} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f}"
                                           for stage, m in result.metrics.items()))
+        if cfg.lr0_control and control is None:
+            frozen = [None if s is None else (s[0], dataclasses.replace(s[1], lr=0.0)) for s in stages]
+            still = driver.run_score(warmed, task, tokenizer, fmt, mesh, warmup=None, stage1=frozen[0], stage2=frozen[1], **kw)
+            control = {"seed": seed, "metrics": still.metrics, "history": still.history, "seconds": still.seconds}
+            log(f"seed {seed}, lr = 0 control: " + "; ".join(f"{stage} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f}"
+                                                             for stage, m in still.metrics.items()))
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    control_wall = sum(control["seconds"].values()) if control is not None else 0.0
+    timing = {"total wall": wall, "total CPU (process)": cpu, "wall per seed": (wall - control_wall) / len(cfg.seeds)}
+    if control is not None:
+        timing["lr = 0 control"] = control_wall
     results = {
         "run": Path(cfg.output_dir).name,
         "task": task.name,
         "seeds": list(cfg.seeds),
         "eval_problems": len(problems),
         "runs": runs,
-        "timing": {"total wall": wall, "total CPU (process)": cpu, "wall per seed": wall / len(cfg.seeds)},
+        **({"control": control} if control is not None else {}),
+        "tokenizer": {"kind": "characters", "vocab_size": tokenizer.vocab_size},
+        "timing": timing,
         "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
                     "python": platform.python_version(), "jax": jax.__version__},
     }

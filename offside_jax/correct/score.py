@@ -17,7 +17,9 @@ are credited with attempt ``k``'s reward only.
 Per turn ``k``, the return is ``R_k = reward_k - c_k * sum_{t in turn k} k1_t`` when the KL is
 in the reward (default; ``c`` = (beta2, beta1) in Stage I, (beta1, beta1) in Stage II), and
 the advantage is RLOO over the ``G`` episodes of one problem (adjacent rows) or the group
-mean baseline. With ``kl_in_reward=False`` the KL is ``c_k * k`` per token in the loss.
+mean baseline; attempt 2 is by default baselined among the episodes whose attempt 1 got the
+same reward (:func:`score_advantages`). With ``kl_in_reward=False`` the KL is ``c_k * k`` per
+token in the loss. Log-probs are taken at the stage's sampling temperature.
 
 Batch keys of :func:`make_score_loss` (besides ``input_ids``, ``attention_mask``,
 ``loss_mask`` of :mod:`offside_jax.correct.rl`):

@@ -12,7 +12,48 @@ import sys
 def _cmd_demo(args: argparse.Namespace) -> int:
     from offside_jax.demo import run_demo
 
-    return run_demo(max_new_tokens=args.max_new_tokens)
+    return run_demo(args.config, args.overrides)
+
+
+def _cmd_chat_demo(args: argparse.Namespace) -> int:
+    from offside_jax.chat_demo import run_chat_demo
+
+    return run_chat_demo(max_new_tokens=args.max_new_tokens)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from offside_jax.benchmark import load_benchmark_config, run_benchmark
+    from offside_jax.config import ConfigError
+    from offside_jax.eval.report import method_table
+
+    try:
+        cfg = load_benchmark_config(args.config, args.overrides)
+        results = run_benchmark(cfg)
+    except ConfigError as e:
+        print(f"offside-jax benchmark: {e}", file=sys.stderr)
+        return 2
+    print(method_table(results))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from offside_jax.eval.report import compare_runs, write_report
+
+    try:
+        if len(args.runs) == 1 and not args.out:
+            paths = write_report(args.runs[0])
+            print(f"wrote {paths['report']}")
+        table = compare_runs(args.runs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"offside-jax report: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(table + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    print(table)
+    return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -92,9 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offside-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="answer general-knowledge questions with SmolLM2-135M (GGUF)")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo = sub.add_parser("demo", help="the OFFSIDE benchmark end to end on a tiny model (configs/demo.yaml)")
+    demo.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml, else built-in)")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[ga,npo] attack_methods=[]")
     demo.set_defaults(func=_cmd_demo)
+
+    chat_demo = sub.add_parser("chat-demo", help="answer general-knowledge questions with SmolLM2-135M (GGUF)")
+    chat_demo.add_argument("--max-new-tokens", type=int, default=48)
+    chat_demo.set_defaults(func=_cmd_chat_demo)
+
+    benchmark = sub.add_parser("benchmark", help="an OFFSIDE benchmark run: reference models, unlearning, evaluation, "
+                                                 "attacks, report")
+    benchmark.add_argument("--config", required=True, help="YAML config (schema: offside_jax.benchmark.BenchmarkConfig)")
+    benchmark.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[ga] unlearn.steps=20")
+    benchmark.set_defaults(func=_cmd_benchmark)
+
+    report = sub.add_parser("report", help="rewrite a run's report, or compare several runs in one table")
+    report.add_argument("runs", nargs="+", help="benchmark run directories (each with results.json)")
+    report.add_argument("--out", default=None, help="write the comparison table to this markdown file")
+    report.set_defaults(func=_cmd_report)
 
     finetune = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on chat JSON lines")
     finetune.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.FinetuneConfig)")

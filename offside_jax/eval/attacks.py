@@ -304,10 +304,16 @@ class AttackConfig:
     relearn_tune: TuneConfig = dataclasses.field(default_factory=lambda: TuneConfig(steps=24, lr=1e-4))
     relearn_curve_every: int = 8  # evaluate the forget set every this many relearning steps (0: start and end)
     relearn_test_sets: list[str] = dataclasses.field(default_factory=lambda: ["forget", "retain"])
+    # Attacked models are scored on their answers; answer probabilities are off by default
+    # (they would double the cost and attacks are judged by what the model says).
+    likelihood: bool = False
+    max_examples: int | None = None  # per attacked task: a stratified subset of the suite's items (None: all)
 
 
-def _subset(tasks: Iterable[Task], test_sets: Sequence[str]) -> list[Task]:
-    return [t for t in tasks if t.test_set in test_sets]
+def _subset(tasks: Iterable[Task], test_sets: Sequence[str], limit: int | None = None, seed: int = 0) -> list[Task]:
+    from offside_jax.eval.items import subsample
+
+    return [dataclasses.replace(t, items=tuple(subsample(t.items, limit, seed))) for t in tasks if t.test_set in test_sets]
 
 
 def run_attacks(model: nnx.Module, suite: Any, config: AttackConfig | None = None, *,
@@ -325,6 +331,8 @@ def run_attacks(model: nnx.Module, suite: Any, config: AttackConfig | None = Non
     if unknown:
         raise ValueError(f"unknown prompt attack(s) {unknown}; registered: {sorted(PROMPT_ATTACKS)}")
     base = evaluation_model(model)
+    if suite.config.likelihood != config.likelihood:
+        suite = suite.with_config(dataclasses.replace(suite.config, likelihood=config.likelihood))
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, Any] = {}
 
@@ -332,16 +340,24 @@ def run_attacks(model: nnx.Module, suite: Any, config: AttackConfig | None = Non
         return None if out is None else out / attack
 
     context = AttackContext(suite.release)
+    seed = suite.config.seed
+    if config.max_examples is not None:
+        # Attacks then see a subset: score the unattacked model on the same items to compare with.
+        clean_tasks = _subset(suite.tasks, sorted(set(config.prompt_test_sets) | set(config.quantize_test_sets)),
+                              config.max_examples, seed)
+        run = suite.with_tasks(clean_tasks).run(base, sub_dir("clean"), name=f"{name} (no attack)", progress=progress)
+        results["clean"] = {"kind": "clean", "description": "no attack, the attacked items",
+                            "n": sum(len(t.items) for t in clean_tasks), "summary": run["summary"]}
     for attack_name in config.prompt:
         attack = PROMPT_ATTACKS[attack_name]
-        tasks = attack_tasks(suite.tasks, attack, context, config.prompt_test_sets)
+        tasks = attack_tasks(_subset(suite.tasks, config.prompt_test_sets, config.max_examples, seed), attack, context)
         if not tasks:
             continue
         run = suite.with_tasks(tasks).run(base, sub_dir(f"prompt_{attack_name}"), name=f"{name} + {attack_name}",
                                           info={"attack": dataclasses.asdict(attack)}, progress=progress)
         results[f"prompt_{attack_name}"] = {"kind": "prompt", "description": attack.description,
                                             "n": sum(len(t.items) for t in tasks), "summary": run["summary"]}
-    quant_tasks = _subset(suite.tasks, config.quantize_test_sets)
+    quant_tasks = _subset(suite.tasks, config.quantize_test_sets, config.max_examples, seed)
     for bits in config.quantize_bits:
         if not quant_tasks:
             break
@@ -365,7 +381,7 @@ def relearning_attack(model: nnx.Module, suite: Any, config: AttackConfig, *, ou
     evaluate the ``relearn_test_sets`` tasks."""
     modality = "image" if suite.encoder.supports_images and "image" in suite.config.modalities else "text"
     pairs = relearn_pairs(suite.release, modality)
-    curve_tasks = [t for t in suite.tasks if t.test_set == "forget" and t.fmt == "gen"]
+    curve_tasks = [t for t in _subset(suite.tasks, ["forget"], config.max_examples, suite.config.seed) if t.fmt == "gen"]
     curve = suite.with_tasks(curve_tasks) if curve_tasks else None
     steps = config.relearn_tune.steps
     every = config.relearn_curve_every
@@ -376,7 +392,7 @@ def relearning_attack(model: nnx.Module, suite: Any, config: AttackConfig, *, ou
 
     tuned = tune(model, suite.encoder, pairs, config.relearn_tune, evaluate=score if curve else None,
                  evaluate_at=at, progress=progress)
-    final_tasks = _subset(suite.tasks, config.relearn_test_sets)
+    final_tasks = _subset(suite.tasks, config.relearn_test_sets, config.max_examples, suite.config.seed)
     run = suite.with_tasks(final_tasks).run(tuned.model, out_dir, name=f"{name} relearned",
                                             info={"relearn": dataclasses.asdict(config.relearn_tune),
                                                   "pairs": len(pairs)}, progress=progress)

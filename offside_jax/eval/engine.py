@@ -173,9 +173,25 @@ def make_encoder(processor_or_tokenizer: Any) -> PromptEncoder:
     return TextPrompts(processor_or_tokenizer)
 
 
-def evaluation_model(model: nnx.Module) -> nnx.Module:
-    """The model to evaluate: a merged copy when it carries LoRA adapters (see module doc)."""
-    return lora.merged_copy(model) if lora.has_adapters(model) else model
+def evaluation_model(model: nnx.Module, mesh: Any | None = None) -> nnx.Module:
+    """The model to evaluate: a merged copy when it carries LoRA adapters (see module doc),
+    its variables placed on ``mesh`` by the rules table when one is given.
+
+    Placing every evaluated model the same way matters beyond memory: a jitted program is
+    compiled per input sharding, so models fresh from training (on a mesh) and models
+    loaded from disk (on one device) would otherwise each compile their own.
+    """
+    if lora.has_adapters(model):
+        model = lora.merged_copy(model)
+    if mesh is None:
+        return model
+    from offside_jax.train import mesh as mesh_lib
+
+    graphdef, state = nnx.split(model)
+    placed = jax.device_put(nnx.to_pure_dict(state), mesh_lib.state_shardings(state, mesh))
+    out = nnx.merge(graphdef, state)
+    nnx.update(out, placed)
+    return out
 
 
 def batch_indices(has_image: Sequence[bool], lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

@@ -43,7 +43,12 @@ TEST_SETS: dict[str, tuple[str, str]] = {
 # What each test set measures, for reports.
 PURPOSE: dict[str, str] = {
     "forget": "efficacy", "test": "generalization", "retain": "utility", "world": "utility", "relearn": "robustness",
+    "general": "utility",
 }
+# Not from the release: real-world questions a pretrained model should keep answering
+# (``eval/templates/general_knowledge.yaml``); text generation only.
+GENERAL = "general"
+GENERAL_FILE = "general_knowledge.yaml"
 # Test sets whose text-only twins live in pure_text_data (same split names).
 TEXT_TWIN_SETS = ("forget", "retain")
 FORMATS = ("gen", "mcq")
@@ -77,6 +82,8 @@ class EvalItem:
     # Likelihood: answers whose probability is scored. [0] is the reference; for a truth
     # ratio, [1:] are wrong answers (the other options inside the reference sentence).
     answers: tuple[str, ...] = ()
+    # Phrases a right answer contains (general knowledge: "Paris"); scored as key accuracy.
+    keys: tuple[str, ...] = ()
     player_id: int | None = None
     image_id: int | None = None
     attribute: str | None = None
@@ -210,13 +217,18 @@ def build_tasks(
     """
     root = Path(release.root)
     modalities, formats = tuple(modalities), tuple(formats)
-    for name, allowed, given in (("test set", TEST_SETS, test_sets), ("modality", MODALITIES, modalities),
+    test_sets = tuple(test_sets)
+    for name, allowed, given in (("test set", (*TEST_SETS, GENERAL), test_sets), ("modality", MODALITIES, modalities),
                                  ("format", FORMATS, formats)):
         bad = sorted(set(given) - set(allowed))
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; expected some of {list(allowed)}")
     tasks = []
     for test_set in test_sets:
+        if test_set == GENERAL:
+            if "gen" in formats:
+                tasks.append(Task(GENERAL, "text", "gen", tuple(general_knowledge_items())))
+            continue
         qa_split, mcq_split = TEST_SETS[test_set]
         qa = _split(release, "complete", qa_split)
         mcq = _split(release, "complete", mcq_split)
@@ -250,23 +262,50 @@ def _items(release, root, test_set, modality, fmt, qa, mcq, mcq_by_key, text_onl
             for e in mcq if (k := _key(e)) is not None and k in twin_question]
 
 
+def general_knowledge_items() -> list[EvalItem]:
+    """The packaged general-knowledge questions as text generation items."""
+    import importlib.resources
+
+    import yaml
+
+    text = importlib.resources.files("offside_jax.eval.templates").joinpath(GENERAL_FILE).read_text(encoding="utf-8")
+    items = []
+    for k, q in enumerate(yaml.safe_load(text)["questions"]):
+        keys = (str(q["key"]), *(str(a) for a in q.get("aliases", ())))
+        items.append(EvalItem(uid=f"{GENERAL_FILE}:{k}", test_set=GENERAL, modality="text", fmt="gen",
+                              question=q["question"], prompt=q["question"], reference=q["answer"],
+                              answers=(q["answer"],), keys=keys))
+    return items
+
+
 def subsample(items: Sequence[EvalItem], limit: int | None, seed: int = 0) -> list[EvalItem]:
-    """At most ``limit`` items, drawn round-robin from (is_rumor, attribute) groups in a
-    seeded order, returned in their original order (deterministic)."""
+    """At most ``limit`` items, deterministic, returned in their original order.
+
+    Draws alternate between rumor and other questions, and within each between attributes
+    (round-robin, each in a seeded order), so small subsets still fill every slice.
+    """
     if limit is None or len(items) <= limit:
         return list(items)
     if limit < 1:
         raise ValueError(f"max_examples must be >= 1, got {limit}")
     rng = np.random.default_rng(seed)
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    levels: dict[bool, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, item in enumerate(items):
-        groups[(bool(item.is_rumor), item.attribute or "")].append(i)
-    queues = [list(rng.permutation(idx)) for _, idx in sorted(groups.items())]
+        levels[bool(item.is_rumor)][item.attribute or ""].append(i)
+    queues = {flag: [list(rng.permutation(idx)) for _, idx in sorted(groups.items())]
+              for flag, groups in sorted(levels.items(), reverse=True)}
+    turn = {flag: 0 for flag in queues}
     chosen: list[int] = []
     while len(chosen) < limit:
-        for q in queues:
-            if q and len(chosen) < limit:
-                chosen.append(int(q.pop(0)))
+        for flag, groups in queues.items():
+            for _ in range(len(groups)):  # the next attribute group that still has items
+                group = groups[turn[flag] % len(groups)]
+                turn[flag] += 1
+                if group:
+                    chosen.append(int(group.pop(0)))
+                    break
+            if len(chosen) == limit:
+                break
     return [items[i] for i in sorted(chosen)]
 
 

@@ -42,9 +42,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("retain MCQ", "retain/{m}/mcq.accuracy", "higher"),
     ("world gen", "world/text/gen.overall", "higher"),
     ("world MCQ", "world/text/mcq.accuracy", "higher"),
+    ("general gen", "general/text/gen.overall", "higher"),
+    ("general acc.", "general/text/gen.key_accuracy", "higher"),
 )
 FORGET_KEY = "forget/{m}/gen.overall"
-UTILITY_KEYS = ("retain/{m}/gen.overall", "world/text/gen.overall")
+UTILITY_KEYS = ("retain/{m}/gen.overall", "world/text/gen.overall", "general/text/gen.key_accuracy")
 PLOTS = ("tradeoff.png", "attacks.png", "relearning.png")
 
 
@@ -93,14 +95,21 @@ def method_table(results: Mapping[str, Any]) -> str:
 def attack_table(results: Mapping[str, Any]) -> str | None:
     """Forget-set generation score per method under each attack (``-`` = not run)."""
     key = FORGET_KEY.format(m=results.get("modality", "image"))
-    attacks = sorted({a for e in results["methods"].values() for a in e.get("attacks", {})})
+    attacks = sorted({a for e in results["methods"].values() for a in e.get("attacks", {}) if a != "clean"})
     if not attacks:
         return None
     rows = ["| method | none | " + " | ".join(attacks) + " |", "|---|---:|" + "---:|" * len(attacks)]
     for name, entry in _ordered(results["methods"]):
         values = [entry.get("attacks", {}).get(a, {}).get("summary", {}).get(key) for a in attacks]
-        rows.append(f"| {name} | {fmt(entry.get('summary', {}).get(key))} | " + " | ".join(fmt(v) for v in values) + " |")
+        rows.append(f"| {name} | {fmt(clean_score(entry, key))} | " + " | ".join(fmt(v) for v in values) + " |")
     return "\n".join(rows)
+
+
+def clean_score(entry: Mapping[str, Any], key: str) -> Any:
+    """The unattacked score the attacks compare with: on the attacked items when the attacks
+    ran on a subset (their ``clean`` entry), else the method's own."""
+    clean = entry.get("attacks", {}).get("clean")
+    return (clean or entry).get("summary", {}).get(key)
 
 
 def correction_table(results: Mapping[str, Any]) -> str | None:
@@ -116,6 +125,27 @@ def correction_table(results: Mapping[str, Any]) -> str | None:
         rows.append(f"| {name} | " + " | ".join(f"{fmt(c['before'].get(k))} → {fmt(c['after'].get(k))}" for k in keys)
                     + f" | {fmt(damage)} |")
     return "\n".join(rows)
+
+
+def findings_table(results: Mapping[str, Any]) -> str | None:
+    """One row per OFFSIDE finding the run could test: reproduces?, the criterion, per-method numbers."""
+    found = results.get("findings") or {}
+    if not found:
+        return None
+    rows = ["| finding | reproduces here | criterion | numbers |", "|---|---|---|---|"]
+    for name, f in found.items():
+        rows.append(f"| {name} | {'yes' if f.get('reproduces') else 'no'} | {f.get('criterion', '')} | "
+                    f"{_finding_numbers(f)} |")
+    return "\n".join(rows)
+
+
+def _finding_numbers(f: Mapping[str, Any]) -> str:
+    parts = [f"{k} {fmt(v)}" for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    per = f.get("methods") or f.get("unimodal") or {}
+    for method, values in per.items():
+        shown = ", ".join(f"{k} {fmt(v)}" if not isinstance(v, str) else f"{k} {v}" for k, v in values.items())
+        parts.append(f"{method}: {shown}")
+    return "; ".join(parts)
 
 
 def _ordered(methods: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -148,7 +178,7 @@ def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
                    color="black" if role == "reference" else None, zorder=3)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel("forget set: generation score (OFFSIDE overall; lower = forgotten)")
-    ax.set_ylabel("utility: mean retain / world-fact generation score")
+    ax.set_ylabel("utility: mean of retain, world-fact (general) scores")
     ax.set_title(f"{results.get('run', '')}: forgetting vs utility")
     ax.grid(alpha=0.3)
     ax.set_xlim(-0.05, 1.05)
@@ -164,7 +194,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     """Grouped bars: forget-set generation score per method, without and under each attack."""
     key = FORGET_KEY.format(m=results.get("modality", "image"))
     methods = [(n, e) for n, e in _ordered(results["methods"]) if e.get("attacks")]
-    attacks = sorted({a for _, e in methods for a in e["attacks"]})
+    attacks = sorted({a for _, e in methods for a in e["attacks"] if a != "clean"})
     if not methods or not attacks:
         return None
     plt = _pyplot()
@@ -174,7 +204,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     x = np.arange(len(methods))
     cmap = plt.get_cmap("tab20")
     for k, attack in enumerate(series):
-        values = [e.get("summary", {}).get(key) if attack == "none" else e["attacks"].get(attack, {}).get("summary", {}).get(key)
+        values = [clean_score(e, key) if attack == "none" else e["attacks"].get(attack, {}).get("summary", {}).get(key)
                   for _, e in methods]
         ax.bar(x + (k - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
                label=attack, color="black" if attack == "none" else cmap(k % 20))
@@ -214,7 +244,8 @@ def plot_relearning(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,7 +266,8 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
               "`forget quality` is TOFU's KS-test p-value of forget-set truth ratios against the retain-only model.",
               "", method_table(results), ""]
     for title, table in (("Attacks: forget-set generation score", attack_table(results)),
-                         ("Corrective relearning", correction_table(results))):
+                         ("Corrective relearning", correction_table(results)),
+                         ("OFFSIDE findings", findings_table(results))):
         if table:
             parts += [f"## {title}", "", table, ""]
     if results.get("notes"):

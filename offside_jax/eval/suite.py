@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import numpy as np
 from offside_jax.data.offside import Release, load_release
 from offside_jax.eval import metrics
 from offside_jax.eval.engine import PromptEncoder, answer_nll, evaluation_model, generate_texts, make_encoder
-from offside_jax.eval.items import FORMATS, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
+from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
 from offside_jax.eval.outputs import staged_dir, write_json, write_jsonl
 
 # Slices reported beside "all": name -> membership test.
@@ -66,9 +68,11 @@ class SuiteConfig:
     max_examples_per_set: dict[str, int] = dataclasses.field(default_factory=dict)  # overrides by test set
     seed: int = 0
     judge: str | None = None  # a registered eval.metrics judge; None: off
+    # Mesh (data, fsdp, tensor) every evaluated model is placed on (-1: the devices left).
+    mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])
 
     def __post_init__(self) -> None:
-        for name, allowed, given in (("test_sets", TEST_SETS, self.test_sets), ("modalities", MODALITIES, self.modalities),
+        for name, allowed, given in (("test_sets", (*TEST_SETS, GENERAL), self.test_sets), ("modalities", MODALITIES, self.modalities),
                                      ("formats", FORMATS, self.formats)):
             bad = sorted(set(given) - set(allowed))
             if bad:
@@ -104,10 +108,31 @@ class Suite:
             raise ValueError(f"{self.release.root}: the release supplies none of the requested tasks "
                              f"({self.config.test_sets} x {self.config.modalities} x {self.config.formats})")
         self.tasks = list(tasks)
+        self._mesh = None
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            import jax
+            import numpy as np
+
+            from offside_jax.train import mesh as mesh_lib
+
+            shape = tuple(self.config.mesh)
+            self._mesh = mesh_lib.make_mesh(shape, None if -1 in shape else jax.devices()[: int(np.prod(shape))])
+        return self._mesh
 
     def with_tasks(self, tasks: Sequence[Task]) -> "Suite":
         """The same release, encoder and config over other tasks (e.g. attacked prompts)."""
-        return Suite(self.release, self.encoder, self.config, tasks=tasks)
+        other = Suite(self.release, self.encoder, self.config, tasks=tasks)
+        other._mesh = self._mesh
+        return other
+
+    def with_config(self, config: SuiteConfig) -> "Suite":
+        """The same tasks scored with another config (e.g. without likelihoods)."""
+        other = Suite(self.release, self.encoder, config, tasks=self.tasks)
+        other._mesh = self._mesh
+        return other
 
     def size(self) -> int:
         return sum(len(t.items) for t in self.tasks)
@@ -118,7 +143,7 @@ class Suite:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        model = evaluation_model(model)
+        model = evaluation_model(model, self.mesh)
         total = sum(len(t.items) * (1 + (cfg.likelihood and t.fmt == "gen")) for t in self.tasks)
         bar = tqdm(total=total, desc=f"eval {name}", unit="prompt", disable=not progress, leave=False)
         judge = metrics.make_judge(cfg.judge)
@@ -191,12 +216,27 @@ def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],
                **metrics.generation_scores(item.reference, output)}
         if item.truth and item.rumor:
             row["correction"] = metrics.classify_correction(output, item.truth, item.rumor)
+        if item.keys:
+            row["mentions_key"] = mentions_any(output, item.keys)
         if likelihood is not None:
             row.update(likelihood[k])
         if judged is not None:
             row["judge"] = float(judged[k])
         rows.append(row)
     return rows
+
+
+def _words(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return " " + " ".join(re.sub(r"[\W_]+", " ", text).split()) + " "
+
+
+def mentions_any(output: str, phrases: Sequence[str]) -> bool:
+    """Whether ``output`` contains one of ``phrases`` as whole words (case-, accent- and
+    punctuation-insensitive): "It is Paris." mentions "Paris", "Parisian" does not."""
+    words = _words(output)
+    return any(_words(p).strip() and _words(p) in words for p in phrases)
 
 
 def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "robust") -> list[dict[str, Any]]:
@@ -235,6 +275,8 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]]) 
         if ratios:
             score = metrics.forget_truth_ratio_score if test_set in ("forget", "relearn") else metrics.retain_truth_ratio_score
             out.update(truth_ratio=score(ratios), n_truth_ratio=len(ratios))
+        if any("mentions_key" in r for r in rows):
+            out["key_accuracy"] = float(np.mean([bool(r["mentions_key"]) for r in rows if "mentions_key" in r]))
         if any("judge" in r for r in rows):
             out["judge"] = _mean(rows, "judge")
     else:
@@ -257,7 +299,8 @@ def aggregate(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "format": task.fmt, "n": len(rows), "slices": slices}
 
 
-HEADLINE = {"gen": ("overall", "states_rumor", "states_truth", "answer_prob", "truth_ratio"), "mcq": ("accuracy", "chose_truth")}
+HEADLINE = {"gen": ("overall", "states_rumor", "states_truth", "answer_prob", "truth_ratio", "key_accuracy"),
+            "mcq": ("accuracy", "chose_truth")}
 
 
 def summarize(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

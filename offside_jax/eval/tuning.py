@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -127,7 +128,10 @@ def tune(
     shape = tuple(config.mesh)
     # A fully specified mesh takes the first devices (no warning: a small run on purpose).
     mesh = mesh_lib.make_mesh(shape, None if -1 in shape else jax.devices()[: int(np.prod(shape))])
-    work = nnx.clone(model)
+    # A copy with its own buffers: the step donates the trainable arrays (all of them in full
+    # fine-tuning), which must not delete the caller's model.
+    graphdef, state = nnx.split(model)
+    work = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     if config.lora:
         if lora.has_adapters(work):
             work = lora.merge(work)

@@ -96,7 +96,9 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> 
 # -- advantages -------------------------------------------------------------------------------------
 
 
-def _groups(x: jax.Array, group_size: int) -> jax.Array:
+def group_rows(x: jax.Array, group_size: int) -> jax.Array:
+    """``[N * G]`` per-sample values as ``[N, G]`` groups (the ``G`` samples of a prompt are
+    adjacent rows); at least two samples per group."""
     x = jnp.asarray(x, F32)
     if group_size < 2:
         raise ValueError(f"group estimators need group_size >= 2 samples per prompt, got {group_size}")
@@ -113,7 +115,7 @@ def group_advantages(rewards: jax.Array, group_size: int, *, scale_by_std: bool 
     implementations (TRL, verl, OpenRLHF use ``torch.std``). A group with equal rewards gets
     zero advantages (no signal), not a division by zero.
     """
-    r = _groups(rewards, group_size)
+    r = group_rows(rewards, group_size)
     centred = r - jnp.mean(r, axis=1, keepdims=True)
     if scale_by_std:
         centred = centred / (jnp.std(r, axis=1, ddof=1, keepdims=True) + eps)
@@ -122,7 +124,7 @@ def group_advantages(rewards: jax.Array, group_size: int, *, scale_by_std: bool 
 
 def rloo_advantages(returns: jax.Array, group_size: int) -> jax.Array:
     """RLOO: ``A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean_g R)``."""
-    r = _groups(returns, group_size)
+    r = group_rows(returns, group_size)
     loo_mean = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)
     return (r - loo_mean).reshape(-1)
 
@@ -135,7 +137,7 @@ def reinforce_advantages(returns: jax.Array, group_size: int | None = None) -> j
         return r
     if group_size is None:
         return r - jnp.mean(r)
-    g = _groups(r, group_size)
+    g = group_rows(r, group_size)
     return (g - jnp.mean(g, axis=1, keepdims=True)).reshape(-1)
 
 

@@ -170,7 +170,7 @@ def outcome_baseline_advantages(returns: jax.Array, outcomes: jax.Array, group_s
     The outcome is fixed before the action the advantage scores (attempt 1's reward, for
     attempt 2), so ``b_i`` does not depend on that action and the gradient stays unbiased.
     """
-    r = rl._groups(returns, group_size)
+    r = rl.group_rows(returns, group_size)
     o = jnp.asarray(outcomes, F32).reshape(r.shape)
     others = 1.0 - jnp.eye(group_size, dtype=F32) if leave_one_out else jnp.ones((group_size, group_size), F32)
     same = (o[:, :, None] == o[:, None, :]).astype(F32) * others[None]
@@ -195,7 +195,7 @@ def score_advantages(stage: ScoreStage, returns: jax.Array, first_rewards: jax.A
     """
     ret = jnp.asarray(returns, F32)
     loo = stage.advantage == "rloo"
-    if stage.first_attempt_baseline:
+    if stage.first_attempt_baseline and stage.group_size > 1:  # one sample per problem: no baseline at all
         if first_rewards is None:
             raise ValueError("the first-attempt baseline needs first_rewards (r(y1) of every episode)")
         r1 = jnp.asarray(first_rewards, F32)

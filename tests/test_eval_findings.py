@@ -45,6 +45,18 @@ def test_relearning_and_prompt_attack_findings_by_hand():
     assert findings.prompt_attacks(results)["reproduces"] is True
 
 
+def test_prompt_attacks_relative_to_the_attacked_vanilla_model():
+    results = {"methods": {
+        "vanilla": _entry("reference", attacks={"prompt_x": _attack("prompt", 0.4), "prompt_y": _attack("prompt", 0.8)},
+                          **{F: 0.8}),
+        "ga": _entry(attacks={"prompt_x": _attack("prompt", 0.2), "prompt_y": _attack("prompt", 0.3)}, **{F: 0.2}),
+    }}
+    row = findings.prompt_attacks(results)["methods"]["ga"]
+    # x: 0.2 / 0.4 = 0.5 of the vanilla's score under x; clean 0.2 / 0.8 = 0.25; y: 0.3 / 0.8 = 0.375.
+    assert row["best_attack"] == "prompt_x" and row["relative_attacked"] == pytest.approx(0.5)
+    assert row["gain"] == pytest.approx(0.25) and row["vulnerable"] is True
+
+
 def test_visual_rumor_and_catastrophic_forgetting_findings_by_hand():
     vis, plain, world = "forget/image/gen[visual_rumor].overall", "forget/image/gen[plain_rumor].overall", "world/text/gen.overall"
     results = {"methods": {

@@ -145,29 +145,51 @@ def relearning(results: Results) -> dict[str, Any] | None:
 
 
 def prompt_attacks(results: Results) -> dict[str, Any] | None:
-    """(5) Some prompt rewrite raises the forget score of every method above its clean score.
+    """(5) Some prompt rewrite brings every method's forget answers back toward the vanilla
+    model's.
 
-    Reproduces when, for every method, the best attack raises the forget score by at least
-    0.05 (absolute) or recovers a fifth of what unlearning removed.
+    A rewritten prompt also changes what the vanilla model answers (a small model may not
+    understand it at all), so when the vanilla model was attacked too, each method is compared
+    with it under the same prompt: ``relative = method / vanilla`` forget score, attacked vs
+    clean. Reproduces when, for every method, the best attack raises ``relative`` by at least
+    0.1 (without vanilla attacks: raises the absolute score by 0.05, or recovers a fifth of
+    what unlearning removed).
     """
-    vanilla = _s(results["methods"].get("vanilla"), "forget/image/gen.overall")
+    vanilla_entry = results["methods"].get("vanilla")
+    vanilla = _s(vanilla_entry, "forget/image/gen.overall")
+    vanilla_attacks = (vanilla_entry or {}).get("attacks", {})
+    key = "forget/image/gen.overall"
     rows = {}
     for name, e in _methods(results).items():
-        clean = _clean(e, "forget/image/gen.overall")
-        scores = {a: v["summary"].get("forget/image/gen.overall") for a, v in e.get("attacks", {}).items()
-                  if v.get("kind") == "prompt" and v["summary"].get("forget/image/gen.overall") is not None}
+        clean = _clean(e, key)
+        scores = {a: v["summary"].get(key) for a, v in e.get("attacks", {}).items()
+                  if v.get("kind") == "prompt" and v["summary"].get(key) is not None}
         if clean is None or not scores:
             continue
+        row: dict[str, Any] = {"clean": clean}
+        if vanilla_attacks and vanilla:
+            v_clean = _clean(vanilla_entry, key)
+            rel = {a: scores[a] / vanilla_attacks[a]["summary"][key] for a in scores
+                   if a in vanilla_attacks and vanilla_attacks[a]["summary"].get(key)}
+            if rel and v_clean:
+                best = max(rel, key=rel.get)
+                row.update(best_attack=best, attacked=scores[best], relative_clean=clean / v_clean,
+                           relative_attacked=rel[best], gain=rel[best] - clean / v_clean)
+                row["vulnerable"] = row["gain"] >= 0.1
+                rows[name] = row
+                continue
         best = max(scores, key=scores.get)
         gain = scores[best] - clean
         removed = (vanilla - clean) if vanilla is not None else None
-        rows[name] = {"clean": clean, "best_attack": best, "attacked": scores[best], "gain": gain,
-                      "recovered": gain / removed if removed and removed > 1e-6 else None}
+        recovered = gain / removed if removed and removed > 1e-6 else None
+        row.update(best_attack=best, attacked=scores[best], gain=gain, recovered=recovered,
+                   vulnerable=gain >= 0.05 or (recovered or 0) >= 0.2)
+        rows[name] = row
     if not rows:
         return None
-    holds = all(r["gain"] >= 0.05 or (r["recovered"] or 0) >= 0.2 for r in rows.values())
-    return {"methods": rows, "reproduces": holds,
-            "criterion": "for every method the best prompt attack adds >= 0.05 or recovers >= 1/5 of the removed score"}
+    return {"methods": rows, "reproduces": all(r["vulnerable"] for r in rows.values()),
+            "criterion": "for every method some attack raises its forget score relative to the vanilla model's under "
+                         "the same prompt by >= 0.1 (no vanilla attacks: +0.05 absolute or 1/5 of the removed score)"}
 
 
 FINDINGS = {

@@ -143,7 +143,8 @@ def _finding_numbers(f: Mapping[str, Any]) -> str:
     parts = [f"{k} {fmt(v)}" for k, v in f.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     per = f.get("methods") or f.get("unimodal") or {}
     for method, values in per.items():
-        shown = ", ".join(f"{k} {fmt(v)}" if not isinstance(v, str) else f"{k} {v}" for k, v in values.items())
+        shown = ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {'yes' if v else 'no'}" if isinstance(v, bool)
+                          else f"{k} {fmt(v)}" for k, v in values.items())
         parts.append(f"{method}: {shown}")
     return "; ".join(parts)
 
@@ -172,11 +173,14 @@ def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
     if not points:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for name, x, y, role in points:
-        ax.scatter([x], [y], s=70, marker="s" if role == "reference" else "o",
-                   color="black" if role == "reference" else None, zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    fig, ax = plt.subplots(figsize=(7.6, 4.8))
+    markers = "osD^vP*Xhp<>"
+    for k, (name, x, y, role) in enumerate(points):
+        if role == "reference":
+            ax.scatter([x], [y], s=80, marker="s", color="black", zorder=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 5), fontsize=9)
+        else:  # methods often sit close together: a legend instead of labels that overlap
+            ax.scatter([x], [y], s=70, marker=markers[k % len(markers)], zorder=3, label=name)
     ax.set_xlabel("forget set: generation score (OFFSIDE overall; lower = forgotten)")
     ax.set_ylabel("utility: mean of retain, world-fact (general) scores")
     ax.set_title(f"{results.get('run', '')}: forgetting vs utility")
@@ -184,6 +188,8 @@ def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.plot([0, 1], [1, 1], ls=":", color="grey")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -200,7 +206,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     series = ["none"] + attacks
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(methods) * len(series) * 0.35), 4.8))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.22 * len(methods) * len(series) + 3)), 4.8))
     x = np.arange(len(methods))
     cmap = plt.get_cmap("tab20")
     for k, attack in enumerate(series):
@@ -211,7 +217,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xticks(x, [n for n, _ in methods], rotation=20)
     ax.set_ylabel("forget set: generation score (higher = rumor back)")
     ax.set_title(f"{results.get('run', '')}: robustness of forgetting")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="attack", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -334,7 +334,7 @@ class UnlearnTrainConfig:
     steps: int = 20
     log_every: int = 1
     params: str | None = None  # full-parameter runs: regex of the params that move (None: all; RMU: its layers)
-    loss_chunk_tokens: int = 1024  # fused cross-entropy chunk for retain NLL terms
+    loss_chunk_tokens: int = 256  # fused cross-entropy chunk (tokens) of NLLs and sequence log-probs; 0: full logits
 
 
 @dataclasses.dataclass

@@ -803,6 +803,259 @@ def bench_gpu_llama_1b(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- ssd / ssd_batch: Fisher importance for SSD; npo: one NPO training step --------------------
+
+
+def _importance_data(p: dict[str, Any]) -> list[dict[str, Any]]:
+    """``examples`` random sequences of ``length`` tokens (every next token an answer), in batches."""
+    whole = _random_batch(p["examples"], p["length"], SMOLLM2_135M["vocab_size"])
+    rows = p["batch"]
+    return [{k: v[i: i + rows] for k, v in whole.items()} for i in range(0, p["examples"], rows)]
+
+
+@worker("importance-ours")
+def _importance_ours(p: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    from offside_jax.models.auto import create_model
+    from offside_jax.unlearn.dampening import DampeningConfig, importance
+
+    model = create_model(_llama_config(), seed=0)
+    data = _importance_data(p)
+    cfg = DampeningConfig(estimator=p["estimator"], per_example_chunk=p.get("chunk", 8))
+    compile_start = time.perf_counter()
+    jax.block_until_ready(importance(model, data[:1], cfg)[0])  # compiles the accumulation step
+    compile_s = time.perf_counter() - compile_start
+    holder = {}
+
+    def one():
+        holder["imp"], holder["n"] = importance(model, data, cfg)
+        jax.block_until_ready(holder["imp"])
+
+    wall, cpu = time_steps(one, 0, p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "first_batch_seconds": compile_s, "examples": holder["n"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
+@worker("importance-torch")
+def _importance_torch(p: dict[str, Any]) -> dict[str, Any]:
+    """The official SSD loop (eval mode; per batch: zero grads, batch-mean loss, backward,
+    ``imp += grad ** 2``; then divide), over single examples for the per-example estimator."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    params = [q for q in model.parameters() if q.requires_grad]
+    rows = 1 if p["estimator"] == "per_example" else p["batch"]
+    whole = _random_batch(p["examples"], p["length"], model.config.vocab_size)
+    ids = torch.tensor(whole["input_ids"], dtype=torch.long)
+    holder = {}
+
+    def one():
+        imp = [torch.zeros_like(q) for q in params]
+        n = 0
+        for start in range(0, p["examples"], rows):
+            model.zero_grad(set_to_none=True)
+            chunk = ids[start: start + rows]
+            model(input_ids=chunk, labels=chunk).loss.backward()
+            for acc, q in zip(imp, params):
+                acc.add_(q.grad.pow(2))
+            n += 1
+        holder["imp"] = [acc / n for acc in imp]
+
+    wall, cpu = time_steps(one, 0, p["repeats"])
+    return {"seconds": wall, "cpu_seconds": cpu, "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+def _importance_result(name: str, estimator: str, args: argparse.Namespace, chunks: tuple[int, ...] = (8,)) -> dict[str, Any]:
+    """One pass of importance over 64 x 128 tokens, ours at each chunk size (the fastest is
+    "ours") and the torch loop; each pass is long, so it is timed once (``repeats`` 1)."""
+    common = {"examples": 64, "length": 128, "batch": 16 if estimator == "per_example" else 8, "estimator": estimator,
+              "repeats": 1, "threads": args.threads}
+    runs = {c: run_worker("importance-ours", {**common, "chunk": c}, args.threads) for c in chunks}
+    chunk = min(runs, key=lambda c: statistics.median(runs[c]["seconds"]))
+    ours = runs[chunk]
+    ref = run_worker("importance-torch", common, args.threads)
+    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
+    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
+    flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["examples"], common["length"])
+    return {
+        "benchmark": name,
+        "ours": round(ours_s, 3),
+        "reference": round(ref_s, 3),
+        "unit": "s/pass (64 examples)",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
+        "ours_cpu_seconds": round(ours_cpu, 2),
+        "reference_cpu_seconds": round(ref_cpu, 2),
+        "ours_first_batch_seconds": round(ours["first_batch_seconds"], 2),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "examples_counted": ours["examples"],
+        **({f"ours_chunk{c}_seconds": round(statistics.median(r["seconds"]), 3) for c, r in runs.items()}
+           if estimator == "per_example" else {}),
+        **({f"ours_chunk{c}_cpu_seconds": round(statistics.median(r["cpu_seconds"]), 2) for c, r in runs.items()}
+           if estimator == "per_example" else {}),
+        **({f"ours_chunk{c}_peak_rss_mib": round(r["peak_rss_mib"], 1) for c, r in runs.items()}
+           if estimator == "per_example" else {}),
+        # Forward + backward FLOPs of the pass (no optimizer): the lower bound at the measured peak.
+        "pass_flops": flops["total"],
+        "config": {
+            "model": "SmolLM2-135M shape (random init)",
+            "examples": common["examples"], "length": common["length"], "dtype": "float32", "threads": args.threads,
+            "estimator": estimator,
+            "ours": (f"dampening.importance, per-example gradients by vmap over chunks of {chunk} example(s) inside "
+                     f"a scan (fastest of chunks {list(chunks)}), batches of {common['batch']}" if estimator == "per_example" else
+                     f"dampening.importance, squared batch-mean gradients, batches of {common['batch']}"),
+            "reference": ("transformers + a loop over single examples (grad ** 2 each)" if estimator == "per_example"
+                          else f"the official SSD loop in transformers, batches of {common['batch']}")
+                         + f", attn_implementation={ref['attn_implementation']}",
+            "timed": "one full pass over the 64 examples after a compiling/warm-up batch (ours)",
+        },
+    }
+
+
+@benchmark("ssd")
+def bench_ssd(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-example Fisher importance (mean of squared per-example gradients) of 64 x 128 tokens.
+
+    Chunks of 1 (a scan over single examples) and 8 (vmap): on CPU the scan is the faster,
+    on accelerators the vmap."""
+    return _importance_result("ssd", "per_example", args, chunks=(1, 8))
+
+
+@benchmark("ssd_batch")
+def bench_ssd_batch(args: argparse.Namespace) -> dict[str, Any]:
+    """SSD's official importance (squared batch-mean gradients, batch 8) of the same 64 x 128 tokens."""
+    return _importance_result("ssd_batch", "batch_mean", args)
+
+
+# Memory-lean settings for a CPU step: XLA's default CPU scheduler favours running independent
+# ops concurrently, which keeps rematerialised activations alive and defeats remat; the
+# sequential scheduler lets remat (saving only matmul outputs) bring the step's peak down.
+LEAN_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+LEAN_REMAT = "dots_with_no_batch_dims_saveable"
+
+
+@worker("npo-ours")
+def _npo_ours(p: dict[str, Any]) -> dict[str, Any]:
+    if p.get("lean"):  # before JAX creates its CPU client; first, as XLA stops at a bare token
+        os.environ["XLA_FLAGS"] = f"{LEAN_XLA_FLAG} {os.environ.get('XLA_FLAGS', '')}"
+    import jax
+
+    from offside_jax.config import OptimConfig
+    from offside_jax.models.auto import create_model
+    from offside_jax.train import mesh as mesh_lib, optim
+    from offside_jax.train.step import TrainStep, partition
+    from offside_jax.unlearn.losses import build_loss
+
+    model = create_model(_llama_config(), seed=0, remat=LEAN_REMAT if p.get("lean") else False)
+    tx, schedule = optim.make_optimizer(OptimConfig(lr=1e-5, schedule="constant", weight_decay=0.0, max_grad_norm=None), 100)
+    loss = build_loss("npo", beta=0.1, alpha=0.0)  # fused 256-token chunks: no [B, T, V] logits
+    step = TrainStep(partition(model, reference=True), loss, tx, mesh=mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]),
+                     schedule=schedule)
+    del model
+    holder = {"state": step.init_state(0)}
+    batch = step.shard_batch({"forget": _random_batch(p["batch"], p["length"], SMOLLM2_135M["vocab_size"])})
+
+    def one():
+        holder["state"], metrics = step(holder["state"], batch)
+        holder["loss"] = float(jax.block_until_ready(metrics)["loss"])
+
+    compile_start = time.perf_counter()
+    one()
+    compile_s = time.perf_counter() - compile_start
+    wall, cpu = time_steps(one, p["warmup"] - 1, p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "first_step_seconds": compile_s, "loss": holder["loss"],
+            "peak_rss_mib": peak_rss_mib()}
+
+
+@worker("npo-torch")
+def _npo_torch(p: dict[str, Any]) -> dict[str, Any]:
+    """NPO in transformers: policy forward + backward, a frozen reference copy's forward under
+    no_grad, ``-(2/beta) logsigmoid(beta (logp_ref - logp))`` on summed answer log-probs, AdamW."""
+    import copy
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(p["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    ids = torch.tensor(_random_batch(p["batch"], p["length"], model.config.vocab_size)["input_ids"], dtype=torch.long)
+    beta = 0.1
+
+    def seq_logp(m):
+        logits = m(input_ids=ids).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0].sum(-1)
+
+    holder = {}
+
+    def one():
+        logp = seq_logp(model)
+        with torch.no_grad():
+            ref = seq_logp(reference)
+        loss = (-(2.0 / beta) * torch.nn.functional.logsigmoid(beta * (ref - logp))).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        holder["loss"] = loss.item()
+
+    wall, cpu = time_steps(one, p["warmup"], p["repeats"])
+    return {"step_seconds": wall, "cpu_seconds": cpu, "loss": holder["loss"],
+            "attn_implementation": model.config._attn_implementation, "peak_rss_mib": peak_rss_mib()}
+
+
+@benchmark("npo")
+def bench_npo(args: argparse.Namespace) -> dict[str, Any]:
+    """One NPO step (policy fwd + bwd, reference fwd, AdamW), SmolLM2-135M shape, batch 8 x 128, fp32.
+
+    "ours" is the memory-lean configuration (remat saving matmul outputs, XLA's sequential CPU
+    scheduler); the default configuration is reported beside it."""
+    common = {"batch": 8, "length": 128, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
+    ours = run_worker("npo-ours", {**common, "lean": True}, args.threads)
+    default = run_worker("npo-ours", common, args.threads)
+    ref = run_worker("npo-torch", common, args.threads)
+    med = lambda run, key: statistics.median(run[key])  # noqa: E731
+    ours_s, ref_s, default_s = med(ours, "step_seconds"), med(ref, "step_seconds"), med(default, "step_seconds")
+    ours_cpu, ref_cpu, default_cpu = med(ours, "cpu_seconds"), med(ref, "cpu_seconds"), med(default, "cpu_seconds")
+    return {
+        "benchmark": "npo",
+        "ours": round(ours_s, 4),
+        "reference": round(ref_s, 4),
+        "unit": "s/step",
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
+        "ours_cpu_seconds": round(ours_cpu, 3),
+        "reference_cpu_seconds": round(ref_cpu, 3),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        "peak_memory_ratio": round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3),
+        "default_config_seconds": round(default_s, 4),
+        "default_config_speedup": round(ref_s / default_s, 3),
+        "default_config_speedup_cpu_time": round(ref_cpu / default_cpu, 3),
+        "default_config_peak_rss_mib": round(default["peak_rss_mib"], 1),
+        "ours_first_step_seconds": round(ours["first_step_seconds"], 2),
+        "ours_step_seconds_all": [round(t, 4) for t in ours["step_seconds"]],
+        "reference_step_seconds_all": [round(t, 4) for t in ref["step_seconds"]],
+        "config": {
+            "model": "SmolLM2-135M shape (random init)", "batch": 8, "length": 128, "dtype": "float32",
+            "loss": "NPO (open-unlearning: summed answer log-probs, beta 0.1), no retain term; every next token an answer",
+            "optimizer": "AdamW lr 1e-5, no weight decay, no clipping",
+            "ours": (f"TrainStep(partition(model, reference=True), build_loss('npo')): frozen reference copy outside the "
+                     f"optimizer, fused 256-token log-prob chunks, jitted and donated; model remat={LEAN_REMAT!r}, "
+                     f"XLA_FLAGS={LEAN_XLA_FLAG}"),
+            "default_config": "the same without remat and with XLA's default (concurrency-optimised) CPU scheduler",
+            "reference": f"transformers, deepcopy reference under no_grad, attn_implementation={ref['attn_implementation']}",
+            "threads": args.threads, "repeats": args.repeats, "warmup_steps_excluded": args.warmup,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")

@@ -183,6 +183,50 @@ def nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, weights: j
     return fused_nll_sum(flat_h, head, flat_t, flat_w, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fused_row_logprob(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int, dtype: Any) -> jax.Array:
+    """Per-row ``sum_t weights[b, t] * log softmax(hidden[b, t] @ head)[targets[b, t]]`` [B] in float32.
+
+    ``hidden`` [B, T, D]; the sequence log-probabilities NPO and DPO compare, computed over
+    chunks of ``chunk`` tokens like :func:`fused_nll_sum`, so no ``[B, T, V]`` array exists.
+    The backward pass recomputes each chunk's logits once and forms the gradients in the same
+    pass (a weighted cross-entropy whose token weights are ``-cotangent[b] * weights[b, t]``).
+    """
+    b, t, d = hidden.shape
+    ones = jnp.ones((b * t,), jnp.float32)
+    _, nll, _, _ = _fused_forward(hidden.reshape(b * t, d), head, targets.reshape(-1), ones, chunk, dtype, with_grads=False)
+    return -jnp.sum(nll.reshape(b, t) * weights.astype(jnp.float32), axis=1)
+
+
+def _row_fwd(hidden, head, targets, weights, chunk, dtype):
+    return fused_row_logprob(hidden, head, targets, weights, chunk, dtype), (hidden, head, targets, weights)
+
+
+def _row_bwd(chunk, dtype, residuals, g):
+    hidden, head, targets, weights = residuals
+    b, t, d = hidden.shape
+    token_weights = (-g[:, None] * weights.astype(jnp.float32)).reshape(-1)
+    _, nll, grad_h, grad_head = _fused_forward(hidden.reshape(b * t, d), head, targets.reshape(-1), token_weights, chunk,
+                                               dtype, with_grads=True)
+    grad_weights = (-nll.reshape(b, t) * g[:, None]).astype(weights.dtype)
+    return grad_h.reshape(b, t, d).astype(hidden.dtype), grad_head.astype(head.dtype), None, grad_weights
+
+
+fused_row_logprob.defvjp(_row_fwd, _row_bwd)
+
+
+def sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, chunk_tokens: int = 1024) -> jax.Array:
+    """Summed answer log-probability per row [B] from final hidden states [B, T, D]; fused when
+    the head allows it (``chunk_tokens > 0``), else from full logits. Same value either way."""
+    targets, weights = next_token_targets(batch)
+    head = output_head(model) if chunk_tokens > 0 else None
+    if head is None:
+        logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(picked * weights, axis=1)
+    return fused_row_logprob(hidden, head, targets, weights, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
+
+
 def token_logprobs(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Per-position log-probability of the next token [B, T] and its answer weight [B, T].
 

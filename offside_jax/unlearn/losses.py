@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from offside_jax.train import losses as train_losses
 from offside_jax.unlearn import objectives as obj
 
 Method = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -63,10 +64,18 @@ def unlearning_method(name: str, *, needs_reference: bool = False, splits: tuple
 
 
 class Outputs:
-    """Lazily computed, memoised model outputs for the sub-batches of one micro-batch."""
+    """Lazily computed, memoised model outputs for the sub-batches of one micro-batch.
 
-    def __init__(self, model: nnx.Module, reference: nnx.Module | None, batch: Mapping[str, Mapping[str, jax.Array]]):
+    Answer NLLs and sequence log-probs go through the fused, chunked cross-entropy of
+    ``offside_jax.train.losses`` (``chunk_tokens`` tokens at a time, no ``[B, T, V]`` logits)
+    when the model's head is a plain matrix and that sub-batch's full logits are not needed
+    anyway; the values are the same as from full logits.
+    """
+
+    def __init__(self, model: nnx.Module, reference: nnx.Module | None, batch: Mapping[str, Mapping[str, jax.Array]],
+                 chunk_tokens: int = 0):
         self.model, self.reference, self.batch = model, reference, batch
+        self.chunk_tokens = chunk_tokens
         self._memo: dict[tuple, Any] = {}
 
     def sub(self, split: str) -> Mapping[str, jax.Array]:
@@ -74,19 +83,36 @@ class Outputs:
             raise KeyError(f"this method needs a {split!r} sub-batch; the batch has {sorted(self.batch)}")
         return self.batch[split]
 
-    def _run(self, which: str, split: str, collect_hidden: bool = False):
-        key = (which, split, collect_hidden)
+    def _module(self, which: str) -> nnx.Module:
+        return self.model if which == "policy" else self._reference()
+
+    def _hidden(self, which: str, split: str, collect_hidden: bool = False):
+        key = ("hidden", which, split, collect_hidden)
         if key not in self._memo:
-            model = self.model if which == "policy" else self._reference()
+            model = self._module(which)
             if collect_hidden:
-                hidden, layers = model.hidden_states(self.sub(split), collect_hidden=True)
+                result = model.hidden_states(self.sub(split), collect_hidden=True)
             else:
-                hidden, layers = model.hidden_states(self.sub(split)), []
-            result = (model.logits(hidden), layers)
+                result = (model.hidden_states(self.sub(split)), [])
             if which == "reference":
                 result = jax.lax.stop_gradient(result)
             self._memo[key] = result
         return self._memo[key]
+
+    def _final_hidden(self, which: str, split: str) -> jax.Array:
+        collected = ("hidden", which, split, True)  # reuse a forward pass already made
+        return self._memo[collected][0] if collected in self._memo else self._hidden(which, split)[0]
+
+    def _logits(self, which: str, split: str) -> jax.Array:
+        key = ("logits", which, split)
+        if key not in self._memo:
+            logits = self._module(which).logits(self._final_hidden(which, split))
+            self._memo[key] = jax.lax.stop_gradient(logits) if which == "reference" else logits
+        return self._memo[key]
+
+    def _fused(self, which: str, split: str) -> bool:
+        return (self.chunk_tokens > 0 and ("logits", which, split) not in self._memo
+                and train_losses.output_head(self._module(which)) is not None)
 
     def _reference(self) -> nnx.Module:
         if self.reference is None:
@@ -94,25 +120,42 @@ class Outputs:
         return self.reference
 
     def logits(self, split: str) -> jax.Array:
-        return self._run("policy", split)[0]
+        return self._logits("policy", split)
 
     def ref_logits(self, split: str) -> jax.Array:
-        return self._run("reference", split)[0]
+        return self._logits("reference", split)
 
     def hidden_after_layer(self, split: str, layer: int, reference: bool = False) -> jax.Array:
-        return self._run("reference" if reference else "policy", split, collect_hidden=True)[1][layer]
+        return self._hidden("reference" if reference else "policy", split, collect_hidden=True)[1][layer]
+
+    def _nll(self, which: str, split: str) -> jax.Array:
+        sub = self.sub(split)
+        if not self._fused(which, split):
+            return obj.mean_nll(self._logits(which, split), sub)
+        targets, weights = train_losses.next_token_targets(sub)
+        total = train_losses.nll_sum(self._module(which), self._final_hidden(which, split), targets, weights, self.chunk_tokens)
+        return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def _logp_seq(self, which: str, split: str) -> jax.Array:
+        sub = self.sub(split)
+        if not self._fused(which, split):
+            return obj.sequence_logprob(self._logits(which, split), sub)
+        return train_losses.sequence_logprob(self._module(which), self._final_hidden(which, split), sub, self.chunk_tokens)
 
     def nll(self, split: str) -> jax.Array:
-        return obj.mean_nll(self.logits(split), self.sub(split))
+        return self._nll("policy", split)
+
+    def ref_nll(self, split: str) -> jax.Array:
+        return jax.lax.stop_gradient(self._nll("reference", split))
 
     def logp_seq(self, split: str) -> jax.Array:
-        return obj.sequence_logprob(self.logits(split), self.sub(split))
+        return self._logp_seq("policy", split)
 
     def ref_logp_seq(self, split: str) -> jax.Array:
         sub = self.sub(split)
         if "ref_logp" in sub:
             return sub["ref_logp"]
-        return obj.sequence_logprob(self.ref_logits(split), sub)
+        return jax.lax.stop_gradient(self._logp_seq("reference", split))
 
 
 def _retain_term(out: Outputs, kind: str) -> jax.Array:
@@ -185,8 +228,7 @@ def npo(out: Outputs, beta: float = 0.1, alpha: float = 1.0, gamma: float = 1.0,
     if variant == "sum":
         loss = obj.npo_loss(out.logp_seq("forget"), out.ref_logp_seq("forget"), beta)
     elif variant == "offside":
-        ref_nll = obj.mean_nll(out.ref_logits("forget"), out.sub("forget"))
-        loss = obj.offside_npo_loss(out.nll("forget"), ref_nll, beta)
+        loss = obj.offside_npo_loss(out.nll("forget"), out.ref_nll("forget"), beta)
     else:
         raise ValueError(f"npo variant must be 'sum' or 'offside', got {variant!r}")
     retain = out.nll("retain") if alpha else jnp.zeros(())
@@ -254,10 +296,12 @@ def _real_tokens(sub: Mapping[str, jax.Array]) -> jax.Array:
 # -- binding to the training core's protocol -------------------------------------------------------
 
 
-def build_loss(name: str, **hyperparameters: Any):
+def build_loss(name: str, *, chunk_tokens: int = 256, **hyperparameters: Any):
     """A training-core loss for method ``name`` with its hyperparameters bound.
 
-    Unknown methods or hyperparameters raise a ``ValueError`` listing the valid ones.
+    ``chunk_tokens``: answer NLLs and sequence log-probs use the fused cross-entropy over
+    chunks of this many tokens (0: full logits; same values). Unknown methods or
+    hyperparameters raise a ``ValueError`` listing the valid ones.
     """
     if name not in METHODS:
         raise ValueError(f"unknown unlearning method {name!r}; registered: {', '.join(sorted(METHODS))}")
@@ -269,7 +313,7 @@ def build_loss(name: str, **hyperparameters: Any):
 
     def loss_fn(model, batch, rng, reference):
         del rng
-        loss, aux = spec.fn(Outputs(model, reference, batch), **hyperparameters)
+        loss, aux = spec.fn(Outputs(model, reference, batch, chunk_tokens), **hyperparameters)
         return loss, jnp.ones((), jnp.float32), aux
 
     needs_reference = spec.needs_reference or hyperparameters.get("retain_loss") == "kl"

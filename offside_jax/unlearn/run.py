@@ -284,6 +284,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
 
 
 def _run_ssd(cfg: UnlearnConfig, hparams: dict, model, sets: settings.UnlearningSets, base: ExampleEncoder):
+    hparams = dict(hparams)
     batch_size = hparams.pop("batch_size")
     dcfg = dampening.DampeningConfig(**hparams)
     if dcfg.estimator == "per_example" and batch_size % dcfg.per_example_chunk:
@@ -306,7 +307,7 @@ def _run_training(cfg: UnlearnConfig, hparams: dict, model, sets: settings.Unlea
     if cfg.method == "mmunlearner":
         data_at, step_fn, report = _mmunlearner(cfg, hparams, model, sets, base, mesh, optimizer, schedule, common)
     else:
-        loss_fn = build_loss(cfg.method, **hparams)
+        loss_fn = build_loss(cfg.method, chunk_tokens=cfg.train.loss_chunk_tokens, **hparams)
         if cfg.lora.enabled:
             lora.apply(model, lora.LoRASpec(cfg.lora.target, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout), seed=cfg.seed)
             place_model_on_mesh(model, mesh)

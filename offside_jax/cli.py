@@ -65,12 +65,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"offside-jax finetune: {e}", file=sys.stderr)
         return 2
+    from offside_jax.data.batches import BatchDataError
+    from offside_jax.data.offside import OffsideDataError
     from offside_jax.train.aot import MemoryBudgetError
     from offside_jax.train.distributed import DistributedError, is_primary
 
     try:
         result = run_finetune(cfg)
-    except (MemoryBudgetError, DistributedError) as e:  # nothing was trained or saved
+    except (MemoryBudgetError, DistributedError, ConfigError, BatchDataError, OffsideDataError) as e:  # nothing was trained or saved
         print(f"offside-jax finetune: {e}", file=sys.stderr)
         return 2
     if is_primary():  # one line for a multi-process run, not one per process

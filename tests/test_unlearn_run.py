@@ -128,3 +128,14 @@ def test_mistakes_stop_with_a_message(tmp_path, release, text_model, capsys):
     assert "unknown key 'methods.npo.betta'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="model.source=hf"):
         run(tmp_path, text_model, release, "model.source=tiny")
+
+
+def test_finetune_names_a_bad_data_source(tmp_path, release, capsys):
+    base = ["finetune", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "finetune_offside_tiny.yaml"),
+            f"output_dir={tmp_path}", "log.progress=false"]
+    assert cli.main(base + [f"data.release={release}", "data.train_file=x.jsonl"]) == 2
+    assert "set exactly one of data.train_file" in capsys.readouterr().err
+    assert cli.main(base + [f"data.release={release}", "data.release_splits=[nope]"]) == 2
+    assert "no split 'nope' in the complete setting" in capsys.readouterr().err
+    assert cli.main(base + [f"data.release={release}", "data.release_modality=image"]) == 2
+    assert "a text-only model cannot see" in capsys.readouterr().err

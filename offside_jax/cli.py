@@ -9,6 +9,22 @@ import argparse
 import sys
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The library's errors for a user's mistake (config, data, checkpoint, memory budget,
+    cluster): every command stops on them with the message alone and exit status 2. They are
+    raised before anything is written, so nothing is half-done."""
+    from offside_jax.config import ConfigError
+    from offside_jax.data.batches import BatchDataError
+    from offside_jax.data.offside import OffsideDataError
+    from offside_jax.models.hf import CheckpointError
+    from offside_jax.train.aot import MemoryBudgetError
+    from offside_jax.train.distributed import DistributedError
+    from offside_jax.unlearn.settings import SettingError
+
+    return (ConfigError, OffsideDataError, SettingError, BatchDataError, CheckpointError, MemoryBudgetError,
+            DistributedError)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from offside_jax.demo import run_demo
 
@@ -23,15 +39,9 @@ def _cmd_chat_demo(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from offside_jax.benchmark import load_benchmark_config, run_benchmark
-    from offside_jax.config import ConfigError
     from offside_jax.eval.report import method_table
 
-    try:
-        cfg = load_benchmark_config(args.config, args.overrides)
-        results = run_benchmark(cfg)
-    except ConfigError as e:
-        print(f"offside-jax benchmark: {e}", file=sys.stderr)
-        return 2
+    results = run_benchmark(load_benchmark_config(args.config, args.overrides))
     print(method_table(results))
     return 0
 
@@ -57,43 +67,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from offside_jax.config import ConfigError, load_config
+    from offside_jax.config import load_config
+    from offside_jax.train.distributed import is_primary
     from offside_jax.train.finetune import run_finetune
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"offside-jax finetune: {e}", file=sys.stderr)
-        return 2
-    from offside_jax.data.batches import BatchDataError
-    from offside_jax.data.offside import OffsideDataError
-    from offside_jax.train.aot import MemoryBudgetError
-    from offside_jax.train.distributed import DistributedError, is_primary
-
-    try:
-        result = run_finetune(cfg)
-    except (MemoryBudgetError, DistributedError, ConfigError, BatchDataError, OffsideDataError) as e:  # nothing was trained or saved
-        print(f"offside-jax finetune: {e}", file=sys.stderr)
-        return 2
+    result = run_finetune(load_config(args.config, args.overrides))
     if is_primary():  # one line for a multi-process run, not one per process
         print(f"done: step {int(result.state.step)}; outputs in {result.output_dir}")
     return 0
 
 
 def _cmd_unlearn(args: argparse.Namespace) -> int:
-    from offside_jax.config import ConfigError, UnlearnConfig, load_config
-    from offside_jax.data.batches import BatchDataError
-    from offside_jax.data.offside import OffsideDataError
-    from offside_jax.models.hf import CheckpointError
+    from offside_jax.config import UnlearnConfig, load_config
     from offside_jax.unlearn.run import run_unlearning
-    from offside_jax.unlearn.settings import SettingError
 
-    try:
-        cfg = load_config(args.config, args.overrides, schema=UnlearnConfig)
-        result = run_unlearning(cfg)
-    except (ConfigError, OffsideDataError, SettingError, BatchDataError, CheckpointError) as e:
-        print(f"offside-jax unlearn: {e}", file=sys.stderr)
-        return 2
+    result = run_unlearning(load_config(args.config, args.overrides, schema=UnlearnConfig))
     for name, p in result.summary["answer_probability"].items():
         print(f"{name:>14}: answer probability {p['before']:.3f} -> {p['after']:.3f}")
     print(f"done: {result.summary['method']}; outputs in {result.output_dir}")
@@ -101,16 +89,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def _cmd_correct(args: argparse.Namespace) -> int:
-    from offside_jax.config import ConfigError, CorrectConfig, load_config
+    from offside_jax.config import CorrectConfig, load_config
     from offside_jax.correct.report import stage_table
     from offside_jax.correct.run import run_correct
 
-    try:
-        cfg = load_config(args.config, args.overrides, schema=CorrectConfig)
-        results = run_correct(cfg)
-    except ConfigError as e:
-        print(f"offside-jax correct: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides, schema=CorrectConfig)
+    results = run_correct(cfg)
     print(stage_table(results["summary"]))
     print(f"done: outputs in {cfg.output_dir}")
     return 0
@@ -131,6 +115,15 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, help: str, schema: str, example: str, func) -> argparse.ArgumentParser:
+    """A command that runs one YAML config with dotted overrides."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("--config", required=True, help=f"YAML config (schema: {schema})")
+    command.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    command.set_defaults(func=func)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offside-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,32 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat_demo.add_argument("--max-new-tokens", type=int, default=48)
     chat_demo.set_defaults(func=_cmd_chat_demo)
 
-    benchmark = sub.add_parser("benchmark", help="an OFFSIDE benchmark run: reference models, unlearning, evaluation, "
-                                                 "attacks, report")
-    benchmark.add_argument("--config", required=True, help="YAML config (schema: offside_jax.benchmark.BenchmarkConfig)")
-    benchmark.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods=[ga] unlearn.steps=20")
-    benchmark.set_defaults(func=_cmd_benchmark)
+    _config_command(sub, "benchmark", "an OFFSIDE benchmark run: reference models, unlearning, evaluation, attacks, report",
+                    "offside_jax.benchmark.BenchmarkConfig", "methods=[ga] unlearn.steps=20", _cmd_benchmark)
 
     report = sub.add_parser("report", help="rewrite a run's report, or compare several runs in one table")
     report.add_argument("runs", nargs="+", help="benchmark run directories (each with results.json)")
     report.add_argument("--out", default=None, help="write the comparison table to this markdown file")
     report.set_defaults(func=_cmd_report)
 
-    finetune = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) on chat JSON lines")
-    finetune.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.FinetuneConfig)")
-    finetune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 lora.enabled=true")
-    finetune.set_defaults(func=_cmd_finetune)
-
-    unlearn = sub.add_parser("unlearn", help="unlearn OFFSIDE rumors from a vanilla model (a loss method, ssd or mmunlearner)")
-    unlearn.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.UnlearnConfig)")
-    unlearn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method=npo methods.npo.beta=0.5")
-    unlearn.set_defaults(func=_cmd_unlearn)
-
-    correct = sub.add_parser("correct", help="RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
-                                             "metrics after each stage")
-    correct.add_argument("--config", required=True, help="YAML config (schema: offside_jax.config.CorrectConfig)")
-    correct.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1,2] stage2.steps=80")
-    correct.set_defaults(func=_cmd_correct)
+    _config_command(sub, "finetune", "supervised fine-tuning (full or LoRA) on chat JSON lines",
+                    "offside_jax.config.FinetuneConfig", "optim.lr=1e-4 lora.enabled=true", _cmd_finetune)
+    _config_command(sub, "unlearn", "unlearn OFFSIDE rumors from a vanilla model (a loss method, ssd or mmunlearner)",
+                    "offside_jax.config.UnlearnConfig", "method=npo methods.npo.beta=0.5", _cmd_unlearn)
+    _config_command(sub, "correct", "RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
+                    "metrics after each stage", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
+                    _cmd_correct)
 
     make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")
     make_data.add_argument("--out", required=True, help="release directory to write")
@@ -186,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        print(f"offside-jax {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

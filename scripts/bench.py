@@ -100,6 +100,28 @@ def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[lis
     return wall, cpu
 
 
+def comparison(name: str, ours: dict[str, Any], ref: dict[str, Any], unit: str, *, seconds_key: str = "seconds",
+               per: float | None = None, digits: int = 4) -> dict[str, Any]:
+    """The fields every comparison with the reference reports, from two workers' results: each
+    side's figure (median of ``seconds_key``, or ``per / seconds`` for a rate such as tokens/s),
+    the speedup in wall and in CPU time, and each side's CPU seconds and peak memory."""
+    ours_s, ref_s = statistics.median(ours[seconds_key]), statistics.median(ref[seconds_key])
+    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
+    figure = (lambda s: s) if per is None else (lambda s: per / s)
+    return {
+        "benchmark": name,
+        "ours": round(figure(ours_s), digits),
+        "reference": round(figure(ref_s), digits),
+        "unit": unit,
+        "speedup": round(ref_s / ours_s, 3),
+        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
+        "ours_cpu_seconds": round(ours_cpu, 3),
+        "reference_cpu_seconds": round(ref_cpu, 3),
+        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+    }
+
+
 # -- the machine and its limits ------------------------------------------------------------------
 
 
@@ -275,16 +297,7 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     ours_cpu_s, ref_cpu_s = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
     flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["batch"], common["length"])
     return {
-        "benchmark": "train",
-        "ours": round(ours_s, 4),
-        "reference": round(ref_s, 4),
-        "unit": "s/step",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
-        "ours_cpu_seconds": round(statistics.median(ours["cpu_seconds"]), 3),
-        "reference_cpu_seconds": round(statistics.median(ref["cpu_seconds"]), 3),
-        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        **comparison("train", ours, ref, "s/step", seconds_key="step_seconds"),
         "ours_first_step_seconds": round(ours["first_step_seconds"], 2),
         "lora_r8_qv_step_seconds": round(statistics.median(lora_run["step_seconds"]), 4),
         "lora_r8_qv_peak_rss_mib": round(lora_run["peak_rss_mib"], 1),
@@ -441,16 +454,8 @@ def bench_vl(args: argparse.Namespace) -> dict[str, Any]:
     common = {"new_tokens": 32, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
     ours = run_worker("vl-ours", common, args.threads)
     ref = run_worker("vl-torch", common, args.threads)
-    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
     return {
-        "benchmark": "vl",
-        "ours": round(ours_s, 4),
-        "reference": round(ref_s, 4),
-        "unit": "s/request",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
-        "ours_cpu_seconds": round(statistics.median(ours["cpu_seconds"]), 3),
-        "reference_cpu_seconds": round(statistics.median(ref["cpu_seconds"]), 3),
+        **comparison("vl", ours, ref, "s/request"),
         "same_tokens": ours["tokens"] == ref["tokens"],
         "ours_prefill_seconds": round(ours["prefill_seconds"], 4),
         "ours_decode_seconds": round(ours["decode_seconds"], 4),
@@ -565,7 +570,6 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     ref = run_worker("decode-torch", common, args.threads)
     bandwidth = run_worker("read-bandwidth", {}, args.threads)
     tokens = common["batch"] * common["new"]
-    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
     # One decode step reads every weight once (the tied table is the head) and the whole
     # allocated KV cache (attention reads every slot, masked or not): offside_jax.train.perf.
     shape = perf.TransformerShape.from_hf(_llama_config())
@@ -573,12 +577,7 @@ def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
     step_s = statistics.median(ours["decode_seconds"]) / (common["new"] - 1)
     roofline = perf.decode_roofline(ours["weight_bytes"], cache_bytes, step_s, bandwidth["read_gbs"] * 1e9, common["batch"])
     return {
-        "benchmark": "decode",
-        "ours": round(tokens / ours_s, 2),
-        "reference": round(tokens / ref_s, 2),
-        "unit": "tokens/s",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
+        **comparison("decode", ours, ref, "tokens/s", per=tokens, digits=2),
         "ours_prefill_seconds": round(statistics.median(ours["prefill_seconds"]), 4),
         "ours_decode_step_ms": round(step_s * 1e3, 2),
         "bytes_read_per_step": roofline.bytes_per_step,
@@ -646,16 +645,8 @@ def bench_fwdbwd(args: argparse.Namespace) -> dict[str, Any]:
     common = {"batch": 8, "length": 128, "warmup": 2, "repeats": args.repeats, "threads": args.threads}
     ours = run_worker("fwdbwd-ours", common, args.threads)
     ref = run_worker("fwdbwd-torch", common, args.threads)
-    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
     return {
-        "benchmark": "fwdbwd",
-        "ours": round(ours_s, 4),
-        "reference": round(ref_s, 4),
-        "unit": "s/batch",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(statistics.median(ref["cpu_seconds"]) / statistics.median(ours["cpu_seconds"]), 3),
-        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        **comparison("fwdbwd", ours, ref, "s/batch"),
         "config": {
             "model": "SmolLM2-135M shape (random init)", "dtype": "float32", "batch": 8, "length": 128,
             "threads": args.threads, "repeats": args.repeats,
@@ -878,21 +869,10 @@ def _importance_result(name: str, estimator: str, args: argparse.Namespace, chun
     chunk = min(runs, key=lambda c: statistics.median(runs[c]["seconds"]))
     ours = runs[chunk]
     ref = run_worker("importance-torch", common, args.threads)
-    ours_s, ref_s = statistics.median(ours["seconds"]), statistics.median(ref["seconds"])
-    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
     flops = perf.training_flops(perf.TransformerShape.from_hf(_llama_config()), common["examples"], common["length"])
     return {
-        "benchmark": name,
-        "ours": round(ours_s, 3),
-        "reference": round(ref_s, 3),
-        "unit": "s/pass (64 examples)",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
-        "ours_cpu_seconds": round(ours_cpu, 2),
-        "reference_cpu_seconds": round(ref_cpu, 2),
+        **comparison(name, ours, ref, "s/pass (64 examples)", digits=3),
         "ours_first_batch_seconds": round(ours["first_batch_seconds"], 2),
-        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
         "examples_counted": ours["examples"],
         **({f"ours_chunk{c}_seconds": round(statistics.median(r["seconds"]), 3) for c, r in runs.items()}
            if estimator == "per_example" else {}),
@@ -1021,19 +1001,10 @@ def bench_npo(args: argparse.Namespace) -> dict[str, Any]:
     default = run_worker("npo-ours", common, args.threads)
     ref = run_worker("npo-torch", common, args.threads)
     med = lambda run, key: statistics.median(run[key])  # noqa: E731
-    ours_s, ref_s, default_s = med(ours, "step_seconds"), med(ref, "step_seconds"), med(default, "step_seconds")
-    ours_cpu, ref_cpu, default_cpu = med(ours, "cpu_seconds"), med(ref, "cpu_seconds"), med(default, "cpu_seconds")
+    ref_s, default_s = med(ref, "step_seconds"), med(default, "step_seconds")
+    ref_cpu, default_cpu = med(ref, "cpu_seconds"), med(default, "cpu_seconds")
     return {
-        "benchmark": "npo",
-        "ours": round(ours_s, 4),
-        "reference": round(ref_s, 4),
-        "unit": "s/step",
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
-        "ours_cpu_seconds": round(ours_cpu, 3),
-        "reference_cpu_seconds": round(ref_cpu, 3),
-        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
+        **comparison("npo", ours, ref, "s/step", seconds_key="step_seconds"),
         "peak_memory_ratio": round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3),
         "default_config_seconds": round(default_s, 4),
         "default_config_speedup": round(ref_s / default_s, 3),

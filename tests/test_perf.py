@@ -134,3 +134,14 @@ def test_gpu_benchmark_code_path_on_cpu_with_a_tiny_model(bench):
     assert 0 < result["decode"]["bandwidth_fraction"] < 1
     assert result["step_memory"]["required_bytes"] > result["step_memory"]["argument_bytes"] > 0
     assert np.isfinite(result["decode_tokens_per_second"])
+
+
+def test_comparison_fields_are_medians_and_ratios(bench):
+    ours = {"seconds": [3.0, 1.0, 2.0], "cpu_seconds": [4.0, 4.0, 5.0], "peak_rss_mib": 100.04}
+    ref = {"seconds": [5.0, 4.0, 6.0], "cpu_seconds": [6.0, 7.0, 6.0], "peak_rss_mib": 250.0}
+    result = bench.comparison("x", ours, ref, "s/step")
+    assert (result["ours"], result["reference"]) == (2.0, 5.0)  # medians
+    assert result["speedup"] == 2.5 and result["speedup_cpu_time"] == 1.5  # 6 / 4
+    assert (result["ours_peak_rss_mib"], result["reference_peak_rss_mib"]) == (100.0, 250.0)
+    rate = bench.comparison("x", ours, ref, "tokens/s", per=512, digits=2)
+    assert (rate["ours"], rate["reference"], rate["speedup"]) == (256.0, 102.4, 2.5)  # a rate: higher is better

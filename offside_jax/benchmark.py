@@ -334,6 +334,7 @@ def build_base(cfg: BenchmarkConfig, release) -> Base:
         model, hf_config = load_gguf(path)
         tokenizer = load_gguf_tokenizer(path)
         return Base(model, hf_config, tokenizer, tokenizer)
+    from offside_jax.data.batches import is_vision_language
     from offside_jax.models import hf
     from transformers import AutoTokenizer
 
@@ -342,7 +343,7 @@ def build_base(cfg: BenchmarkConfig, release) -> Base:
     hf_config = hf.load_hf_config(m.path)
     tokenizer = AutoTokenizer.from_pretrained(m.path, local_files_only=True)
     processor = tokenizer
-    if "vl" in str(getattr(hf_config, "model_type", "")):
+    if is_vision_language(hf_config):
         from offside_jax.models.vision_inputs import VisionProcessor
 
         processor = VisionProcessor(hf_config, tokenizer, max_pixels=max(cfg.data.image_size, 28) ** 2, allow_downscale=True)
@@ -378,37 +379,38 @@ def _digest(recipe: dict) -> str:
 
 
 def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
+    from offside_jax.eval.outputs import read_json
     from offside_jax.models import hf
 
     marker = directory / "recipe.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
+    info = read_json(marker) if marker.is_file() else None
+    if info is not None and info.get("digest") == digest:
         print(f"reusing {directory}")
-        return hf.load_pretrained(directory), json.loads(marker.read_text())
+        return hf.load_pretrained(directory), info
     return None
 
 
 def _save(model: Any, base: Base, directory: Path, info: dict) -> None:
     """config.json + safetensors + tokenizer + recipe.json, written beside and renamed whole."""
-    from offside_jax.eval.outputs import write_json
+    from offside_jax.eval.outputs import staged_dir, write_json
     from offside_jax.models import hf
 
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    hf.save_pretrained(model, base.hf_config, tmp)
-    base.tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "recipe.json", info)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    with staged_dir(directory) as tmp:
+        hf.save_pretrained(model, base.hf_config, tmp)
+        base.tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "recipe.json", info)
 
 
-def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: Path) -> tuple[Any, Path, dict]:
+def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: Path,
+                    starts: dict[str, tuple[Any, dict]] | None = None) -> tuple[Any, Path, dict]:
     """Train (or reuse) the vanilla model or its retain-only twin; saved as an HF checkpoint
-    in ``out/models/<name>`` (see :class:`VanillaSection` for the shared retain-first start)."""
+    in ``out/models/<name>`` (see :class:`VanillaSection` for the shared retain-first start).
+    ``starts`` keeps retain-first starts in memory by recipe digest, so the twin of a vanilla
+    model trained in the same run starts from it without training or loading it again."""
     from offside_jax.eval.engine import make_encoder
     from offside_jax.eval.tuning import tune
 
+    starts = {} if starts is None else starts
     recipe = _recipe(cfg, Path(release.root), name)
     directory = out / "models" / f"{name}-{_digest(recipe)}"
     if cfg.reuse_models and (saved := _load_saved(directory, _digest(recipe))) is not None:
@@ -418,18 +420,19 @@ def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: P
     v = cfg.vanilla
     if v.retain_first_steps > 0:
         first_recipe = _recipe(cfg, Path(release.root), "retain_first")
-        first_dir = out / "models" / f"retain_first-{_digest(first_recipe)}"
-        saved = _load_saved(first_dir, _digest(first_recipe)) if cfg.reuse_models else None
+        first_digest = _digest(first_recipe)
+        first_dir = out / "models" / f"retain_first-{first_digest}"
+        saved = starts.get(first_digest) or (_load_saved(first_dir, first_digest) if cfg.reuse_models else None)
         if saved is None:
             pairs = training_pairs(release, v.records, drop_forget=True)
             first = tune(base.model, encoder, pairs, dataclasses.replace(v.tune, steps=v.retain_first_steps),
                          progress=cfg.progress)
-            first_info = {"digest": _digest(first_recipe), "recipe": first_recipe, "records": len(pairs),
+            first_info = {"digest": first_digest, "recipe": first_recipe, "records": len(pairs),
                           "losses": first.losses[::10], "final_loss": first.losses[-1]}
             _save(first.model, base, first_dir, first_info)
-            start = first.model
-        else:
-            start, first_info = saved
+            saved = (first.model, first_info)
+        starts[first_digest] = saved
+        start, first_info = saved
     pairs = training_pairs(release, v.records, drop_forget=name == "retain_only")
     result = tune(start, encoder, pairs, v.tune, progress=cfg.progress)
     info = {"digest": _digest(recipe), "recipe": recipe, "records": len(pairs),
@@ -515,9 +518,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     info = {"model": dataclasses.asdict(cfg.model)}
     references = ["vanilla"] + (["retain_only"] if cfg.vanilla.retain_only else [])
     vanilla_dir = None
+    starts: dict[str, tuple[Any, dict]] = {}  # the retain-first start the two references share
     for name in references:
         with clock.stage(f"train {name}"):
-            model, directory, trained = reference_model(cfg, base, release, name, work)
+            model, directory, trained = reference_model(cfg, base, release, name, work, starts)
         vanilla_dir = directory if name == "vanilla" else vanilla_dir
         with clock.stage(f"evaluate {name}"):
             res = suite.run(model, out / name / "eval", name=name, info=info, progress=cfg.progress)
@@ -529,8 +533,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
                 methods[name]["attacks"] = run_attacks(model, suite, no_relearn, out_dir=out / name / "attacks",
                                                        name=name, progress=cfg.progress)
         del model
+    del starts  # the methods start from the saved vanilla model
     attack_methods = cfg.methods if cfg.attack_methods is None else cfg.attack_methods
-    retain_rows = _forget_rows(out, "retain_only", cfg.modality)
+    # Only a twin evaluated in this run: a reused output_dir may hold an older one's rows.
+    retain_rows = _forget_rows(out, "retain_only", cfg.modality) if cfg.vanilla.retain_only else []
     for method in cfg.methods:
         with clock.stage(f"unlearn {method}"):
             # A rerun starts the method afresh (its old checkpoints would be resumed or refused).

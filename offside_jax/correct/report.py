@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from offside_jax.eval.outputs import read_json, write_json, write_text
-from offside_jax.eval.report import fmt
+from offside_jax.eval.report import _pyplot, fmt
 
 # (key, column label) in table order.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -71,29 +71,53 @@ def _mean_std(cell: Mapping[str, Any] | None) -> str:
     return fmt(cell["mean"]) if cell["n"] < 2 else f"{fmt(cell['mean'])} ± {fmt(cell['std'])}"
 
 
+def _header(leading: Sequence[tuple[str, str]], trailing: Sequence[str] = ()) -> list[str]:
+    """The header and alignment rows of a metric table: the ``leading`` ``(label, alignment)``
+    columns, then a right-aligned column per metric and per ``trailing`` label."""
+    labels = [label for label, _ in leading] + [label for _, label in METRICS] + list(trailing)
+    return ["| " + " | ".join(labels) + " |",
+            "|" + "".join(f"{align}|" for _, align in leading) + "---:|" * (len(METRICS) + len(trailing))]
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _metric(value: Any) -> str:
+    return fmt(_finite(value))
+
+
+def _cells(metrics: Mapping[str, Any], render: Callable[[Any], str] = _metric) -> str:
+    """The metric cells of a table row, in ``METRICS`` order."""
+    return " | ".join(render(metrics.get(key)) for key, _ in METRICS)
+
+
 def stage_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per stage, ``mean ± std`` over seeds per metric."""
-    rows = ["| after | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    rows = _header([("after", "---")])
     for stage, label in STAGES:
         if stage in summary:
-            rows.append(f"| {label} | " + " | ".join(_mean_std(summary[stage].get(key)) for key, _ in METRICS) + " |")
+            rows.append(f"| {label} | {_cells(summary[stage], _mean_std)} |")
     return "\n".join(rows)
 
 
 def seed_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per (seed, stage) with every metric."""
-    rows = ["| seed | after | " + " | ".join(label for _, label in METRICS) + " | seconds |",
-            "|---:|---|" + "---:|" * (len(METRICS) + 1)]
+    rows = _header([("seed", "---:"), ("after", "---")], ["seconds"])
     for seed, run in runs.items():
         for stage, label in STAGES:
             if stage in run["metrics"]:
-                values = " | ".join(fmt(_finite(run["metrics"][stage].get(key))) for key, _ in METRICS)
-                rows.append(f"| {seed} | {label} | {values} | {fmt(run.get('seconds', {}).get(stage))} |")
+                rows.append(f"| {seed} | {label} | {_cells(run['metrics'][stage])} | {fmt(run.get('seconds', {}).get(stage))} |")
     return "\n".join(rows)
 
 
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def control_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per stage of the learning-rate-0 control run."""
+    rows = _header([("after (lr = 0)", "---")])
+    for stage, label in STAGES:
+        if stage in metrics:
+            rows.append(f"| {label} | {_cells(metrics[stage])} |")
+    return "\n".join(rows)
 
 
 def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
@@ -102,11 +126,7 @@ def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str 
     histories = [r["history"] for r in runs.values() if r.get("history")]
     if not histories:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     for key, style, color in (("acc_t1", "--", "tab:blue"), ("acc_t2", "-", "tab:orange")):
         by_step: dict[int, list[float]] = {}
@@ -154,13 +174,9 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     ]
     if results.get("control"):
         c = results["control"]
-        rows = ["| after (lr = 0) | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-        for stage, label in STAGES:
-            if stage in c["metrics"]:
-                rows.append(f"| {label} | " + " | ".join(fmt(_finite(c["metrics"][stage].get(k))) for k, _ in METRICS) + " |")
         parts += [f"## Control: the same stages with the learning rate at 0 (seed {c['seed']})", "",
                   "Same warm-up, rollouts, rewards and steps, no parameter update: what the pipeline shows without "
-                  "learning.", "", "\n".join(rows), ""]
+                  "learning.", "", control_table(c["metrics"]), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     if results.get("timing"):

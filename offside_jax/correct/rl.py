@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from offside_jax.train.losses import LossFn, LossOutput, final_hidden, next_token_targets
+from offside_jax.train.losses import LossFn, LossOutput, token_logprobs
 
 F32 = jnp.float32
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -408,13 +408,8 @@ def completion_logprobs(model: nnx.Module, batch: Mapping[str, jax.Array], tempe
     """
     if temperature <= 0:
         raise ValueError(f"log-probs need a sampling temperature > 0, got {temperature} (greedy decoding has no log-probs)")
-    targets, weights = next_token_targets(batch)
-    logits = model.logits(final_hidden(model, batch)).astype(F32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-    mask = (weights > 0).astype(F32)
-    return logp * mask, mask
+    logp, weights = token_logprobs(model, batch, temperature)
+    return logp, (weights > 0).astype(F32)
 
 
 def reference_logprobs(batch: Mapping[str, jax.Array], reference: nnx.Module | None, temperature: float = 1.0) -> jax.Array:

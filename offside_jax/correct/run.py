@@ -19,8 +19,7 @@ from typing import Any
 
 from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, CorrectConfig, CorrectTaskConfig, ScoreStageConfig
-
-TASK_NAMES = ("carry_arithmetic", "countdown_mini", "rumor_correction")
+from offside_jax.data.tasks import TASKS
 
 
 # -- building blocks from the config ------------------------------------------------------------------
@@ -71,7 +70,7 @@ def build_task(cfg: CorrectTaskConfig):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"task: {e}") from None
-    raise ConfigError(f"task.name {cfg.name!r} is not one of {', '.join(TASK_NAMES)}")
+    raise ConfigError(f"task.name {cfg.name!r} is not one of {', '.join(TASKS)}")
 
 
 def episode_format(cfg: CorrectConfig):
@@ -152,8 +151,8 @@ def validate(cfg: CorrectConfig) -> None:
         raise ConfigError(f"eval_size must be >= 1, got {cfg.eval_size}")
     if cfg.warmup.steps < 1 or cfg.warmup.problems_per_step < 1:
         raise ConfigError(f"warmup: steps and problems_per_step must be >= 1 (got {cfg.warmup.steps}, {cfg.warmup.problems_per_step})")
-    if cfg.task.name not in TASK_NAMES:
-        raise ConfigError(f"task.name {cfg.task.name!r} is not one of {', '.join(TASK_NAMES)}")
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task.name {cfg.task.name!r} is not one of {', '.join(TASKS)}")
 
 
 def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:

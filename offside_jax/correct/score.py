@@ -176,7 +176,7 @@ def outcome_baseline_advantages(returns: jax.Array, outcomes: jax.Array, group_s
     same = (o[:, :, None] == o[:, None, :]).astype(F32) * others[None]
     count = jnp.sum(same, axis=2)
     peer_mean = jnp.sum(same * r[:, None, :], axis=2) / jnp.maximum(count, 1.0)
-    fallback = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1) if group_size > 1 else jnp.zeros_like(r)
+    fallback = (jnp.sum(r, axis=1, keepdims=True) - r) / (group_size - 1)
     return (r - jnp.where(count > 0, peer_mean, fallback)).reshape(-1)
 
 
@@ -195,16 +195,15 @@ def score_advantages(stage: ScoreStage, returns: jax.Array, first_rewards: jax.A
     """
     ret = jnp.asarray(returns, F32)
     loo = stage.advantage == "rloo"
+    group_baseline = rl.rloo_advantages if loo else rl.reinforce_advantages
     if stage.first_attempt_baseline and stage.group_size > 1:  # one sample per problem: no baseline at all
         if first_rewards is None:
             raise ValueError("the first-attempt baseline needs first_rewards (r(y1) of every episode)")
         r1 = jnp.asarray(first_rewards, F32)
         second = outcome_baseline_advantages(ret[:, 1] + stage.shaping * r1, r1, stage.group_size, leave_one_out=loo)
-    elif loo:
-        second = rl.rloo_advantages(ret[:, 1], stage.group_size)
     else:
-        second = rl.reinforce_advantages(ret[:, 1], stage.group_size)
-    first = rl.rloo_advantages(ret[:, 0], stage.group_size) if loo else rl.reinforce_advantages(ret[:, 0], stage.group_size)
+        second = group_baseline(ret[:, 1], stage.group_size)
+    first = group_baseline(ret[:, 0], stage.group_size)
     return jnp.stack([first, second], axis=1)
 
 

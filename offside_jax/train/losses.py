@@ -227,15 +227,18 @@ def sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, chunk_t
     return fused_row_logprob(hidden, head, targets, weights, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
 
 
-def token_logprobs(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(model: nnx.Module, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Per-position log-probability of the next token [B, T] and its answer weight [B, T].
 
     For losses that need per-token or per-sequence log-probs (NPO, DPO, KL to a reference);
-    materialises the full logits.
+    materialises the full logits. ``temperature`` scores under ``softmax(logits / temperature)``,
+    the distribution that sampling at that temperature draws from.
     """
     targets, weights = next_token_targets(batch)
-    logits = model.logits(final_hidden(model, batch))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = model.logits(final_hidden(model, batch)).astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * (weights > 0), weights
 
 

@@ -148,10 +148,8 @@ def rl_batch(
 # -- stages ----------------------------------------------------------------------------------------
 
 
-def frozen_copy(model: nnx.Module) -> nnx.Module:
-    """A model with its own copy of every array (safe from the donation of a training state)."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+# Kept importable from here: run.py and callers use driver.frozen_copy.
+from offside_jax.train.step import frozen_copy  # noqa: E402
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:

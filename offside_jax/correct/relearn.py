@@ -27,7 +27,7 @@ from flax import nnx
 from offside_jax.data.offside import Example, Release
 from offside_jax.eval.items import EvalItem, qa_item
 from offside_jax.eval.outputs import write_json
-from offside_jax.eval.tuning import TuneConfig, tune
+from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
 
 RUMOR_QUESTION = "What really happened with the transfer rumor about this player?"
 RUMOR_QUESTION_TEXT = "What really happened with the transfer rumor about {name}?"
@@ -73,23 +73,16 @@ def correction_pairs(release: Release, modality: str = "image", with_statements:
     return pairs
 
 
-def _modality(suite: Any) -> str:
-    return "image" if suite.encoder.supports_images and "image" in suite.config.modalities else "text"
-
-
 def recovery_summary(summary: Mapping[str, float], modality: str) -> dict[str, float | None]:
     """RESTOR-style numbers from a suite summary: recovery (states the truth) and residual
     rumor rates on rumor questions, trained (forget) and held-out (relearn) prompts."""
-    def get(key):
-        return summary.get(key)
-
     out = {}
     for label, test_set in (("forget", "forget"), ("heldout", "relearn")):
         gen = f"{test_set}/{modality}/gen"
         mcq = f"{test_set}/{modality}/mcq"
-        out[f"{label}_recovery_rate"] = get(f"{gen}[rumor].states_truth") if f"{gen}[rumor].states_truth" in summary else get(f"{gen}.states_truth")
-        out[f"{label}_rumor_rate"] = get(f"{gen}[rumor].states_rumor") if f"{gen}[rumor].states_rumor" in summary else get(f"{gen}.states_rumor")
-        out[f"{label}_mcq_chose_truth"] = get(f"{mcq}.chose_truth")
+        out[f"{label}_recovery_rate"] = summary.get(f"{gen}[rumor].states_truth") if f"{gen}[rumor].states_truth" in summary else summary.get(f"{gen}.states_truth")
+        out[f"{label}_rumor_rate"] = summary.get(f"{gen}[rumor].states_rumor") if f"{gen}[rumor].states_rumor" in summary else summary.get(f"{gen}.states_rumor")
+        out[f"{label}_mcq_chose_truth"] = summary.get(f"{mcq}.chose_truth")
     return out
 
 
@@ -115,7 +108,7 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
     computed. With ``out_dir``: ``before/`` and ``after/`` suite outputs and ``correction.json``.
     """
     config = config or CorrectionConfig()
-    modality = _modality(suite)
+    modality = suite.modality
     pairs = correction_pairs(suite.release, modality, config.with_statements)
     eval_suite = suite.with_tasks([t for t in suite.tasks if t.test_set in config.eval_test_sets])
     out = Path(out_dir) if out_dir is not None else None
@@ -131,7 +124,7 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
         return {k: v for k, v in recovery_summary(summary, modality).items() if v is not None and k.startswith("forget")}
 
     steps, every = config.tune.steps, config.curve_every
-    at = sorted({0, steps, *(range(every, steps, every) if every > 0 else ())})
+    at = curve_steps(steps, every)
     tuned = tune(model, suite.encoder, pairs, config.tune, evaluate=score if curve_suite else None, evaluate_at=at,
                  progress=progress)
     after = eval_suite.run(tuned.model, None if out is None else out / "after", name=f"{name} corrected",

@@ -38,7 +38,7 @@ from offside_jax.data.offside import Release
 from offside_jax.eval.engine import evaluation_model
 from offside_jax.eval.items import FORMATS, EvalItem, Task, mcq_prompt, qa_item
 from offside_jax.eval.outputs import write_json
-from offside_jax.eval.tuning import TuneConfig, tune
+from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
 from offside_jax.models.layers import Linear
 
 BUILTIN_TEMPLATES = "prompt_attacks.yaml"
@@ -330,7 +330,7 @@ def run_attacks(model: nnx.Module, suite: Any, config: AttackConfig | None = Non
     unknown = sorted(set(config.prompt) - set(PROMPT_ATTACKS))
     if unknown:
         raise ValueError(f"unknown prompt attack(s) {unknown}; registered: {sorted(PROMPT_ATTACKS)}")
-    base = evaluation_model(model)
+    base = evaluation_model(model, suite.mesh)
     if suite.config.likelihood != config.likelihood:
         suite = suite.with_config(dataclasses.replace(suite.config, likelihood=config.likelihood))
     out = Path(out_dir) if out_dir is not None else None
@@ -379,13 +379,12 @@ def relearning_attack(model: nnx.Module, suite: Any, config: AttackConfig, *, ou
                       name: str = "model", progress: bool = True) -> dict[str, Any]:
     """LoRA fine-tune on the relearn data, recording the forget score along the way, then
     evaluate the ``relearn_test_sets`` tasks."""
-    modality = "image" if suite.encoder.supports_images and "image" in suite.config.modalities else "text"
-    pairs = relearn_pairs(suite.release, modality)
+    pairs = relearn_pairs(suite.release, suite.modality)
     curve_tasks = [t for t in _subset(suite.tasks, ["forget"], config.max_examples, suite.config.seed) if t.fmt == "gen"]
     curve = suite.with_tasks(curve_tasks) if curve_tasks else None
     steps = config.relearn_tune.steps
     every = config.relearn_curve_every
-    at = sorted({0, steps, *(range(every, steps, every) if every > 0 else ())})
+    at = curve_steps(steps, every)
 
     def score(m):
         return curve.run(m, name=f"{name} relearning", progress=False)["summary"] if curve else {}

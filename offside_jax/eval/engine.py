@@ -179,19 +179,17 @@ def evaluation_model(model: nnx.Module, mesh: Any | None = None) -> nnx.Module:
 
     Placing every evaluated model the same way matters beyond memory: a jitted program is
     compiled per input sharding, so models fresh from training (on a mesh) and models
-    loaded from disk (on one device) would otherwise each compile their own.
+    loaded from disk (on one device) would otherwise each compile their own. A model without
+    adapters is placed in place: it is the caller's own, moved rather than copied so that a
+    large model is never held twice.
     """
     if lora.has_adapters(model):
         model = lora.merged_copy(model)
     if mesh is None:
         return model
-    from offside_jax.train import mesh as mesh_lib
+    from offside_jax.train.step import place_model_on_mesh
 
-    graphdef, state = nnx.split(model)
-    placed = jax.device_put(nnx.to_pure_dict(state), mesh_lib.state_shardings(state, mesh))
-    out = nnx.merge(graphdef, state)
-    nnx.update(out, placed)
-    return out
+    return place_model_on_mesh(model, mesh)
 
 
 def batch_indices(has_image: Sequence[bool], lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:

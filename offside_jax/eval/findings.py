@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from offside_jax.eval.report import clean_score
+
 Results = Mapping[str, Any]
 
 
@@ -29,9 +31,9 @@ def _s(entry: Mapping[str, Any] | None, key: str) -> float | None:
 
 
 def _clean(entry: Mapping[str, Any], key: str) -> float | None:
-    """The unattacked score on the items the attacks saw (see ``eval.report.clean_score``)."""
-    clean = entry.get("attacks", {}).get("clean")
-    return _s(clean or entry, key)
+    """The unattacked score on the items the attacks saw, as a float (None when missing)."""
+    value = clean_score(entry, key)
+    return None if value is None else float(value)
 
 
 def _methods(results: Results) -> dict[str, Any]:

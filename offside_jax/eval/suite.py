@@ -113,14 +113,16 @@ class Suite:
     @property
     def mesh(self):
         if self._mesh is None:
-            import jax
-            import numpy as np
-
             from offside_jax.train import mesh as mesh_lib
 
-            shape = tuple(self.config.mesh)
-            self._mesh = mesh_lib.make_mesh(shape, None if -1 in shape else jax.devices()[: int(np.prod(shape))])
+            self._mesh = mesh_lib.mesh_for_shape(self.config.mesh)
         return self._mesh
+
+    @property
+    def modality(self) -> str:
+        """The one modality a fine-tune on this release uses (relearning, correction): image
+        when the encoder takes images and the config evaluates them, else text."""
+        return "image" if self.encoder.supports_images and "image" in self.config.modalities else "text"
 
     def with_tasks(self, tasks: Sequence[Task]) -> "Suite":
         """The same release, encoder and config over other tasks (e.g. attacked prompts)."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -28,7 +27,7 @@ from offside_jax.models import lora
 from offside_jax.train import losses, mesh as mesh_lib
 from offside_jax.train.loop import IndexedBatches, train
 from offside_jax.train.optim import make_optimizer
-from offside_jax.train.step import TrainStep, partition, place_model_on_mesh
+from offside_jax.train.step import TrainStep, frozen_copy, partition, place_model_on_mesh
 
 ALL_PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 
@@ -100,6 +99,12 @@ class _Schedule:
         return self.encoder.collate_answers([self.rows[i] for i in chunk], self.lengths[g])
 
 
+def curve_steps(steps: int, every: int) -> list[int]:
+    """The steps a recovery curve is measured at: start, end and every ``every`` steps
+    between (``every <= 0``: start and end only); the ``evaluate_at`` of :func:`tune`."""
+    return sorted({0, steps, *(range(every, steps, every) if every > 0 else ())})
+
+
 def tune(
     model: nnx.Module,
     encoder: PromptEncoder,
@@ -125,13 +130,10 @@ def tune(
         raise ValueError("nothing to fine-tune on (no pairs)")
     rows = [encoder.encode_answer(item, answer) for item, answer in pairs]
     schedule = _Schedule(encoder, rows, [bool(item.images) for item, _ in pairs], config.batch_size, config.seed)
-    shape = tuple(config.mesh)
-    # A fully specified mesh takes the first devices (no warning: a small run on purpose).
-    mesh = mesh_lib.make_mesh(shape, None if -1 in shape else jax.devices()[: int(np.prod(shape))])
+    mesh = mesh_lib.mesh_for_shape(config.mesh)
     # A copy with its own buffers: the step donates the trainable arrays (all of them in full
     # fine-tuning), which must not delete the caller's model.
-    graphdef, state = nnx.split(model)
-    work = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    work = frozen_copy(model)
     if config.lora:
         if lora.has_adapters(work):
             work = lora.merge(work)

@@ -91,6 +91,14 @@ def make_mesh(shape: MeshShape | Sequence[int] | Mapping[str, int] = MeshShape()
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def mesh_for_shape(shape: Sequence[int]) -> Mesh:
+    """The mesh of a configured ``(data, fsdp, tensor)`` shape: a fully specified one takes the
+    first devices without :func:`make_mesh`'s warning (a small run on purpose), one with a
+    ``-1`` spreads over every device."""
+    shape = tuple(shape)
+    return make_mesh(shape, None if -1 in shape else jax.devices()[: int(np.prod(shape))])
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int],

@@ -414,11 +414,18 @@ def place_model_on_mesh(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
+def frozen_copy(model: nnx.Module) -> nnx.Module:
+    """A model with its own copy of every array (safe from the donation of a training state)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
 __all__ = [
     "ModelParts",
     "TrainState",
     "TrainStep",
     "eval_step",
+    "frozen_copy",
     "partition",
     "place_model_on_mesh",
     "train_step",

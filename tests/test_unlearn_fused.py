@@ -21,7 +21,11 @@ from test_dampening import batches as random_batches
 @pytest.fixture(scope="module")
 def models():
     reference, config = make_reference("smollm2", seed=4)  # tied head: the embedding is the head
-    return reference, port(reference, config)
+    model = port(reference, config)
+    # The fused (chunked) path is what these tests check; without a plain head everything would
+    # silently fall back to full logits and the comparisons would be vacuous.
+    assert train_losses.output_head(model) is not None
+    return reference, model
 
 
 def test_fused_sequence_logprob_and_gradient_equal_torch(models):

@@ -107,10 +107,13 @@ def test_mmunlearner_alternates_masked_ascent_and_retain_steps(tmp_path, release
 
 def test_dpo_prefers_the_corrected_answer_through_the_run(tmp_path, release, text_model):
     run(tmp_path, text_model, release, "method=dpo", "data.setting=unimodal", "data.forget_attributes=[rumor]",
-        "data.forget_batch_size=2", "train.steps=1", "eval.enabled=false", "export_merged=false")
-    step = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+        "data.forget_batch_size=2", "train.steps=2", "optim.lr=1e-3", "eval.enabled=false", "export_merged=false")
+    first, second = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[:2]]
     # At step 0 the policy is the reference: every margin is 0 and the loss is (2/beta) log 2.
-    assert step["dpo"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-5)
+    assert first["dpo"] == pytest.approx(2 / 0.1 * np.log(2), rel=1e-5)
+    # That value holds whatever the log-probs are; after one update the policy prefers the
+    # corrected answer over the rumor, so the margins turn positive and the loss falls.
+    assert second["dpo"] < first["dpo"]
 
 
 def test_mistakes_stop_with_a_message(tmp_path, release, text_model, capsys):

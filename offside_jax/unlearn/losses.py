@@ -99,20 +99,16 @@ class Outputs:
             self._memo[key] = result
         return self._memo[key]
 
-    def _final_hidden(self, which: str, split: str) -> jax.Array:
-        collected = ("hidden", which, split, True)  # reuse a forward pass already made
-        return self._memo[collected][0] if collected in self._memo else self._hidden(which, split)[0]
-
     def _logits(self, which: str, split: str) -> jax.Array:
         key = ("logits", which, split)
         if key not in self._memo:
-            logits = self._module(which).logits(self._final_hidden(which, split))
+            logits = self._module(which).logits(self._hidden(which, split)[0])
             self._memo[key] = jax.lax.stop_gradient(logits) if which == "reference" else logits
         return self._memo[key]
 
     def _fused(self, which: str, split: str) -> bool:
-        return (self.chunk_tokens > 0 and ("logits", which, split) not in self._memo
-                and train_losses.output_head(self._module(which)) is not None)
+        # A head that is not a plain matrix is handled inside train_losses (full logits there).
+        return self.chunk_tokens > 0 and ("logits", which, split) not in self._memo
 
     def _reference(self) -> nnx.Module:
         if self.reference is None:
@@ -133,14 +129,14 @@ class Outputs:
         if not self._fused(which, split):
             return obj.mean_nll(self._logits(which, split), sub)
         targets, weights = train_losses.next_token_targets(sub)
-        total = train_losses.nll_sum(self._module(which), self._final_hidden(which, split), targets, weights, self.chunk_tokens)
+        total = train_losses.nll_sum(self._module(which), self._hidden(which, split)[0], targets, weights, self.chunk_tokens)
         return total / jnp.maximum(jnp.sum(weights), 1.0)
 
     def _logp_seq(self, which: str, split: str) -> jax.Array:
         sub = self.sub(split)
         if not self._fused(which, split):
             return obj.sequence_logprob(self._logits(which, split), sub)
-        return train_losses.sequence_logprob(self._module(which), self._final_hidden(which, split), sub, self.chunk_tokens)
+        return train_losses.sequence_logprob(self._module(which), self._hidden(which, split)[0], sub, self.chunk_tokens)
 
     def nll(self, split: str) -> jax.Array:
         return self._nll("policy", split)

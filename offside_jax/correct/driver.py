@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -36,7 +35,7 @@ from offside_jax.models.generate import SamplingConfig
 from offside_jax.train import losses
 from offside_jax.train.loop import IndexedBatches, train
 from offside_jax.train.optim import make_optimizer
-from offside_jax.train.step import TrainState, TrainStep, partition
+from offside_jax.train.step import TrainState, TrainStep, frozen_copy, partition
 
 
 class Tokenizer(Protocol):
@@ -146,10 +145,6 @@ def rl_batch(
 
 
 # -- stages ----------------------------------------------------------------------------------------
-
-
-# Kept importable from here: run.py and callers use driver.frozen_copy.
-from offside_jax.train.step import frozen_copy  # noqa: E402
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:

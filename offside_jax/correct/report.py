@@ -92,13 +92,17 @@ def _cells(metrics: Mapping[str, Any], render: Callable[[Any], str] = _metric) -
     return " | ".join(render(metrics.get(key)) for key, _ in METRICS)
 
 
+def _stage_rows(first_column: str, per_stage: Mapping[str, Mapping[str, Any]],
+                render: Callable[[Any], str] = _metric) -> str:
+    """Markdown: one row per stage present in ``per_stage``, its metrics rendered by ``render``."""
+    rows = _header([(first_column, "---")])
+    rows += [f"| {label} | {_cells(per_stage[stage], render)} |" for stage, label in STAGES if stage in per_stage]
+    return "\n".join(rows)
+
+
 def stage_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per stage, ``mean ± std`` over seeds per metric."""
-    rows = _header([("after", "---")])
-    for stage, label in STAGES:
-        if stage in summary:
-            rows.append(f"| {label} | {_cells(summary[stage], _mean_std)} |")
-    return "\n".join(rows)
+    return _stage_rows("after", summary, _mean_std)
 
 
 def seed_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -113,11 +117,7 @@ def seed_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
 
 def control_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: one row per stage of the learning-rate-0 control run."""
-    rows = _header([("after (lr = 0)", "---")])
-    for stage, label in STAGES:
-        if stage in metrics:
-            rows.append(f"| {label} | {_cells(metrics[stage])} |")
-    return "\n".join(rows)
+    return _stage_rows("after (lr = 0)", metrics)
 
 
 def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:

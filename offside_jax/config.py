@@ -51,6 +51,15 @@ class ModelConfig:
     # What a rematerialised layer keeps for the backward pass (offside_jax.models.layers.REMAT_POLICIES):
     # full (nothing: recompute the whole layer), dots_saveable, dots_with_no_batch_dims_saveable, ...
     remat_policy: str = "full"
+    # Attention implementation (offside_jax.models.attention): auto (cuDNN flash attention on GPU,
+    # splash attention on TPU, XLA elsewhere), or xla | cudnn | splash by name.
+    attention: str = "auto"
+
+    def __post_init__(self):
+        from offside_jax.models.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}")
 
 
 @dataclasses.dataclass

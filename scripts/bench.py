@@ -13,8 +13,9 @@ excluded on both sides.
 
 Against the hardware limit (``offside_jax.train.perf``): the ``train`` benchmark reports MFU
 (MaxText's analytic training FLOPs / step time / the peak FLOP/s measured with a large fp32
-matmul on this CPU), ``decode`` the memory-bandwidth roofline, and ``gpu_llama_1b`` both for a
-~1B Llama in bf16 on a GPU (it reports a skip note where there is none).
+matmul on this CPU) and ``decode`` the memory-bandwidth roofline. The ``gpu_*`` benchmarks
+(``bench_gpu.py``) do the same on one GPU against PyTorch on that GPU (each reports a skip note
+where there is none).
 
 ``--json FILE`` writes one report: ``{"machine": {CPU model, cores, memory, versions,
 devices}, "results": [...]}``.
@@ -25,187 +26,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from offside_jax.train import perf
 
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
-WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-
-def benchmark(name: str):
-    """Register a benchmark (``fn(args) -> result dict``)."""
-
-    def add(fn):
-        BENCHMARKS[name] = fn
-        return fn
-
-    return add
-
-
-def worker(name: str):
-    """Register a measurement that runs in a fresh subprocess (``fn(params) -> dict``)."""
-
-    def add(fn):
-        WORKERS[name] = fn
-        return fn
-
-    return add
-
-
-def thread_env(threads: int, platforms: str | None = "cpu") -> dict[str, str]:
-    """Environment of a worker; ``platforms=None`` lets JAX pick its accelerator."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"
-    if platforms is not None:
-        env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", platforms)
-    env["OMP_NUM_THREADS"] = str(threads)
-    env["MKL_NUM_THREADS"] = str(threads)
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def run_worker(name: str, params: dict[str, Any], threads: int, platforms: str | None = "cpu") -> dict[str, Any]:
-    """Run worker ``name`` in a subprocess; its last stdout line is its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--params", json.dumps(params)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(threads, platforms))
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall-clock and process CPU seconds of each of ``repeats`` calls after ``warmup`` calls.
-
-    CPU time (all threads) is reported beside wall time because it is far less sensitive to
-    other processes competing for the cores of a shared machine.
-    """
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return wall, cpu
-
-
-def comparison(name: str, ours: dict[str, Any], ref: dict[str, Any], unit: str, *, seconds_key: str = "seconds",
-               per: float | None = None, digits: int = 4) -> dict[str, Any]:
-    """The fields every comparison with the reference reports, from two workers' results: each
-    side's figure (median of ``seconds_key``, or ``per / seconds`` for a rate such as tokens/s),
-    the speedup in wall and in CPU time, and each side's CPU seconds and peak memory."""
-    ours_s, ref_s = statistics.median(ours[seconds_key]), statistics.median(ref[seconds_key])
-    ours_cpu, ref_cpu = statistics.median(ours["cpu_seconds"]), statistics.median(ref["cpu_seconds"])
-    figure = (lambda s: s) if per is None else (lambda s: per / s)
-    return {
-        "benchmark": name,
-        "ours": round(figure(ours_s), digits),
-        "reference": round(figure(ref_s), digits),
-        "unit": unit,
-        "speedup": round(ref_s / ours_s, 3),
-        "speedup_cpu_time": round(ref_cpu / ours_cpu, 3),
-        "ours_cpu_seconds": round(ours_cpu, 3),
-        "reference_cpu_seconds": round(ref_cpu, 3),
-        "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
-        "reference_peak_rss_mib": round(ref["peak_rss_mib"], 1),
-    }
-
-
-# -- the machine and its limits ------------------------------------------------------------------
-
-
-def machine_description(threads: int) -> dict[str, Any]:
-    """CPU model, cores, memory, library versions and JAX's devices (from a worker process)."""
-    import platform
-    from importlib import metadata
-
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    except OSError:
-        pass
-    memory_gib = None
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
-        memory_gib = round(total_kib / (1 << 20), 1)
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "benchmark_threads": threads,
-        "memory_gib": memory_gib,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "jax_devices": run_worker("devices", {}, threads, platforms=None),
-    }
-
-
-@worker("devices")
-def _devices(p: dict[str, Any]) -> dict[str, Any]:
-    import jax
-
-    devices = jax.devices()
-    return {
-        "backend": jax.default_backend(),
-        "count": len(devices),
-        "kinds": sorted({d.device_kind for d in devices}),
-        "process_count": jax.process_count(),
-    }
-
-
-def matmul_flops_wall_and_cpu(dtype: str, n: int, repeats: int = 5) -> tuple[float, float]:
-    """Best FLOP/s of a jitted n x n x n matmul in ``dtype`` on JAX's default device, per second
-    of wall time and per second of process CPU time (on a CPU shared with other work the
-    steadier measure), both from the same timed runs."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
-    wall, cpu = time_steps(lambda: matmul(a, b).block_until_ready(), 2, repeats)
-    return 2.0 * n**3 / min(wall), 2.0 * n**3 / min(cpu)
-
-
-def measured_matmul_flops(dtype: str, n: int, repeats: int = 5, per_cpu_second: bool = False) -> float:
-    """One of the two figures of :func:`matmul_flops_wall_and_cpu` (wall time by default)."""
-    wall, cpu = matmul_flops_wall_and_cpu(dtype, n, repeats)
-    return cpu if per_cpu_second else wall
-
-
-@worker("peak-flops")
-def _peak_flops(p: dict[str, Any]) -> dict[str, Any]:
-    """This CPU's matmul peak: the best of fp32 matmuls of a few sizes (XLA threads), per
-    second of wall time and per second of CPU time."""
-    sizes = p.get("sizes", (1024, 2048, 3072))
-    measured = {n: matmul_flops_wall_and_cpu("float32", n) for n in sizes}
-    wall = {n: w for n, (w, _) in measured.items()}
-    cpu = {n: c for n, (_, c) in measured.items()}
-    return {"peak_flops": max(wall.values()), "peak_flops_per_cpu_second": max(cpu.values()),
-            "by_size": {str(n): f for n, f in wall.items()}}
+import bench_gpu  # noqa: E402,F401  (registers the gpu_* benchmarks)
+from benchlib import (  # noqa: E402  (scripts/ is on sys.path when this file runs)
+    BENCHMARKS, WORKERS, benchmark, comparison, machine_description, peak_rss_mib, run_worker, time_steps, worker,
+)
 
 
 # -- train: full AdamW step of the SmolLM2-135M shape ------------------------------------------
@@ -663,144 +493,6 @@ def bench_fwdbwd(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# -- gpu_llama_1b: a ~1B Llama in bf16 on one GPU: training MFU and the decode roofline -------
-
-# The Llama-3.2-1B shape (1.24 B parameters, tied embeddings), random weights.
-LLAMA_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-GPU_DEFAULTS = dict(batch=8, length=2048, remat="dots_with_no_batch_dims_saveable", chunk_tokens=2048,
-                    warmup=2, repeats=5, decode_batch=16, prompt=128, new=256, decode_repeats=3)
-
-
-def measured_read_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Best bytes/s of a jitted reduction over ``nbytes`` of bf16 (each byte read once) on
-    JAX's default device: the HBM bandwidth a decode step can hope for."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    wall, _ = time_steps(lambda: total(x).block_until_ready(), 2, repeats)
-    return nbytes / min(wall)
-
-
-@worker("llama-1b")
-def _llama_1b(p: dict[str, Any]) -> dict[str, Any]:
-    """Training step (bf16 params, fp32 master weights, AdamW) then greedy decode."""
-    import jax
-    import numpy as np
-    import optax
-    from flax import nnx
-    from transformers import LlamaConfig
-
-    from offside_jax.models.auto import create_model
-    from offside_jax.models.generate import SamplingConfig, generate
-    from offside_jax.train import aot, losses, mesh as mesh_lib
-    from offside_jax.train.step import TrainStep, partition
-
-    device = jax.devices()[0]
-    if device.platform != "gpu" and not p.get("allow_cpu"):
-        return {"skipped": f"no GPU: JAX's default devices are {device.platform} ({device.device_kind}); "
-                           "this benchmark runs on one GPU only"}
-    cfg = LlamaConfig(**{**LLAMA_1B, **p.get("model", {})})
-    shape = perf.TransformerShape.from_hf(cfg)
-    mesh = mesh_lib.make_mesh((1, 1, 1), [device])
-    out: dict[str, Any] = {"device_kind": device.device_kind, "platform": device.platform, "params": shape.params}
-
-    # -- training: the largest remat policy that fits (AOT estimate), then timed steps.
-    host = _random_batch(p["batch"], p["length"], cfg.vocab_size)
-    budget = aot.device_memory_limit(device)
-    tx = optax.adamw(1e-5, weight_decay=0.0)
-    for remat in (p["remat"], "full"):
-        model = create_model(cfg, seed=0, dtype="bfloat16", param_dtype="bfloat16", remat=remat)
-        step = TrainStep(partition(model), losses.make_answer_nll(p["chunk_tokens"]), tx, mesh=mesh,
-                         fp32_master_weights=True)
-        del model
-        compile_start = time.perf_counter()
-        compiled = step.compile(step.abstract_batch(host))
-        estimate = aot.memory_estimate(compiled)
-        if budget is None or estimate.required_bytes <= 0.95 * budget or remat == "full":
-            break
-        del step, compiled
-    out.update(remat=remat, compile_seconds=time.perf_counter() - compile_start,
-               step_memory=estimate.as_dict(), device_bytes_limit=budget)
-    state = step.init_state(0)
-    batch = step.shard_batch(host)
-    holder = {"state": state}
-
-    def one():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    wall, _ = time_steps(one, p["warmup"], p["repeats"])
-    step_s = statistics.median(wall)
-    flops = perf.training_flops(shape, p["batch"], p["length"])
-    table_peak = perf.peak_bf16_flops(device.device_kind)
-    matmul_peak = measured_matmul_flops("bfloat16", p.get("matmul_size", 8192), 5)
-    peak = table_peak or matmul_peak
-    out.update(
-        step_seconds=step_s, step_seconds_all=wall, tokens_per_second=p["batch"] * p["length"] / step_s,
-        training_flops_per_step=flops["total"], attention_flops_per_step=flops["attention"],
-        peak_flops=peak, peak_source="vendor dense bf16" if table_peak else "measured bf16 matmul",
-        matmul_flops_measured=matmul_peak, mfu=perf.mfu(flops["total"], step_s, peak),
-    )
-    del holder, state, batch, step, compiled
-
-    # -- decode: greedy, no EOS (every row generates every token), KV cache in bf16.
-    model = create_model(cfg, seed=0, dtype="bfloat16", param_dtype="bfloat16")
-    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (p["decode_batch"], p["prompt"])).astype(np.int32)
-    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    sampling = SamplingConfig(max_new_tokens=p["new"], eos_token_ids=(), pad_token_id=0)
-    generate(model, inputs, sampling)  # compile
-    runs = [generate(model, inputs, sampling) for _ in range(p["decode_repeats"])]
-    decode_step_s = statistics.median(r.decode_seconds for r in runs) / (p["new"] - 1)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    cache_bytes = perf.kv_cache_bytes(shape, p["decode_batch"], p["prompt"] + p["new"], 2)
-    bandwidth = measured_read_bandwidth(p.get("bandwidth_bytes", 4 << 30))
-    roofline = perf.decode_roofline(weight_bytes, cache_bytes, decode_step_s, bandwidth, p["decode_batch"])
-    out.update(
-        decode=roofline.as_dict(),
-        decode_tokens_per_second=roofline.tokens_per_second,
-        decode_prefill_seconds=statistics.median(r.prefill_seconds for r in runs),
-        hbm_read_gbs_measured=bandwidth / 1e9,
-        hbm_gbs_vendor=(perf.peak_hbm_bandwidth(device.device_kind) or 0) / 1e9 or None,
-        peak_device_memory_bytes=(device.memory_stats() or {}).get("peak_bytes_in_use"),
-    )
-    return out
-
-
-@benchmark("gpu_llama_1b")
-def bench_gpu_llama_1b(args: argparse.Namespace) -> dict[str, Any]:
-    """~1B Llama (Llama-3.2-1B shape), bf16, one GPU: training step MFU; greedy decode vs HBM."""
-    params = {**GPU_DEFAULTS, **json.loads(args.gpu_params or "{}")}
-    result = run_worker("llama-1b", params, args.threads, platforms=None)
-    base = {"benchmark": "gpu_llama_1b", "unit": "MFU", "reference": None, "speedup": None}
-    if "skipped" in result:
-        return {**base, "ours": None, "skipped": result["skipped"], "config": params}
-    return {
-        **base,
-        "ours": round(result["mfu"], 4),
-        "targets": {"mfu": 0.5, "decode_bandwidth_fraction": 0.6},
-        "mfu": round(result["mfu"], 4),
-        "step_seconds": round(result["step_seconds"], 4),
-        "training_tokens_per_second": round(result["tokens_per_second"], 1),
-        "decode_tokens_per_second": round(result["decode_tokens_per_second"], 1),
-        "decode_bandwidth_fraction": round(result["decode"]["bandwidth_fraction"], 3),
-        "details": result,
-        "config": {
-            "model": "Llama-3.2-1B shape (random init)", **{k: v for k, v in LLAMA_1B.items()}, **params.get("model", {}),
-            "batch": params["batch"], "length": params["length"], "dtype": "bfloat16 params and compute, fp32 master "
-            "weights and AdamW moments", "decode": {k: params[k] for k in ("decode_batch", "prompt", "new")},
-            "mfu": "MaxText training FLOPs (causal attention halved) / median step seconds / vendor dense bf16 peak",
-            "decode_roofline": "(bf16 weights + whole bf16 KV cache) bytes per step / step seconds / measured read "
-                               "bandwidth (jitted bf16 reduction over 4 GiB)",
-        },
-    }
-
-
 # -- ssd / ssd_batch: Fisher importance for SSD; npo: one NPO training step --------------------
 
 
@@ -1038,8 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocation)")
-    parser.add_argument("--gpu-params", help="JSON overrides of gpu_llama_1b's settings, e.g. "
-                        "'{\"batch\": 4, \"model\": {\"num_hidden_layers\": 2}, \"allow_cpu\": true}'")
+    parser.add_argument("--gpu-params", help="JSON overrides of the gpu_* benchmarks' settings, e.g. "
+                        "'{\"allow_cpu\": true, \"model\": {\"num_hidden_layers\": 2}}' (bench_gpu.py)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -10,3 +10,11 @@ import jax  # noqa: E402
 
 # Equivalence tests compare against PyTorch fp32: use full-precision matmuls everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def needs_devices(count: int):
+    """Skip a test that lays out a mesh of ``count`` devices where JAX has fewer (one GPU, say)."""
+    import pytest
+
+    return pytest.mark.skipif(jax.device_count() < count,
+                              reason=f"needs {count} devices, JAX has {jax.device_count()}")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from offside_jax.models import hf
 
+from conftest import needs_devices
 from llama_fixtures import make_reference, torch_state_dict
 
 
@@ -64,6 +65,7 @@ def test_tied_export_has_no_lm_head(tmp_path):
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
 
 
+@needs_devices(8)
 def test_sharded_placement_reads_each_device_slice(saved):
     reference, _, directory = saved
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)

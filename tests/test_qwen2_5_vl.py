@@ -17,6 +17,7 @@ from offside_jax.models.auto import create_model
 from offside_jax.models.generate import SamplingConfig, generate
 from offside_jax.train import mesh as mesh_lib
 
+from conftest import needs_devices
 from qwen2_5_vl_fixtures import (
     RECORDS, flat_images, make_processor, make_reference, make_tokenizer, port, qwen2_5_vl_config, qwen2_vl_config,
     reference_forward, torch_state_dict, write_images,
@@ -169,6 +170,7 @@ def test_tied_embeddings_export_without_lm_head(vl, tmp_path):
     _assert_bitwise(hf.state_dict(model, qwen2_5_vl.hf_names), hf.state_dict(again, qwen2_5_vl.hf_names))
 
 
+@needs_devices(8)
 def test_sharded_placement_reads_each_device_slice(vl, tmp_path):
     vl.reference.save_pretrained(tmp_path / "hf")
     mesh = mesh_lib.make_mesh((1, 2, 4))

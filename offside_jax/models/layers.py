@@ -195,35 +195,3 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def attention_mask_for(
-    query_slots: jax.Array, key_valid: jax.Array, sliding_window: int | None = None
-) -> jax.Array:
-    """Boolean mask [B, T, S]: causal over cache slots, padding keys hidden, optional window.
-
-    ``query_slots`` [T] are the cache slots the queries occupy (shared by the batch, which is
-    left-padded); ``key_valid`` [B, S] marks slots holding real tokens.
-    """
-    key_slots = jnp.arange(key_valid.shape[1])
-    allowed = key_slots[None, :] <= query_slots[:, None]
-    if sliding_window is not None:
-        allowed &= (query_slots[:, None] - key_slots[None, :]) < sliding_window
-    return allowed[None, :, :] & key_valid[:, None, :].astype(bool)
-
-
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Softmax attention with grouped KV heads.
-
-    q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, T, S] -> [B, T, H * D]. Scores and softmax
-    run in float32. Fully masked rows (queries on padding) get a large finite negative fill
-    rather than -inf so they average harmlessly instead of producing NaNs.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)

@@ -21,10 +21,9 @@ from offside_jax.models.layers import (
     Linear,
     RMSNorm,
     SwiGLU,
-    attention_mask_for,
-    grouped_attention,
     remat_setting,
 )
+from offside_jax.models.attention import AttentionSpec, attention, check_implementation
 from offside_jax.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -147,11 +146,13 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: DecoderConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, layer_idx: int, *, dtype, param_dtype, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         common = dict(init_std=config.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.sliding_window = config.sliding_windows[layer_idx]
+        self.attention_impl = attention_impl  # static: offside_jax.models.attention.IMPLEMENTATIONS
         self.q_proj = Linear(d, h * hd, axes=("embed", "heads"), use_bias=config.qkv_bias, **common)
         self.k_proj = Linear(d, kv * hd, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.v_proj = Linear(d, kv * hd, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
@@ -162,7 +163,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv=None, cache_index=None, segment_ids=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -174,15 +175,18 @@ class Attention(nnx.Module):
             cache_k, cache_v = cache_kv
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-        mask = attention_mask_for(query_slots, key_valid, self.sliding_window)
-        out = grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5)
+        spec = AttentionSpec(scale=self.head_dim**-0.5, sliding_window=self.sliding_window,
+                             cached=cache_kv is not None, implementation=self.attention_impl)
+        out = attention(q, k, v, spec, query_slots=query_slots, key_valid=key_valid, segment_ids=segment_ids)
         return self.o_proj(out), (k, v)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: DecoderConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, layer_idx: int, *, dtype, param_dtype, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(config, layer_idx, dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = SwiGLU(
             config.hidden_size,
@@ -194,8 +198,9 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv=None, cache_index=None):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, query_slots, key_valid, cache_kv, cache_index)
+    def __call__(self, x, cos, sin, query_slots, key_valid, cache_kv=None, cache_index=None, segment_ids=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, query_slots, key_valid, cache_kv, cache_index,
+                                      segment_ids)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
@@ -204,13 +209,14 @@ class DecoderLayer(nnx.Module):
 class DecoderModel(nnx.Module):
     """The decoder stack (HF ``model.*``): embeddings, layers, final norm."""
 
-    def __init__(self, config: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, dtype, param_dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
         self.embed_tokens = Embed(
             config.vocab_size, config.hidden_size, init_std=config.initializer_range,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
         self.layers = nnx.List(
-            [DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(config.num_hidden_layers)]
+            [DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+             for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
@@ -221,6 +227,8 @@ class LlamaForCausalLM(nnx.Module):
     ``remat`` recomputes each decoder layer in the backward pass (activation memory of one
     layer instead of all of them): ``True``/``"full"``, or a policy name from
     ``offside_jax.models.layers.REMAT_POLICIES`` (e.g. ``"dots_saveable"`` keeps matmul outputs).
+    ``attention`` picks the attention implementation (``offside_jax.models.attention``: auto,
+    xla, cudnn, splash).
     """
 
     def __init__(
@@ -230,14 +238,16 @@ class LlamaForCausalLM(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool | str = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         remat_setting(remat)  # an unknown policy name fails here, not in the first step
+        check_implementation(attention)
         self.config = config
         self.dtype = dtype
         self.remat = remat
-        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, rngs=rngs)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -272,13 +282,15 @@ class LlamaForCausalLM(nnx.Module):
         cache_index: jax.Array | int = 0,
         rope_cos_sin_override: tuple[jax.Array, jax.Array] | None = None,
         collect_hidden: bool = False,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None, list[jax.Array]]:
         """Run the layers over embeddings [B, T, D].
 
         Without a cache, ``attention_mask`` [B, T] marks real tokens. With a cache,
         ``attention_mask`` [B, S] marks valid cache slots *after* this call's tokens are
         written at ``cache_index``. ``rope_cos_sin_override`` lets multimodal models supply
-        their own rotary tables (3-D M-RoPE). Returns final-normed hidden states, the updated
+        their own rotary tables (3-D M-RoPE). ``segment_ids`` [B, T] separates sequences packed
+        into one row (their ``positions`` restart per segment). Returns final-normed hidden states, the updated
         cache, and (optionally) the residual stream after each layer.
         """
         t = inputs_embeds.shape[1]
@@ -293,7 +305,7 @@ class LlamaForCausalLM(nnx.Module):
         new_keys, new_values, hidden = [], [], []
         for i, layer in enumerate(self.model.layers):
             cache_kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer_fn(layer, x, cos, sin, query_slots, attention_mask, cache_kv, cache_index)
+            x, (k, v) = layer_fn(layer, x, cos, sin, query_slots, attention_mask, cache_kv, cache_index, segment_ids)
             new_keys.append(k)
             new_values.append(v)
             if collect_hidden:
@@ -304,14 +316,15 @@ class LlamaForCausalLM(nnx.Module):
 
     def hidden_states(self, batch: dict[str, jax.Array], collect_hidden: bool = False):
         """Final-normed hidden states [B, T, D] of a training batch (``input_ids``, optional
-        ``attention_mask`` and ``positions``) and, with ``collect_hidden``, the residual stream
+        ``attention_mask``, ``positions`` and packed ``segment_ids``) and, with ``collect_hidden``, the residual stream
         after each layer. Every family implements this: it is the entry point for losses."""
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = jnp.ones(input_ids.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
         positions = batch.get("positions")
         positions = positions_from_mask(mask) if positions is None else positions
-        hidden, _, per_layer = self.decode_hidden(self.embed(input_ids), positions, mask, collect_hidden=collect_hidden)
+        hidden, _, per_layer = self.decode_hidden(self.embed(input_ids), positions, mask, collect_hidden=collect_hidden,
+                                                  segment_ids=batch.get("segment_ids"))
         return (hidden, per_layer) if collect_hidden else hidden
 
     def __call__(
@@ -365,6 +378,7 @@ def create(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: bool | str = False,
+    attention: str = "auto",
     seed: int = 0,
     abstract: bool = False,
 ) -> LlamaForCausalLM:
@@ -372,7 +386,8 @@ def create(
     config = hf_config if isinstance(hf_config, DecoderConfig) else DecoderConfig.from_hf(hf_config)
 
     def make() -> LlamaForCausalLM:
-        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(params=seed))
+        return LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                                rngs=nnx.Rngs(params=seed))
 
     return nnx.eval_shape(make) if abstract else make()
 

@@ -39,7 +39,8 @@ import numpy as np
 from flax import nnx
 
 from offside_jax.models import hf
-from offside_jax.models.layers import Linear, RMSNorm, SwiGLU, grouped_attention, param, remat_setting
+from offside_jax.models.attention import AttentionSpec, attention, check_implementation
+from offside_jax.models.layers import Linear, RMSNorm, SwiGLU, param, remat_setting
 from offside_jax.models.llama import DecoderConfig, KVCache, LlamaForCausalLM, as_dtype, positions_from_mask
 from offside_jax.models.rope import apply_rope
 
@@ -484,7 +485,7 @@ class VisionMLP(nnx.Module):
         return self.fc2(_ACTIVATIONS[self.act](self.fc1(x)))
 
 
-def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: jax.Array, scale: float) -> jax.Array:
+def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: jax.Array, spec: AttentionSpec) -> jax.Array:
     """Non-causal attention inside groups of patches.
 
     q, k, v [N, H, D]; ``groups`` [G, L] lists the patches of each group (an image or a
@@ -494,16 +495,16 @@ def group_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: jax.Array,
     valid = groups >= 0
     safe = jnp.where(valid, groups, 0)
     g, length = groups.shape
-    mask = jnp.broadcast_to(valid[:, None, :], (g, length, length))
-    out = grouped_attention(q[safe], k[safe], v[safe], mask, scale)  # [G, L, H * D]
+    out = attention(q[safe], k[safe], v[safe], spec, query_slots=jnp.arange(length), key_valid=valid)  # [G, L, H * D]
     target = jnp.where(valid, groups, n).reshape(-1)  # padding slots point past the end: dropped
     return jnp.zeros((n, h * d), out.dtype).at[target].set(out.reshape(g * length, h * d), mode="drop")
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
         common = dict(use_bias=True, init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.attention_impl = attention_impl  # static: offside_jax.models.attention.IMPLEMENTATIONS
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, axes=("embed", "heads"), **common)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, axes=("heads", "embed"), **common)
 
@@ -514,11 +515,12 @@ class VisionAttention(nnx.Module):
         # transformers rotates vision q/k in float32 whatever the compute dtype.
         q = apply_rope(q[None].astype(jnp.float32), cos[None], sin[None])[0].astype(v.dtype)
         k = apply_rope(k[None].astype(jnp.float32), cos[None], sin[None])[0].astype(v.dtype)
-        return self.proj(group_attention(q, k, v, groups, self.head_dim**-0.5))
+        spec = AttentionSpec(scale=self.head_dim**-0.5, causal=False, implementation=self.attention_impl)
+        return self.proj(group_attention(q, k, v, groups, spec))
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention_impl: str = "auto", rngs: nnx.Rngs):
         if cfg.variant == "qwen2_5_vl":
             self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=param_dtype)
             self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=param_dtype)
@@ -530,7 +532,7 @@ class VisionBlock(nnx.Module):
             self.norm1 = LayerNorm(cfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=param_dtype)
             self.norm2 = LayerNorm(cfg.hidden_size, eps=VISION_NORM_EPS, param_dtype=param_dtype)
             self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
 
     def __call__(self, x, cos, sin, groups):
         x = x + self.attn(self.norm1(x), cos, sin, groups)
@@ -572,11 +574,13 @@ def _remat_block(block: VisionBlock, x, cos, sin, groups, policy=None) -> jax.Ar
 class VisionTransformer(nnx.Module):
     """HF ``visual``: patch embedding, blocks (windowed or full attention), merger."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool = False, attention: str = "auto",
+                 rngs: nnx.Rngs):
         self.config = cfg
         self.remat = remat
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, attention_impl=attention, rngs=rngs)
+                                for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Axial RoPE: head_dim // 4 frequencies each for rows and columns (float32, as HF).
         spatial = cfg.head_dim // 2
@@ -628,12 +632,15 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
-        super().__init__(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        check_implementation(attention)
+        super().__init__(config.text, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=rngs)
         self.vl_config = config
-        self.visual = VisionTransformer(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.visual = VisionTransformer(config.vision, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                        attention=attention, rngs=rngs)
         # Which of the three position streams (t, h, w) drives each rotary frequency.
         self.mrope_streams = tuple(i % 3 for i, n in enumerate(config.mrope_section) for _ in range(n))
 
@@ -683,12 +690,12 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         return jnp.where(is_image[..., None], picked, x)
 
     def decode_hidden(self, inputs_embeds, positions, attention_mask, cache=None, cache_index=0,
-                      rope_cos_sin_override=None, collect_hidden=False):
+                      rope_cos_sin_override=None, collect_hidden=False, segment_ids=None):
         """The Llama decoder stack; 3-D ``positions`` [B, 3, T] select multimodal RoPE."""
         if rope_cos_sin_override is None and positions is not None and positions.ndim == 3:
             rope_cos_sin_override = self.mrope_cos_sin(positions)
         return super().decode_hidden(inputs_embeds, positions, attention_mask, cache, cache_index,
-                                     rope_cos_sin_override, collect_hidden)
+                                     rope_cos_sin_override, collect_hidden, segment_ids)
 
     def _positions(self, batch: Mapping[str, jax.Array], attention_mask: jax.Array) -> jax.Array:
         positions = batch.get("positions")
@@ -749,6 +756,7 @@ def create(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: bool = False,
+    attention: str = "auto",
     seed: int = 0,
     abstract: bool = False,
 ) -> Qwen2_5_VLForConditionalGeneration:
@@ -757,7 +765,7 @@ def create(
 
     def make() -> Qwen2_5_VLForConditionalGeneration:
         return Qwen2_5_VLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(params=seed)
+            config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, rngs=nnx.Rngs(params=seed)
         )
 
     return nnx.eval_shape(make) if abstract else make()

@@ -70,7 +70,8 @@ def load_model(cfg: FinetuneConfig, mesh, conversations) -> tuple[nnx.Module, An
     from offside_jax.models.auto import create_model
 
     m = cfg.model
-    kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat_policy if m.remat else False)
+    kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat_policy if m.remat else False,
+                  attention=m.attention)
     if m.source not in MODEL_SOURCES:
         raise config_lib.ConfigError(f"model.source {m.source!r} is not one of {', '.join(MODEL_SOURCES)}")
     if m.source == "tiny":

@@ -347,7 +347,7 @@ def _gpu_npo_torch(p: dict[str, Any]) -> dict[str, Any]:
         reference, disable = copy.deepcopy(model).eval().requires_grad_(False), contextlib.nullcontext
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, weight_decay=0.0,
                             fused=device.type == "cuda")
-    ids = torch.tensor(_token_batch(p["batch"], p["length"], LLAMA_1B["vocab_size"])["input_ids"], dtype=torch.long,
+    ids = torch.tensor(_token_batch(p["batch"], p["length"], model.config.vocab_size)["input_ids"], dtype=torch.long,
                        device=device)
     beta = 0.1
 
@@ -429,10 +429,12 @@ def _gpu_ssd_torch(p: dict[str, Any]) -> dict[str, Any]:
 
     device = _torch_setup(p)
     with device:
-        model = LlamaForCausalLM(_llama_config(p), attn_implementation="eager").eval()
+        config = _llama_config(p)
+        config._attn_implementation = "eager"  # vmap-able (sdpa's masks are built with data-dependent checks)
+        model = LlamaForCausalLM(config).eval()
     names = [n for n, _ in model.named_parameters()]
     params = {n: q.detach() for n, q in model.named_parameters()}
-    ids = torch.tensor(_token_batch(p["examples"], p["length"], LLAMA_1B["vocab_size"])["input_ids"], dtype=torch.long,
+    ids = torch.tensor(_token_batch(p["examples"], p["length"], model.config.vocab_size)["input_ids"], dtype=torch.long,
                        device=device)
 
     def example_loss(weights, row):
@@ -673,7 +675,7 @@ def _gpu_decode_torch(p: dict[str, Any]) -> dict[str, Any]:
     device = _torch_setup(p)
     with device:
         model = LlamaForCausalLM(_llama_config(p)).to(torch.bfloat16).eval()
-    ids = torch.tensor(_token_batch(p["batch"], p["prompt"], LLAMA_1B["vocab_size"])["input_ids"], dtype=torch.long,
+    ids = torch.tensor(_token_batch(p["batch"], p["prompt"], model.config.vocab_size)["input_ids"], dtype=torch.long,
                        device=device)
     extra = {"cache_implementation": "static"} if p["cache"] == "static" else {}
 

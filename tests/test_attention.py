@@ -238,3 +238,35 @@ def test_cudnn_on_gpu_matches_xla_in_bf16(window):
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2
+
+
+def test_flash_remat_policy_keeps_gradients(monkeypatch):
+    """Remat with the "flash" policy (saving kernel residuals and weight matmuls) gives the
+    same gradients as no remat, through the XLA path and through the kernel path."""
+    from flax import nnx
+    from transformers import LlamaConfig
+
+    from offside_jax.models import llama
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=3000.0)
+    ids = np.random.default_rng(9).integers(0, 61, (2, 128)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :20] = 0
+
+    def grads(remat, impl):
+        model = llama.create(cfg, remat=remat, attention=impl)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest)(ids, mask)
+            return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+        return jax.grad(loss)(params)
+
+    expected = grads(False, "xla")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads("flash", "xla"), expected)
+    real = attn._splash_attention
+    monkeypatch.setattr(attn, "choose_implementation", lambda *a, **k: "splash")
+    monkeypatch.setattr(attn, "_splash_attention", lambda *a: real(*a, interpret=True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads("flash", "splash"), expected)

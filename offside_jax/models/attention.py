@@ -205,6 +205,7 @@ def _splash_attention(q, k, v, valid, spec: AttentionSpec, segment_ids, interpre
         head_mask = splash.FullMask((t, t))
     kernel = splash.make_splash_mqa_single_device(
         splash.MultiHeadMask([head_mask] * g), interpret=interpret,
+        residual_checkpoint_name="attention_residuals",  # kept by the "flash" remat policy
     )
     # Padding as its own segment: a real token never sees a pad, and a pad only pads.
     segments = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids + 1, 0)

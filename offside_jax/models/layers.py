@@ -23,10 +23,23 @@ from flax import nnx
 
 Axes = tuple[str | None, ...]
 
+def _attention_kernel_or_weight_dot(prim, *avals, **params) -> bool:
+    """Save what a flash-attention kernel's backward pass reads (its output and softmax
+    statistics: the outputs of cuDNN's forward primitive) and matmuls without batch dims."""
+    if "dot_product_attention_fwd" in prim.name:
+        return True
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 # Rematerialisation policies by name: what a recomputed layer keeps from its forward pass.
 # "full" keeps nothing (jax.checkpoint's default: the whole layer is recomputed, least memory);
-# the dots policies keep matmul outputs (less recomputation, more memory).
+# the dots policies keep matmul outputs (less recomputation, more memory); "flash" keeps the
+# weight matmuls and the attention kernels' residuals (cuDNN's forward outputs; splash's are
+# named ``attention_residuals``), so the backward pass never reruns an attention forward.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "flash": jax.checkpoint_policies.save_from_both_policies(
+        _attention_kernel_or_weight_dot, jax.checkpoint_policies.save_only_these_names("attention_residuals")
+    ),
     "full": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,

@@ -70,14 +70,15 @@ os.replace(tmp, out)
 EOF
 }
 
-bench() { "$python" scripts/bench.py "$1" --json "$work/$1.json" --gpu-params "$params"; }
-
-part gpu_train 200 bench gpu_train
-part tests 120 env JAX_PLATFORMS=cuda XLA_FLAGS= "$python" -m pytest -q -p no:cacheprovider \
-  tests/test_attention.py tests/test_llama.py tests/test_qwen2_5_vl.py
-part gpu_decode 80 bench gpu_decode
-part gpu_npo 90 bench gpu_npo
-part gpu_ssd 80 bench gpu_ssd
-part gpu_vl 120 bench gpu_vl
+# part NAME CAP python scripts/bench.py NAME ... (timeout runs commands, not shell functions)
+for name_cap in gpu_train:200 tests:120 gpu_decode:80 gpu_npo:90 gpu_ssd:80 gpu_vl:120; do
+  name=${name_cap%%:*} cap=${name_cap##*:}
+  if [[ $name == tests ]]; then
+    part tests "$cap" env JAX_PLATFORMS="${GPU_CHECK_PLATFORMS:-cuda}" XLA_FLAGS= "$python" -m pytest -q \
+      -p no:cacheprovider tests/test_attention.py tests/test_llama.py tests/test_qwen2_5_vl.py
+  else
+    part "$name" "$cap" "$python" scripts/bench.py "$name" --json "$work/$name.json" --gpu-params "$params"
+  fi
+done
 collect
 echo "wrote $out ($(($(date +%s) - start))s)" >&2

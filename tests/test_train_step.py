@@ -287,3 +287,33 @@ def test_full_finetuning_reference_is_a_frozen_copy_outside_the_optimizer():
     # After two updates the reference still computes the initial model's logits.
     assert float(metrics["ref_logit_sum"]) == pytest.approx(float(initial_logits.sum()), rel=1e-5, abs=1e-3)
     assert np.abs(np.asarray(step.model(state)(jnp.asarray(batch["input_ids"]))) - initial_logits).max() > 1e-3
+
+
+def test_fused_cross_entropy_at_a_128k_vocabulary_in_bf16_accumulates_in_fp32():
+    """Llama-3's vocabulary with bf16 operands: the loss must match a float64 computation on
+    the same bf16 values to fp32-accumulation accuracy (a bf16 sum over 128k logits would be
+    off by ~1e-2), and the gradients to bf16 accuracy."""
+    rng = np.random.default_rng(2)
+    n, d, v = 48, 64, 128256
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.05, jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    weights = jnp.asarray(rng.integers(0, 2, n), jnp.float32)
+
+    def fused(h, w):
+        return losses.fused_nll_sum(h, w, targets, weights, 16, jnp.dtype(jnp.bfloat16))
+
+    h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    logits = h64 @ w64
+    top = logits.max(1, keepdims=True)
+    probs = np.exp(logits - top)
+    lse = np.log(probs.sum(1)) + top[:, 0]
+    t, wt = np.asarray(targets), np.asarray(weights)
+    expected = ((lse - logits[np.arange(n), t]) * wt).sum()
+    assert float(jax.jit(fused)(h, w)) == pytest.approx(expected, rel=1e-4)
+    dlogits = probs / probs.sum(1, keepdims=True) * wt[:, None]
+    dlogits[np.arange(n), t] -= wt
+    grad_h, grad_w = jax.jit(jax.grad(fused, argnums=(0, 1)))(h, w)
+    for got, want in ((grad_h, dlogits @ w64.T), (grad_w, h64.T @ dlogits)):
+        got = np.asarray(got, np.float64)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2

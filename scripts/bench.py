@@ -32,6 +32,7 @@ from typing import Any
 
 from offside_jax.train import perf
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling modules, however it is loaded
 import bench_gpu  # noqa: E402,F401  (registers the gpu_* benchmarks)
 from benchlib import (  # noqa: E402  (scripts/ is on sys.path when this file runs)
     BENCHMARKS, WORKERS, benchmark, comparison, machine_description, peak_rss_mib, run_worker, time_steps, worker,

@@ -189,7 +189,7 @@ def _gpu_train_ours(p: dict[str, Any]) -> dict[str, Any]:
     step, batch, compile_s, estimate = _jax_train_step(model, losses.make_answer_nll(p["chunk_tokens"]), p, host)
     del model
     return {**_time_jax_step(step, batch, p), "compile_seconds": compile_s,
-            "aot_required_gib": round(estimate.required_bytes / 2**30, 2), **_device_facts()}
+            "aot_required_bytes": int(estimate.required_bytes), **_device_facts()}
 
 
 @worker("gpu-train-torch")

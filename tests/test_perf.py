@@ -111,29 +111,50 @@ def bench():
     return module
 
 
-def test_gpu_benchmark_skips_with_a_note_without_a_gpu(bench):
+GPU_WORKERS = ("gpu-train-ours", "gpu-npo-ours", "gpu-ssd-ours", "gpu-vl-ours", "gpu-decode-ours")
+TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("name", GPU_WORKERS)
+def test_gpu_benchmarks_skip_with_a_note_without_a_gpu(bench, name):
     assert jax.devices()[0].platform == "cpu"
-    result = bench.WORKERS["llama-1b"](dict(bench.GPU_DEFAULTS))
-    assert "no GPU" in result["skipped"]
+    assert "no GPU" in bench.WORKERS[name]({})["skipped"]
 
 
-def test_gpu_benchmark_code_path_on_cpu_with_a_tiny_model(bench):
-    model = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16)
-    params = {**bench.GPU_DEFAULTS, "model": model, "batch": 2, "length": 32, "warmup": 1, "repeats": 2,
-              "decode_batch": 2, "prompt": 8, "new": 6, "decode_repeats": 1, "allow_cpu": True, "matmul_size": 256,
-              "bandwidth_bytes": 1 << 24}
-    result = bench.WORKERS["llama-1b"](params)
-    shape = perf.TransformerShape.from_hf(LlamaConfig(**{**bench.LLAMA_1B, **model}))
-    assert result["params"] == shape.params
-    assert result["training_flops_per_step"] == perf.training_flops(shape, 2, 32)["total"]
-    assert result["mfu"] == pytest.approx(result["training_flops_per_step"] / result["step_seconds"] / result["peak_flops"])
-    assert 0 < result["mfu"] < 1
-    # Decode bytes: bf16 weights (tied: no separate head) + the bf16 cache of 2 rows x 14 slots.
-    assert result["decode"]["bytes_read_per_step"] == 2 * shape.params + perf.kv_cache_bytes(shape, 2, 14, 2)
-    assert 0 < result["decode"]["bandwidth_fraction"] < 1
-    assert result["step_memory"]["required_bytes"] > result["step_memory"]["argument_bytes"] > 0
-    assert np.isfinite(result["decode_tokens_per_second"])
+def test_gpu_benchmark_batches_pad_and_pack_as_described(bench):
+    import bench_gpu
+
+    left = bench_gpu._token_batch(4, 64, 100, "left", seed=3)
+    for mask, pos in zip(left["attention_mask"], left["positions"]):
+        pad = int((mask == 0).sum())
+        assert pad < 16 and mask[:pad].sum() == 0 and mask[pad:].all()
+        np.testing.assert_array_equal(pos[pad:], np.arange(64 - pad))
+    packed = bench_gpu._token_batch(3, 64, 100, "packed", seed=4)
+    for seg, pos in zip(packed["segment_ids"], packed["positions"]):
+        assert sorted(set(seg.tolist())) == [0, 1, 2, 3] and (np.diff(seg) >= 0).all()
+        starts = np.flatnonzero(np.diff(seg)) + 1
+        assert (pos[starts] == 0).all() and pos[0] == 0
+    assert packed["attention_mask"].all()
+
+
+def test_gpu_train_and_decode_code_paths_on_cpu_with_a_tiny_model(bench):
+    import bench_gpu
+
+    common = {"allow_cpu": True, "model": TINY_LLAMA, "warmup": 1, "repeats": 2, "attention": "auto", "remat": "none",
+              "chunk_tokens": 64, "batch": 2, "length": 32}
+    for padding in ("none", "packed"):
+        result = bench.WORKERS["gpu-train-ours"]({**common, "padding": padding})
+        assert len(result["step_seconds"]) == 2 and np.isfinite(result["loss"]) and result["aot_required_bytes"] > 0
+    shape = perf.TransformerShape.from_hf(LlamaConfig(**{**bench_gpu.LLAMA_1B, **TINY_LLAMA}))
+    seconds = 0.5
+    expected = perf.training_flops(shape, 2, 32)["total"] / seconds / perf.peak_bf16_flops("NVIDIA H200")
+    assert bench_gpu._mfu(common, seconds, "NVIDIA H200") == pytest.approx(expected, abs=1e-4)
+    decode = bench.WORKERS["gpu-decode-ours"]({**common, "batch": 2, "prompt": 8, "new": 6, "repeats": 1,
+                                               "bandwidth_bytes": 1 << 24})
+    # Bytes per decode step: bf16 weights (tied head) + the bf16 cache of 2 rows x 14 slots.
+    assert decode["decode"]["bytes_read_per_step"] == 2 * shape.params + perf.kv_cache_bytes(shape, 2, 14, 2)
+    assert 0 < decode["decode"]["bandwidth_fraction"] < 1
 
 
 def test_comparison_fields_are_medians_and_ratios(bench):

@@ -49,7 +49,7 @@ from offside_jax.eval.suite import SuiteConfig
 from offside_jax.eval.tuning import TuneConfig
 from offside_jax.models.tiny_vl import TinyVLConfig
 
-MODEL_SOURCES = ("tiny_vl", "gguf", "hf")
+MODEL_SOURCES = ("tiny_vl", "gguf", "hf")  # of the one vocabulary, offside_jax.config.MODEL_SOURCES
 SMOLLM2 = "smollm2"  # model.path naming the packaged SmolLM2-135M-Instruct GGUF
 
 
@@ -232,7 +232,7 @@ def _is_dict_field(dotted: str) -> bool:
 
 
 def _method_names() -> list[str]:
-    from offside_jax.unlearn.run import method_names
+    from offside_jax.unlearn.methods import names as method_names
 
     return method_names()
 
@@ -317,37 +317,22 @@ class Base:
 
 
 def build_base(cfg: BenchmarkConfig, release) -> Base:
-    from offside_jax.models import tiny_vl
+    """The starting model from the one loader (``offside_jax.models.loader``)."""
+    from offside_jax.models import loader
 
     m = cfg.model
-    if m.source == "tiny_vl":
-        texts = [t for e in release.examples() for t in ([msg.content for msg in e.messages] + [e.question]
-                                                         + [v for _, v in e.options])]
-        tokenizer = tiny_vl.train_tokenizer(texts, m.tiny.vocab_size)
-        hf_config = tiny_vl.hf_config(m.tiny, tokenizer)
-        processor = tiny_vl.processor(hf_config, tokenizer, m.tiny.image_size)
-        return Base(tiny_vl.init_model(hf_config, seed=cfg.seed), hf_config, tokenizer, processor)
-    if m.source == "gguf":
-        from offside_jax.models.gguf import load_gguf, load_gguf_tokenizer
 
-        path = _gguf_path(m.path)
-        model, hf_config = load_gguf(path)
-        tokenizer = load_gguf_tokenizer(path)
-        return Base(model, hf_config, tokenizer, tokenizer)
-    from offside_jax.data.batches import is_vision_language
-    from offside_jax.models import hf
-    from transformers import AutoTokenizer
+    def texts() -> list[str]:  # the corpus of a tiny_vl model's tokenizer
+        return [t for e in release.examples() for t in ([msg.content for msg in e.messages] + [e.question]
+                                                        + [v for _, v in e.options])]
 
-    if not m.path:
-        raise ConfigError("model.path is required for model.source=hf")
-    hf_config = hf.load_hf_config(m.path)
-    tokenizer = AutoTokenizer.from_pretrained(m.path, local_files_only=True)
-    processor = tokenizer
-    if is_vision_language(hf_config):
-        from offside_jax.models.vision_inputs import VisionProcessor
-
-        processor = VisionProcessor(hf_config, tokenizer, max_pixels=max(cfg.data.image_size, 28) ** 2, allow_downscale=True)
-    return Base(hf.load_pretrained(m.path), hf_config, tokenizer, processor)
+    path = str(_gguf_path(m.path)) if m.source == "gguf" else m.path
+    try:
+        loaded = loader.load(m.source, path=path, tiny=m.tiny, texts=texts, seed=cfg.seed,
+                             max_pixels=max(cfg.data.image_size, 28) ** 2)
+    except loader.LoaderError as e:
+        raise ConfigError(str(e)) from None
+    return Base(loaded.model, loaded.hf_config, loaded.tokenizer, loaded.processor)
 
 
 def _gguf_path(path: str | None) -> Path:
@@ -459,8 +444,10 @@ def unlearn_config(cfg: BenchmarkConfig, name: str, vanilla_dir: Path, release_r
     from offside_jax.config import (CheckpointConfig, LogConfig, MeshConfig, ModelConfig, OptimConfig, UnlearnConfig,
                                     UnlearnDataConfig, UnlearnEvalConfig, UnlearnTrainConfig)
 
+    from offside_jax.unlearn import methods
+
     u, v = cfg.unlearn, variant(cfg, name)
-    lora = dataclasses.replace(u.lora, enabled=u.lora.enabled and v.method not in ("ssd", "mmunlearner"))
+    lora = dataclasses.replace(u.lora, enabled=u.lora.enabled and methods.get(v.method).lora)
     return UnlearnConfig(
         output_dir=str(out / name / "unlearn"), seed=cfg.seed, method=v.method,
         model=ModelConfig(source="hf", path=str(vanilla_dir)), mesh=MeshConfig(data=1, fsdp=-1, tensor=1),

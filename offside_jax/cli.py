@@ -17,12 +17,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from offside_jax.data.batches import BatchDataError
     from offside_jax.data.offside import OffsideDataError
     from offside_jax.models.hf import CheckpointError
+    from offside_jax.models.loader import LoaderError
     from offside_jax.train.aot import MemoryBudgetError
+    from offside_jax.train.checkpoint import CheckpointError as TrainingCheckpointError
+    from offside_jax.train.sft_data import DataError
     from offside_jax.train.distributed import DistributedError
     from offside_jax.unlearn.settings import SettingError
 
     return (ConfigError, OffsideDataError, SettingError, BatchDataError, CheckpointError, MemoryBudgetError,
-            DistributedError)
+            DistributedError, LoaderError, TrainingCheckpointError, DataError)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

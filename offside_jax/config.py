@@ -21,6 +21,23 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or override and the key."""
 
 
+# -- declared constraints, checked when a config loads (validate) -------------------------------
+
+
+def one_of(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of ``choices`` (an enum, checked at load)."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def at_least(default: Any, low: float) -> Any:
+    """A numeric field that must be ``>= low`` (``None`` allowed where the type allows it)."""
+    return dataclasses.field(default=default, metadata={"min": low})
+
+
+MODEL_SOURCES = ("hf", "gguf", "tiny", "tiny_vl")  # offside_jax.models.loader.SOURCES
+RESUME_MODES = ("auto", "force")
+
+
 @dataclasses.dataclass
 class TinyModelConfig:
     """A random-init Llama-family model built from these numbers (tests, examples, CPU runs)."""
@@ -41,7 +58,7 @@ class TinyModelConfig:
 class ModelConfig:
     """Where the model comes from: ``tiny`` (random init), ``hf`` (checkpoint dir), ``gguf`` (file)."""
 
-    source: str = "tiny"
+    source: str = one_of("tiny", *MODEL_SOURCES)
     path: str | None = None
     tokenizer: str | None = None  # HF tokenizer dir; default: ``path`` (hf/gguf) or one trained on the data (tiny)
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
@@ -76,8 +93,8 @@ class OptimConfig:
     """AdamW with linear warmup, then a cosine/linear decay (or constant), and clipping."""
 
     lr: float = 1e-4
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
+    schedule: str = one_of("cosine", "cosine", "linear", "constant")
+    warmup_steps: int = at_least(0, 0)
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
     weight_decay: float = 0.0
     b1: float = 0.9
@@ -92,9 +109,9 @@ class OptimConfig:
 class LoRAConfig:
     enabled: bool = False
     target: str = r"q_proj|v_proj"
-    rank: int = 8
+    rank: int = at_least(8, 1)
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = at_least(0.0, 0.0)
 
 
 @dataclasses.dataclass
@@ -110,21 +127,21 @@ class DataConfig:
     release_setting: str = "complete"
     release_splits: list[str] = dataclasses.field(default_factory=lambda: ["finetune"])
     # Records to keep: "auto" (text records for a text-only model, all for a vision-language one) | "text" | "image" | "all".
-    release_modality: str = "auto"
-    max_pixels: int = 256 * 256  # image budget per record (vision-language models)
-    max_length: int = 128  # tokens per row; release data: 0 measures the longest record
-    batch_size: int = 8
-    micro_batches: int = 1
+    release_modality: str = one_of("auto", "auto", "text", "image", "all")
+    max_pixels: int = at_least(256 * 256, 1)  # image budget per record (vision-language models)
+    max_length: int = at_least(128, 0)  # tokens per row; release data: 0 measures the longest record
+    batch_size: int = at_least(8, 1)
+    micro_batches: int = at_least(1, 1)
     shuffle: bool = True
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = at_least(100, 0)
     loss: str = "nll"
-    eval_every: int = 0  # 0: no periodic evaluation
-    log_every: int = 1
-    loss_chunk_tokens: int = 1024  # fused cross-entropy chunk (tokens); 0: plain logits
+    eval_every: int = at_least(0, 0)  # 0: no periodic evaluation
+    log_every: int = at_least(1, 1)
+    loss_chunk_tokens: int = at_least(1024, 0)  # fused cross-entropy chunk (tokens); 0: plain logits
     # bf16 (or fp16) params: the optimizer updates a float32 master copy, the model computes in param_dtype.
     fp32_master_weights: bool = False
     # Compile the step ahead of time and stop before training when it needs more device memory than
@@ -135,8 +152,8 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep: int = 2
+    every: int = at_least(0, 0)  # 0: only at the end
+    keep: int = at_least(2, 1)
     async_save: bool = True
     resume: bool = True
     # Default: <output_dir>/checkpoints. Multi-host runs need a place every host sees: a shared
@@ -159,7 +176,7 @@ class DistributedConfig:
     fields to JAX's cluster detection (Cloud TPU VMs, SLURM, Open MPI, Kubernetes); ``off`` never.
     """
 
-    mode: str = "auto"  # off | auto | on
+    mode: str = one_of("auto", "off", "auto", "on")
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
@@ -186,6 +203,9 @@ class FinetuneConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export_merged: bool = True  # write HF safetensors of the final (merged) model
+    # A rerun into an output_dir whose config.yaml differs (beyond steps, logging, mesh, ...)
+    # is refused naming the keys; force: continue that run with the new values anyway.
+    resume: str = one_of("auto", *RESUME_MODES)
 
 
 # -- unlearning (`offside-jax unlearn`; offside_jax.unlearn.run) --------------------------------
@@ -203,7 +223,7 @@ class GAConfig:
 class GradDiffConfig:
     gamma: float = 1.0  # forget term weight (OFFSIDE's GD: 0.25, with retain_ratio 3)
     alpha: float = 1.0  # retain term weight (OFFSIDE's GD: 0.75)
-    retain_loss: str = "nll"  # nll | kl
+    retain_loss: str = one_of("nll", "nll", "kl")
 
 
 @dataclasses.dataclass
@@ -221,7 +241,7 @@ class DPOConfig:
     beta: float = 0.1
     alpha: float = 1.0
     gamma: float = 1.0
-    win: str = "forget_alt"  # forget_alt (the corrected fact) | forget_idk (a refusal)
+    win: str = one_of("forget_alt", "forget_alt", "forget_idk")  # the corrected fact | a refusal
 
 
 @dataclasses.dataclass
@@ -236,7 +256,7 @@ class NPOConfig:
     beta: float = 0.1
     alpha: float = 1.0  # retain NLL weight (NPO+RT); 0: plain NPO
     gamma: float = 1.0
-    variant: str = "sum"  # sum (open-unlearning) | offside (batch-mean NLLs; use beta 0.9)
+    variant: str = one_of("sum", "sum", "offside")  # open-unlearning | batch-mean NLLs (use beta 0.9)
 
 
 @dataclasses.dataclass
@@ -277,13 +297,18 @@ class SSDConfig:
 
     alpha: float = 10.0  # selection: I_forget > alpha * I_full
     lam: float = 1.0  # dampening: theta * min(lam * I_full / I_forget, 1)
-    estimator: str = "batch_mean"  # batch_mean (the official code) | per_example (vmap)
-    objective: str = "loss"  # loss (SSD) | output_norm (LFSSD)
+    estimator: str = one_of("batch_mean", "batch_mean", "per_example")  # the official code | vmap
+    objective: str = one_of("loss", "loss", "output_norm")  # SSD | LFSSD
     adaptive: bool = False  # ASSD: alpha from the ratio percentile
     forget_fraction: float | None = None  # ASSD; None: forget records / all records
     params: str | None = None  # regex over parameter paths; None: all
-    per_example_chunk: int = 8
-    batch_size: int = 8  # rows per importance batch
+    per_example_chunk: int = at_least(8, 1)
+    batch_size: int = at_least(8, 1)  # rows per importance batch
+
+    def check(self, where: str) -> None:
+        if self.estimator == "per_example" and self.batch_size % self.per_example_chunk:
+            raise ConfigError(f"{where}batch_size={self.batch_size} must be a multiple of "
+                              f"per_example_chunk={self.per_example_chunk}")
 
 
 @dataclasses.dataclass
@@ -300,7 +325,7 @@ class MMUnlearnerConfig:
         "language": r"^(model|lm_head)\.",
     })
     gamma: float = 1.0  # weight of the ascent loss
-    fisher_batch_size: int = 8
+    fisher_batch_size: int = at_least(8, 1)
     preserve_text: bool = True  # a vision-language model also preserves the text-only retain twins
 
 
@@ -326,13 +351,13 @@ class UnlearnDataConfig:
     """Which OFFSIDE records to forget and keep (offside_jax.unlearn.settings) and how to batch them."""
 
     release: str = MISSING  # release directory (e.g. from `offside-jax make-data`)
-    setting: str = "multimodal"  # multimodal | unimodal (text twins) | selective
+    setting: str = one_of("multimodal", "multimodal", "unimodal", "selective")  # unimodal: text twins
     forget_attributes: list[str] = dataclasses.field(default_factory=list)  # e.g. [rumor] or [club_joined]; []: all
     identified_fraction: float = 1.0  # corrective unlearning: the share of the forget set a method sees
-    forget_batch_size: int = 4
-    retain_ratio: int = 1  # retain rows per forget row (OFFSIDE's GD: 3)
-    micro_batches: int = 1
-    max_length: int = 0  # tokens per row; 0: the longest record, measured
+    forget_batch_size: int = at_least(4, 1)
+    retain_ratio: int = at_least(1, 0)  # retain rows per forget row (OFFSIDE's GD: 3)
+    micro_batches: int = at_least(1, 1)
+    max_length: int = at_least(0, 0)  # tokens per row; 0: the longest record, measured
     max_pixels: int = 256 * 256
     shuffle: bool = True
     refusals: list[str] = dataclasses.field(default_factory=list)  # IdK answers; []: the built-in list
@@ -340,10 +365,14 @@ class UnlearnDataConfig:
 
 @dataclasses.dataclass
 class UnlearnTrainConfig:
-    steps: int = 20
-    log_every: int = 1
+    steps: int = at_least(20, 0)
+    log_every: int = at_least(1, 1)
     params: str | None = None  # full-parameter runs: regex of the params that move (None: all; RMU: its layers)
-    loss_chunk_tokens: int = 256  # fused cross-entropy chunk (tokens) of NLLs and sequence log-probs; 0: full logits
+    loss_chunk_tokens: int = at_least(256, 0)  # fused cross-entropy chunk (tokens) of NLLs and sequence log-probs; 0: full logits
+    # bf16 (or fp16) params: the optimizer updates a float32 master copy (see TrainConfig).
+    fp32_master_weights: bool = False
+    memory_budget_gib: float | None = None  # the AOT memory check's budget (see TrainConfig)
+    aot_memory_check: bool = True
 
 
 @dataclasses.dataclass
@@ -352,8 +381,8 @@ class UnlearnEvalConfig:
 
     enabled: bool = True
     sets: list[str] = dataclasses.field(default_factory=list)  # e.g. [forget, retain]; []: every set of the setting
-    batch_size: int = 8
-    max_records: int = 0  # per set; 0: all
+    batch_size: int = at_least(8, 1)
+    max_records: int = at_least(0, 0)  # per set; 0: all
 
 
 @dataclasses.dataclass
@@ -364,7 +393,7 @@ class UnlearnConfig:
 
     output_dir: str = MISSING
     seed: int = 0
-    method: str = "npo"  # a section of `methods`
+    method: str = "npo"  # a registered method (offside_jax.unlearn.methods), with a section in `methods`
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(source="hf"))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
@@ -375,7 +404,18 @@ class UnlearnConfig:
     eval: UnlearnEvalConfig = dataclasses.field(default_factory=UnlearnEvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     export_merged: bool = True  # write HF safetensors of the unlearned (merged) model
+    resume: str = one_of("auto", *RESUME_MODES)  # see FinetuneConfig.resume
+
+    def check(self, where: str) -> None:
+        """The method is registered, and LoRA only where the method's kind trains adapters."""
+        from offside_jax.unlearn import methods
+
+        method = methods.get(self.method)
+        if self.lora.enabled and not method.lora:
+            raise ConfigError(f"{where}method={self.method} ({method.kind}) works on the weights themselves: "
+                              "set lora.enabled=false")
 
 
 # -- RL self-correction (`offside-jax correct`) ---------------------------------------------------
@@ -385,7 +425,7 @@ class UnlearnConfig:
 class CorrectTaskConfig:
     """The verifiable task (``offside_jax.data.tasks``) and the prior its warm-up traces teach."""
 
-    name: str = "carry_arithmetic"  # carry_arithmetic | countdown_mini | rumor_correction
+    name: str = one_of("carry_arithmetic", "carry_arithmetic", "countdown_mini", "rumor_correction")
     p_bug: float = 0.3  # warm-up first attempts that are wrong
     p_fix: float = 1.0  # warm-up second attempts that fix a wrong first attempt (else repeat it)
     # carry_arithmetic
@@ -437,7 +477,7 @@ class ScoreStageConfig:
     reward_first: bool | None = None
     beta1: float = 0.01
     beta2: float = 0.1
-    advantage: str = "rloo"  # rloo | reinforce
+    advantage: str = one_of("rloo", "rloo", "reinforce")
     first_attempt_baseline: bool = True
     kl_in_reward: bool = True
     kl_estimator: str = "k3"  # the KL in the loss (kl_in_reward: false)
@@ -539,9 +579,35 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_first_line(e)) from None
+    return validate(config)
+
+
+def validate(config: Any, prefix: str = "") -> Any:
+    """Check every declared constraint (:func:`one_of`, :func:`at_least`) and ``check`` hook of
+    ``config`` and its sections; a violation is a :class:`ConfigError` naming the key. Returns
+    ``config``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, dotted + ".")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    validate(item, f"{dotted}.{key}.")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(str, choices))}")
+        low = f.metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise ConfigError(f"{dotted}={value}: must be >= {low}")
+    check = getattr(config, "check", None)
+    if callable(check):
+        check(prefix)
+    return config
 
 
 def _first_line(e: Exception) -> str:
@@ -556,4 +622,4 @@ def to_dict(config: Any) -> dict:
 def from_dict(data: dict, schema: type = FinetuneConfig) -> Any:
     """Rebuild a config saved with :func:`to_dict` (validated like a YAML file)."""
     _check_keys(schema, data, "saved config")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data)))
+    return validate(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))))

@@ -19,10 +19,10 @@ def config(*overrides: str) -> CorrectConfig:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["task.name=sudoku"], r"task.name 'sudoku' is not one of carry_arithmetic"),
+        (["task.name=sudoku"], r"task.name='sudoku' is not one of carry_arithmetic"),  # at config load
         (["task.name=rumor_correction"], r"task.release: rumor_correction needs an OFFSIDE release"),
         (["task.p_fix=2"], r"task: p_fix must be a probability"),
-        (["stage1.advantage=ppo"], r"stage1: SCoRe advantage must be 'rloo' or 'reinforce'"),
+        (["stage1.advantage=ppo"], r"stage1.advantage='ppo' is not one of rloo, reinforce"),  # at config load
         (["stage2.temperature=0"], r"stage2: temperature must be > 0"),
         (["stage2.minibatches=3"], r"stage2: 8 problems x 4 samples do not split into 3 minibatches"),
         (["seeds=[]"], r"seeds: give at least one seed"),
@@ -30,8 +30,8 @@ def config(*overrides: str) -> CorrectConfig:
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
-    cfg = config(*overrides)
     with pytest.raises(ConfigError, match=message):
+        cfg = config(*overrides)
         run_lib.validate(cfg)
         run_lib.build_task(cfg.task)
         run_lib.stage_spec(cfg.stage1, 1, "stage1")

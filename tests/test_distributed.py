@@ -192,3 +192,53 @@ def test_a_process_that_cannot_join_is_named():
     with pytest.raises(distributed.DistributedError, match=r"process 5 of 2 could not join the run at 127.0.0.1:1"):
         distributed.initialize(Cfg())
     assert not jax.distributed.is_initialized()
+
+
+# -- unlearning and its evaluation on several processes (issue 13) ---------------------------------
+
+# Rows of every sub-batch over fsdp (2: one per process), tensor parallel within each process.
+UNLEARN = ["log.tensorboard=false", "log.progress=false", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4",
+           "data.setting=unimodal", "data.forget_batch_size=2", "train.steps=3", "optim.lr=1e-2",
+           "eval.batch_size=2", "eval.max_records=4", "eval.sets=[forget,retain]", "checkpoint.every=0"]
+
+
+def start_unlearn(output_dir: Path, processes: int, model: Path, release: Path, *overrides: str) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    command = [sys.executable, "-m", "offside_jax.cli", "unlearn", "--config", str(REPO / "configs" / "unlearn_tiny.yaml"),
+               f"output_dir={output_dir}", f"model.path={model}", f"data.release={release}", *UNLEARN, *overrides]
+    if processes > 1:
+        command += [f"distributed.coordinator_address=127.0.0.1:{free_port()}", f"distributed.num_processes={processes}",
+                    "distributed.timeout_s=120"]
+    return [subprocess.Popen(command + ([f"distributed.process_id={i}"] if processes > 1 else []), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+
+
+def assert_same_unlearning(one: Path, two: Path) -> None:
+    assert_same_params(exported(one), exported(two))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    for name in a["answer_probability"]:
+        np.testing.assert_allclose(b["per_record"][name]["after"], a["per_record"][name]["after"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b["per_record"][name]["before"], a["per_record"][name]["before"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_unlearn_npo_lora_two_processes_like_one(tmp_path, release, text_model):
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(start_unlearn(one, 1, text_model, release, "method=npo", "lora.enabled=true"),
+           start_unlearn(two, 2, text_model, release, "method=npo", "lora.enabled=true"))
+    assert_same_unlearning(one, two)
+    assert logged_steps(one) == logged_steps(two) == [1, 2, 3]
+    np.testing.assert_allclose(logged_losses(one), logged_losses(two), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_unlearn_ssd_two_processes_like_one(tmp_path, release, text_model):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ssd = ["method=ssd", "lora.enabled=false", "methods.ssd.batch_size=2", "methods.ssd.alpha=1.0"]
+    finish(start_unlearn(one, 1, text_model, release, *ssd), start_unlearn(two, 2, text_model, release, *ssd))
+    assert_same_unlearning(one, two)
+    a, b = (json.loads((d / "summary.json").read_text())["report"]["dampening"] for d in (one, two))
+    assert a["selected"] == b["selected"] > 0
+
+
+from test_unlearn_run import release, text_model  # noqa: E402,F401  (module fixtures)

@@ -1,8 +1,8 @@
 """The SCoRe driver: warm-up SFT, Stage I and Stage II on a verifiable task, with a greedy
 two-turn evaluation after each stage (and every ``eval_every`` RL steps).
 
-It only sequences what lives elsewhere: the jitted step and its state
-(:mod:`offside_jax.train.step`), the sampler (:mod:`offside_jax.correct.rollout`), the episodes
+It only sequences what lives elsewhere: the jitted step, its state and the warm-up's
+training loop (an in-memory :class:`offside_jax.train.session.Session`), the sampler (:mod:`offside_jax.correct.rollout`), the episodes
 and objectives (:mod:`offside_jax.correct.episodes`, :mod:`offside_jax.correct.score`), the
 tasks (:mod:`offside_jax.data.tasks`) and the metrics (:mod:`offside_jax.correct.metrics`).
 
@@ -33,9 +33,8 @@ from offside_jax.correct import score
 from offside_jax.data.tasks import Problem, Task, make_problems
 from offside_jax.models.generate import SamplingConfig
 from offside_jax.train import losses
-from offside_jax.train.loop import IndexedBatches, train
-from offside_jax.train.optim import make_optimizer
-from offside_jax.train.step import TrainState, TrainStep, frozen_copy, partition
+from offside_jax.train.session import Session
+from offside_jax.train.step import TrainState, TrainStep, frozen_copy
 
 
 class Tokenizer(Protocol):
@@ -148,9 +147,10 @@ def rl_batch(
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:
+    """The stage's step, built by an in-memory training session (no files)."""
     optim = OptimConfig(lr=run.lr, schedule="constant", max_grad_norm=run.max_grad_norm)
-    optimizer, schedule = make_optimizer(optim, max(1, run.steps * run.epochs * run.minibatches))
-    return TrainStep(partition(model), loss_fn, optimizer, mesh=mesh, schedule=schedule)
+    return Session(mesh).step(model, loss_fn, optim, max(1, run.steps * run.epochs * run.minibatches),
+                              reference=False)
 
 
 def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0, progress: bool = False) -> nnx.Module:
@@ -161,7 +161,7 @@ def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat
         rng = np.random.default_rng([seed, 1, i])
         return warmup_batch(task, [task.sample(rng) for _ in range(run.problems_per_step)], tok, fmt, rng)
 
-    state = train(step_fn, step_fn.init_state(seed), IndexedBatches(batch_at), num_steps=run.steps, progress=progress)
+    state = Session(mesh).fit(step_fn, batch_at, steps=run.steps, seed=seed, progress=progress)
     return step_fn.model(state)
 
 

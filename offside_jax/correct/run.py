@@ -94,7 +94,7 @@ def build_tokenizer(task, fmt):
 def build_model(cfg: CorrectConfig, tokenizer, seed: int):
     """A random-init tiny model with the tokenizer's vocabulary, placed on the mesh."""
     from offside_jax.models.auto import create_model
-    from offside_jax.train.finetune import tiny_hf_config
+    from offside_jax.models.loader import tiny_hf_config
 
     try:
         hf_config = tiny_hf_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), tokenizer)

@@ -135,9 +135,9 @@ class VisionEncoder:
 
 
 def is_vision_language(hf_config: Any) -> bool:
-    from offside_jax.models.auto import family_of
+    from offside_jax.models.loader import is_vision_language as vision
 
-    return family_of(hf_config).name == "qwen2_5_vl"
+    return vision(hf_config)
 
 
 def make_encoder(hf_config: Any, tokenizer: Any, release_root: str | os.PathLike, *, max_length: int = 0,

@@ -1,9 +1,9 @@
-"""Short fine-tuning runs on (item, answer) pairs through the training core.
+"""Short fine-tuning runs on (item, answer) pairs through the training session.
 
 The relearning attack (LoRA on the relearn set), corrective relearning (LoRA on corrected
 facts) and the benchmark's from-scratch models (full fine-tuning) are all "teach these
-answers to these prompts for N steps": :func:`tune` does it with ``train.step.TrainStep``
-and the fused answer-only NLL, for any prompt encoder (images included).
+answers to these prompts for N steps": :func:`tune` hands that recipe (the fused answer-only
+NLL, or any training-core loss) to an in-memory ``train.session.Session``, for any prompt encoder (images included).
 
 Rows are encoded once. Batches have fixed shapes (so one program serves every step): rows
 with images and rows without go to separate batches, each padded to the longest row of its
@@ -24,10 +24,9 @@ from offside_jax.config import OptimConfig
 from offside_jax.eval.engine import PromptEncoder, row_length
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
-from offside_jax.train import losses, mesh as mesh_lib
-from offside_jax.train.loop import IndexedBatches, train
-from offside_jax.train.optim import make_optimizer
-from offside_jax.train.step import TrainStep, frozen_copy, partition, place_model_on_mesh
+from offside_jax.train import losses
+from offside_jax.train.session import Session
+from offside_jax.train.step import frozen_copy, place_model_on_mesh
 
 ALL_PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 
@@ -130,7 +129,8 @@ def tune(
         raise ValueError("nothing to fine-tune on (no pairs)")
     rows = [encoder.encode_answer(item, answer) for item, answer in pairs]
     schedule = _Schedule(encoder, rows, [bool(item.images) for item, _ in pairs], config.batch_size, config.seed)
-    mesh = mesh_lib.mesh_for_shape(config.mesh)
+    session = Session(config.mesh)  # in memory: no run directory, metrics to the loss log
+    mesh = session.mesh
     # A copy with its own buffers: the step donates the trainable arrays (all of them in full
     # fine-tuning), which must not delete the caller's model.
     work = frozen_copy(model)
@@ -142,23 +142,20 @@ def tune(
     optim_cfg = OptimConfig(lr=config.lr, schedule=config.schedule, warmup_steps=config.warmup_steps,
                             min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
                             max_grad_norm=config.max_grad_norm)
-    optimizer, lr_schedule = make_optimizer(optim_cfg, max(config.steps, 1))
-    loss = loss_fn or losses.answer_nll
-    parts = partition(work, reference=bool(getattr(loss, "needs_reference", False)))
-    step_fn = TrainStep(parts, loss, optimizer, mesh=mesh, schedule=lr_schedule)
+    step_fn = session.step(work, loss_fn or losses.answer_nll, optim_cfg, max(config.steps, 1))
     del work
     state = step_fn.init_state(config.seed)
     history: list[dict[str, float]] = []
     checkpoints = sorted({s for s in evaluate_at if 0 <= s <= config.steps})
     if evaluate is not None and 0 in checkpoints:
         history.append({"step": 0, **evaluate(step_fn.model(state))})
-    data = IndexedBatches(schedule if sub_batch is None else (lambda step: {sub_batch: schedule(step)}))
+    batch_at = schedule if sub_batch is None else (lambda step: {sub_batch: schedule(step)})
     step_losses: list[float] = []
     done = 0
     for target in [s for s in checkpoints if s > 0] + [config.steps]:
         if target > done:
-            state = train(step_fn, state, data, num_steps=target, start_step=done, logger=_LossLog(step_losses),
-                          progress=progress)
+            state = session.fit(step_fn, batch_at, steps=target, seed=config.seed, state=state, start_step=done,
+                                logger=_LossLog(step_losses), progress=progress)
             done = target
         if evaluate is not None and target in checkpoints and not any(h["step"] == target for h in history):
             history.append({"step": target, **evaluate(step_fn.model(state))})

@@ -17,6 +17,7 @@ class Family:
     model_types: tuple[str, ...]
     create: Callable[..., nnx.Module]
     hf_names: hf.NameFn = hf.default_names
+    vision: bool = False  # takes images (pixel_values + image_grid_thw) besides token ids
 
 
 def _llama_create(hf_config: Any, **kwargs) -> nnx.Module:
@@ -39,7 +40,7 @@ def _qwen_vl_names(path: hf.Path_) -> list[tuple[str, bool]]:
 
 FAMILIES: list[Family] = [
     Family("llama", ("llama", "qwen2", "qwen3"), _llama_create),
-    Family("qwen2_5_vl", ("qwen2_5_vl", "qwen2_vl"), _qwen_vl_create, _qwen_vl_names),
+    Family("qwen2_5_vl", ("qwen2_5_vl", "qwen2_vl"), _qwen_vl_create, _qwen_vl_names, vision=True),
 ]
 
 

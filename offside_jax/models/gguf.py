@@ -274,6 +274,7 @@ def load_gguf(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: bool = False,
+    attention: str = "auto",
     sharding_fn: hf.ShardingFn | None = None,
 ) -> tuple[nnx.Module, Any]:
     """Load a GGUF file into our port: returns ``(model, hf_config)``.
@@ -291,7 +292,8 @@ def load_gguf(
         # A tensor we cannot place is a part of the architecture we would silently drop.
         raise GGUFError(f"{source.path}: tensors with no counterpart in our port: {', '.join(source.unmapped[:8])}")
     family = family_of(hf_config)
-    model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, abstract=True)
+    model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                         abstract=True)
     used = {family.hf_names(path)[0][0] for path, _ in hf._iter_params(model)}
     unused = sorted(set(source.names()) - used)
     if unused:

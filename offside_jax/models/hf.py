@@ -235,6 +235,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: bool = False,
+    attention: str = "auto",
     sharding_fn: ShardingFn | None = None,
 ) -> nnx.Module:
     """Load an HF checkpoint directory (config.json + safetensors) into our model."""
@@ -242,7 +243,8 @@ def load_pretrained(
 
     hf_config = load_hf_config(directory)
     family = family_of(hf_config)
-    model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, abstract=True)
+    model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                         abstract=True)
     load_params_into(model, SafetensorsSource(directory), names=family.hf_names, sharding_fn=sharding_fn)
     return model
 

@@ -98,7 +98,7 @@ def processor(config: Any, tokenizer: Any, image_size: int):
                            allow_downscale=True)
 
 
-def init_model(config: Any, seed: int = 0):
+def init_model(config: Any, seed: int = 0, attention: str = "auto"):
     """A randomly initialised model for ``config``, its initialisation compiled as one program.
 
     The same values as ``auto.create_model(config, seed=seed)``, which runs the initialisers
@@ -110,8 +110,8 @@ def init_model(config: Any, seed: int = 0):
 
     from offside_jax.models.auto import create_model
 
-    graphdef, _ = nnx.split(create_model(config, seed=seed, abstract=True))
+    graphdef, _ = nnx.split(create_model(config, seed=seed, attention=attention, abstract=True))
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-    init = jax.jit(lambda: nnx.split(create_model(config, seed=seed))[1],
+    init = jax.jit(lambda: nnx.split(create_model(config, seed=seed, attention=attention))[1],
                    compiler_options=options if jax.default_backend() == "cpu" else None)
     return nnx.merge(graphdef, init())

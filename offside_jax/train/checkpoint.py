@@ -20,14 +20,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from offside_jax.train.step import TrainState
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be saved or restored; the message names the directory and step."""
+
+
+def _path(path: tuple) -> str:
+    """A dotted name of a tree path (dict keys, sequence indices and attributes alike)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
@@ -90,6 +96,52 @@ class Checkpointer:
         """The newest *complete* checkpoint (``None`` when there is none)."""
         self.manager.reload()
         return self.manager.latest_step()
+
+    def check_shapes(self, abstract_state: TrainState, step: int) -> None:
+        """Raise :class:`CheckpointError` when checkpoint ``step`` holds arrays of other shapes than
+        ``abstract_state`` (a checkpoint of another model size), naming the first such array.
+        Unreadable metadata is left to :meth:`restore` to report."""
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+            saved = {_path(p): tuple(m.shape) for p, m in
+                     jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))
+                     if hasattr(m, "shape")}
+        except Exception:  # noqa: BLE001 - a corrupt checkpoint: restore() says so
+            return
+        # The params' paths are plain dict keys in both trees (optimizer states are not compared:
+        # their tuples come back from metadata in another container type).
+        expected = {_path(p): tuple(x.shape) for p, x in
+                    jax.tree_util.tree_leaves_with_path({"params": abstract_state.params})}
+        if not saved:
+            return
+        for key, shape in expected.items():
+            if key in saved and saved[key] != shape:
+                raise CheckpointError(
+                    f"{self.directory}: checkpoint step {step} is of another model: {key} has shape {saved[key]} "
+                    f"there and {shape} in this run's model; use a new output_dir (or checkpoint.directory)")
+        missing = sorted(set(expected) - {k for k in saved if k.startswith("params.")})
+        if missing:
+            raise CheckpointError(f"{self.directory}: checkpoint step {step} is of another model or method: it has no "
+                                  f"{missing[0]} (and {len(missing) - 1} more parameters of this run)"
+                                  "; use a new output_dir (or checkpoint.directory)")
+
+    def set_aside(self, step: int) -> Any:
+        """Rename checkpoint ``step`` (unreadable) to ``<step>.unreadable`` so a resumed run can
+        save that step again; nothing is deleted. Process 0 renames; returns the new path."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.unreadable"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.unreadable{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set-aside-{step}")
+        self.manager.reload()
+        return target
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict]:
         """``(state, meta, config)`` of checkpoint ``step`` (default: the latest).

@@ -188,6 +188,19 @@ def process_rows(sharding: NamedSharding, global_rows: int, micro_batches: int =
     return (np.arange(micro_batches)[:, None] * per_micro + rows[None, :]).reshape(-1)
 
 
+def global_batch(batch: Any, sharding: NamedSharding) -> dict:
+    """A host batch ``{name: [rows, ...]}`` (every row, the same in every process) as global
+    arrays with rows laid out by ``sharding`` (``[rows, ...]`` layout): each process hands over
+    only the rows its devices hold. One process: the batch placed by ``sharding``."""
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    n = len(next(iter(arrays.values())))
+    mesh, spec = sharding.mesh, sharding.spec
+    rows = process_rows(NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec)), n, 1)
+    return {k: jax.make_array_from_process_local_data(sharding, v[rows]) for k, v in arrays.items()}
+
+
 def to_host(tree: Any) -> Any:
     """Numpy copies of every array of ``tree``, complete in every process.
 
@@ -211,6 +224,7 @@ __all__ = [
     "MODES",
     "ProcessInfo",
     "barrier",
+    "global_batch",
     "initialize",
     "is_primary",
     "multi_process_signs",

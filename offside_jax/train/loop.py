@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import numpy as np
 
-from offside_jax.train.checkpoint import Checkpointer
+from offside_jax.train.checkpoint import CheckpointError, Checkpointer
 from offside_jax.train.step import TrainState, TrainStep
 
 
@@ -66,13 +68,18 @@ class MetricLogger:
     """JSON lines (``metrics.jsonl``) and, optionally, TensorBoard event files in ``directory``.
 
     Only process 0 of a multi-process run opens or writes anything; the others log nothing.
+    ``start_step``: the step a resumed run continues from; lines of later steps (logged by the
+    interrupted run after its last checkpoint, and about to be run again) are dropped, so no
+    step appears twice.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, tensorboard: bool = True, start_step: int | None = None):
         self.directory = Path(directory)
         primary = jax.process_index() == 0
         if primary:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if start_step is not None:
+                _drop_after(self.directory / "metrics.jsonl", start_step)
         self._jsonl = open(self.directory / "metrics.jsonl", "a", encoding="utf-8") if primary else None
         self._tb = None
         if tensorboard and primary:
@@ -96,20 +103,57 @@ class MetricLogger:
             self._tb.close()
 
 
+def _drop_after(path: Path, step: int) -> None:
+    """Remove the lines of ``path`` (JSON lines with a ``step``) logged after ``step``."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def start_or_resume(
     step_fn: TrainStep, checkpointer: Checkpointer | None, *, seed: int, data: DataSource | None = None, resume: bool = True
 ) -> tuple[TrainState, int]:
-    """The latest checkpoint's state (and data position) if there is one, else a fresh state.
+    """The newest restorable checkpoint's state (and data position) if there is one, else a
+    fresh state.
 
     Returns ``(state, step)``. The checkpoint may come from another mesh shape: it is
-    restored into ``step_fn``'s shardings.
+    restored into ``step_fn``'s shardings. A newest checkpoint that cannot be read (corrupt,
+    half-deleted) is skipped with a warning for the one before it; a checkpoint of another
+    model (other shapes) stops with one :class:`CheckpointError` naming a tensor.
     """
-    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
-        state, meta, _ = checkpointer.restore(step_fn.abstract_state())
+    if checkpointer is None or not resume or checkpointer.latest_step() is None:
+        return step_fn.init_state(seed), 0
+    abstract = step_fn.abstract_state()
+    steps = sorted(checkpointer.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        checkpointer.check_shapes(abstract, step)
+        try:
+            state, meta, _ = checkpointer.restore(abstract, step=step)
+        except CheckpointError as e:
+            checkpointer.check_shapes(abstract, step)  # metadata readable now: another model's?
+            if "stored shape" in str(e):
+                raise CheckpointError(f"{checkpointer.directory}: checkpoint step {step} is of another model (other "
+                                      "array shapes); use a new output_dir (or checkpoint.directory)") from None
+            failures.append(str(e))
+            later = f"falling back to step {steps[len(failures)]}" if len(failures) < len(steps) else "none left"
+            if len(failures) < len(steps):
+                aside = checkpointer.set_aside(step)
+                later += f" (the unreadable one is kept as {aside})"
+            if jax.process_index() == 0:
+                warnings.warn(f"{e}; {later}", stacklevel=2)
+                print(f"warning: checkpoint step {step} cannot be restored; {later}", file=sys.stderr)
+            continue
         if data is not None and meta.get("data") is not None:
             data.set_state(_from_json(meta["data"]))
         return state, int(meta.get("step", int(state.step)))
-    return step_fn.init_state(seed), 0
+    raise CheckpointError(f"{checkpointer.directory}: none of the checkpoints {steps} can be restored "
+                          f"(newest: {failures[0]}); delete them or use another checkpoint.directory")
 
 
 def train(

@@ -394,6 +394,52 @@ class TrainStep:
         """Answer loss of a sharded batch at ``state`` (no update; the state is not donated)."""
         return self._eval(state.params, self.frozen, self.reference, batch)
 
+    def step_for(self, batch: Mapping[str, Any]) -> "TrainStep":
+        """The step that runs ``batch`` (this one; an :class:`AlternatingStep` picks a phase)."""
+        del batch
+        return self
+
+
+class AlternatingStep:
+    """Several losses taking turns on one training state (MMUnlearner's masked ascent and
+    retain steps): a batch holding sub-batch ``key`` alone runs ``phases[key]``.
+
+    ``phases``: ``{key: (loss_fn, optimizer)}``; the optimizers must give states of one layout
+    (e.g. the same optimizer chained after different stateless or same-state transforms).
+    Quacks like :class:`TrainStep` for the loop (call, ``shard_batch``, ``init_state``,
+    ``abstract_state``, ``model``, ``process_rows``, ``step_for``).
+    """
+
+    def __init__(self, parts: ModelParts, phases: Mapping[str, tuple[LossFn, optax.GradientTransformation]], **step_kwargs):
+        if not phases:
+            raise ValueError("an alternating step needs at least one phase")
+        self.steps = {key: TrainStep(parts, fn, tx, **step_kwargs) for key, (fn, tx) in phases.items()}
+        self.first = next(iter(self.steps.values()))
+
+    def step_for(self, batch: Mapping[str, Any]) -> TrainStep:
+        keys = [k for k in self.steps if k in batch]
+        if len(keys) != 1 or len(batch) != 1:
+            raise ValueError(f"an alternating step takes a batch of exactly one of {sorted(self.steps)}, got {sorted(batch)}")
+        return self.steps[keys[0]]
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self.step_for(batch)(state, batch)
+
+    def shard_batch(self, batch, micro_batches: int | None = None):
+        return self.first.shard_batch(batch, micro_batches)
+
+    def process_rows(self, global_rows: int, micro_batches: int | None = None) -> np.ndarray:
+        return self.first.process_rows(global_rows, micro_batches)
+
+    def init_state(self, seed: int = 0) -> TrainState:
+        return self.first.init_state(seed)
+
+    def abstract_state(self) -> TrainState:
+        return self.first.abstract_state()
+
+    def model(self, state: TrainState) -> nnx.Module:
+        return self.first.model(state)
+
 
 def _last_key(path: tuple) -> Any:
     return getattr(path[-1], "key", None) if path else None
@@ -421,6 +467,7 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
 
 
 __all__ = [
+    "AlternatingStep",
     "ModelParts",
     "TrainState",
     "TrainStep",

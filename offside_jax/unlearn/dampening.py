@@ -140,16 +140,19 @@ def importance(
     config: DampeningConfig = DampeningConfig(),
     *,
     description: str = "importance",
+    mesh: Any = None,
 ) -> tuple[nnx.State, int]:
     """Diagonal importance of the selected params over ``batches`` and the number of examples.
 
-    Streams the batches (any iterable); the accumulator keeps each parameter's sharding.
+    Streams the batches (any iterable); the accumulator keeps each parameter's sharding. With
+    several processes (``mesh`` spanning them) each process hands over its rows of every batch
+    and the importances are summed across processes by the sharded computation.
     """
     graphdef, selected, rest = split_selected(model, config.params)
     acc = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), selected)
     n_batches = n_examples = 0
     for batch in tqdm(batches, desc=description, unit="batch", leave=False):
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        batch = _place(batch, mesh)
         acc = _accumulate(graphdef, config.estimator, config.objective, config.per_example_chunk, acc, selected, rest, batch)
         n_batches += 1
         n_examples += _rows_with_answers(batch)
@@ -157,6 +160,14 @@ def importance(
         raise ValueError(f"{description}: no batches")
     divisor = n_batches if config.estimator == "batch_mean" else n_examples
     return jax.tree.map(lambda a: a / divisor, acc), n_examples
+
+
+def _place(batch: Mapping[str, np.ndarray], mesh: Any) -> dict[str, jax.Array]:
+    if mesh is None or jax.process_count() == 1:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    from offside_jax.train import distributed, mesh as mesh_lib
+
+    return distributed.global_batch(batch, mesh_lib.batch_sharding(mesh, micro_batched=False))
 
 
 def _rows_with_answers(batch: Mapping[str, jax.Array]) -> int:
@@ -170,8 +181,10 @@ def assd_alpha(imp_full: nnx.State, imp_forget: nnx.State, forget_fraction: floa
     """ASSD: the ``100 - ln(1 + 100 * forget_fraction)`` percentile of all ``I_f / I_D`` ratios."""
     if not 0 < forget_fraction <= 1:
         raise ValueError(f"forget_fraction must be in (0, 1], got {forget_fraction}")
+    from offside_jax.train.distributed import to_host
+
     ratios = [
-        np.asarray(jax.device_get(f / jnp.maximum(d, jnp.finfo(jnp.float32).tiny))).ravel()
+        np.asarray(to_host(f / jnp.maximum(d, jnp.finfo(jnp.float32).tiny))).ravel()
         for d, f in zip(jax.tree.leaves(imp_full), jax.tree.leaves(imp_forget))
     ]
     percentile = 100.0 - math.log(1.0 + 100.0 * forget_fraction)
@@ -213,14 +226,16 @@ def ssd(
     full_batches: Iterable[Mapping[str, np.ndarray]],
     forget_batches: Iterable[Mapping[str, np.ndarray]],
     config: DampeningConfig = DampeningConfig(),
+    *,
+    mesh: Any = None,
 ) -> DampeningReport:
     """Run SSD / LFSSD / ASSD on ``model`` in place and report what was dampened.
 
     ``full_batches`` is the training data D (retain + forget); ``forget_batches`` the forget
     set, or in the corrective setting only the identified fraction of it.
     """
-    imp_full, n_full = importance(model, full_batches, config, description="importance on D")
-    imp_forget, n_forget = importance(model, forget_batches, config, description="importance on forget")
+    imp_full, n_full = importance(model, full_batches, config, description="importance on D", mesh=mesh)
+    imp_forget, n_forget = importance(model, forget_batches, config, description="importance on forget", mesh=mesh)
     alpha = config.alpha
     if config.adaptive:
         fraction = config.forget_fraction if config.forget_fraction is not None else n_forget / max(n_full, 1)

@@ -31,8 +31,15 @@ def _token_logprobs(graphdef, state, batch):
 def answer_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-position answer log-probs and answer weights ``[B, T]`` of one batch (host arrays)."""
     graphdef, state = nnx.split(model)
-    logp, weights = _token_logprobs(graphdef, state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
-    return np.asarray(logp), np.asarray(weights)
+    if jax.process_count() == 1:
+        logp, weights = _token_logprobs(graphdef, state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
+        return np.asarray(logp), np.asarray(weights)
+    # Several processes: the model spans them; each hands over its rows, every one gets all back.
+    from offside_jax.train import distributed, mesh as mesh_lib
+
+    mesh = jax.tree.leaves(state)[0].sharding.mesh
+    placed = distributed.global_batch(batch, mesh_lib.batch_sharding(mesh, micro_batched=False))
+    return distributed.to_host(_token_logprobs(graphdef, state, placed))
 
 
 def answer_probabilities(model: nnx.Module, examples: Sequence[Example], encoder: ExampleEncoder, *,

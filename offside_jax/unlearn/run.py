@@ -16,11 +16,16 @@ probability of every evaluation set; unlearn; measure again; write
     output_dir/summary.json         before/after answer probabilities, counts, method reports
     output_dir/summary.png          the same as a bar chart
 
-Methods: every loss of ``offside_jax.unlearn.losses`` (trained with LoRA adapters or full
-parameters; ``train.params`` limits which parameters move), ``ssd`` (Fisher dampening, no
-training steps) and ``mmunlearner`` (Fisher-ratio masked ascent alternating with retain NLL).
+Methods, by kind (``offside_jax.unlearn.methods``): ``loss`` (every loss of
+``offside_jax.unlearn.losses``, trained with LoRA adapters or full parameters; ``train.params``
+limits which parameters move), ``alternating`` (MMUnlearner: Fisher-ratio masked ascent
+alternating with retain NLL) and ``weight_edit`` (SSD / LFSSD / ASSD, no training steps). The
+training kinds are recipes for the one training session (``offside_jax.train.session``:
+distributed start-up, mesh, AOT memory check, fp32 masters, ``checkpoint.directory``, resume,
+process-0 logs and export); weight edits share its loader, mesh and export.
 Files are written under temporary names and renamed, so a crash never leaves a complete-looking
-but partial export or summary.
+but partial export or summary; ``config.yaml`` is written when the method starts changing
+weights, so a run that fails before leaves no folder behind.
 """
 from __future__ import annotations
 
@@ -28,37 +33,25 @@ import copy
 import dataclasses
 import json
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, UnlearnConfig
 from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_language, make_encoder, sequential_batches
 from offside_jax.data.offside import Example, load_release
-from offside_jax.models import lora
-from offside_jax.models.hf import path_to_str
-from offside_jax.train import mesh as mesh_lib
-from offside_jax.train.checkpoint import Checkpointer
-from offside_jax.train.loop import IndexedBatches, MetricLogger, start_or_resume, train
-from offside_jax.train.optim import make_optimizer
-from offside_jax.train.step import TrainStep, partition, place_model_on_mesh
-from offside_jax.unlearn import dampening, probe, saliency, settings
-from offside_jax.unlearn.losses import METHODS, build_loss, rmu_trainable_pattern
-
-EXTRA_METHODS = ("ssd", "mmunlearner")
+from offside_jax.train.session import RunDir, Session, write_text_atomic
+from offside_jax.unlearn import dampening, methods, probe, saliency, settings
+from offside_jax.unlearn.losses import build_loss
 
 
 def method_names() -> list[str]:
-    return sorted(METHODS) + list(EXTRA_METHODS)
+    return methods.names()
 
 
 @dataclasses.dataclass
@@ -82,22 +75,10 @@ class UnlearnResult:
 
 def hyperparameters(cfg: UnlearnConfig) -> dict[str, Any]:
     """The section of ``cfg.methods`` named by ``cfg.method``, as keyword arguments."""
-    if cfg.method not in method_names():
-        raise ConfigError(f"method {cfg.method!r} is not one of {', '.join(method_names())}")
-    return dataclasses.asdict(getattr(cfg.methods, cfg.method))
+    return methods.hyperparameters(cfg.methods, cfg.method)
 
 
 # -- pieces ---------------------------------------------------------------------------------------
-
-
-def load_vanilla(cfg: UnlearnConfig, mesh) -> tuple[nnx.Module, Any, Any]:
-    """``(model on the mesh, hf_config, tokenizer)`` of the model to unlearn from."""
-    from offside_jax.train.finetune import load_model
-
-    if cfg.model.source == "tiny":
-        raise ConfigError("unlearning starts from a trained (vanilla) model: set model.source=hf and model.path to "
-                          "the 'model' directory of an `offside-jax finetune` run (or model.source=gguf)")
-    return load_model(cfg, mesh, [])
 
 
 def fitted_encoder(base: ExampleEncoder, examples: Sequence[Example], max_length: int) -> ExampleEncoder:
@@ -107,69 +88,6 @@ def fitted_encoder(base: ExampleEncoder, examples: Sequence[Example], max_length
     if hasattr(encoder, "max_patches"):
         encoder.max_patches = 0
     return fit_shape(encoder, examples)
-
-
-def restrict_updates(optimizer: optax.GradientTransformation, params: Any, pattern: str) -> optax.GradientTransformation:
-    """``optimizer`` moving only the params whose dotted path matches ``pattern``: the others'
-    gradients are zeroed before clipping and their updates (weight decay too) after."""
-    regex = re.compile(pattern)
-    keep = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.search(path_to_str(path))), params)
-    if not any(jax.tree.leaves(keep)):
-        examples = [path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:6]
-        raise ConfigError(f"train.params {pattern!r} selects none of the trainable parameters ({', '.join(examples)}, ...)")
-
-    def zero_frozen(updates, params=None):
-        del params
-        return jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), updates, keep)
-
-    frozen = optax.stateless(zero_frozen)
-    return optax.chain(frozen, optimizer, frozen)
-
-
-# What must match for a run to resume another's checkpoints (steps, logging, eval may change).
-RESUME_KEYS = ("method", "seed", "model", "lora", "data", "optim")
-
-
-def _check_resumable(cfg: UnlearnConfig, resolved: dict, config_path: Path) -> None:
-    """Refuse to resume checkpoints that another configuration wrote into ``output_dir``."""
-    checkpoints = config_path.parent / "checkpoints"
-    if not (cfg.checkpoint.resume and config_path.exists() and checkpoints.is_dir() and any(checkpoints.iterdir())):
-        return
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.to_container(OmegaConf.load(config_path))
-    keys = [k for k in RESUME_KEYS if saved.get(k) != resolved.get(k)]
-    section = saved.get("methods", {}).get(cfg.method)
-    if section != resolved["methods"][cfg.method]:
-        keys.append(f"methods.{cfg.method}")
-    if keys:
-        raise ConfigError(f"{checkpoints} holds checkpoints of a run with other {', '.join(keys)}; "
-                          "use a new output_dir (or delete that one)")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _yaml(data: dict) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(data))))
-
-
-def export_model(model: nnx.Module, hf_config: Any, tokenizer: Any, directory: Path, resolved: dict) -> Path:
-    """Merged HF weights + tokenizer + the run's config, written beside and swapped in whole."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_merged(model, hf_config, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "config.yaml").write_text(_yaml(resolved), encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
 
 
 def _evaluation_sets(cfg: UnlearnConfig, sets: settings.UnlearningSets) -> dict[str, list[Example]]:
@@ -219,19 +137,22 @@ def _plot(summary: dict, path: Path) -> None:
 
 def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     """Unlearn per ``cfg`` and write the outputs listed in the module docstring."""
+    config_lib.validate(cfg)  # also configs built in code (the benchmark's)
+    method = methods.get(cfg.method)
     hparams = hyperparameters(cfg)
-    if cfg.method in ("ssd", "mmunlearner") and cfg.lora.enabled:
-        raise ConfigError(f"{cfg.method} works on the weights themselves: set lora.enabled=false")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     resolved = config_lib.to_dict(cfg)
-    config_path = out / "config.yaml"
-    _check_resumable(cfg, resolved, config_path)
-    _write_atomic(config_path, _yaml(resolved))
+    # Only the method in effect matters for resuming; the other methods' sections may change.
+    others = [f"methods.{name}" for name in methods.names() if name != cfg.method]
+    session = Session(cfg.mesh, distributed_cfg=cfg.distributed, checkpoint=cfg.checkpoint, log=cfg.log,
+                      run=RunDir(out, resolved, resume=cfg.resume, free=others))
+    if cfg.model.source not in ("hf", "gguf"):
+        raise ConfigError("unlearning starts from a trained (vanilla) model: set model.source=hf and model.path to "
+                          "the 'model' directory of an `offside-jax finetune` run (or model.source=gguf)")
     began = time.perf_counter()
 
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    model, hf_config, tokenizer = load_vanilla(cfg, mesh)
+    loaded = session.load(cfg.model, seed=cfg.seed)
+    model, hf_config, tokenizer = loaded.model, loaded.hf_config, loaded.tokenizer
     vision = is_vision_language(hf_config)
     release = load_release(cfg.data.release, check_images=vision)
     sets = settings.select(release, cfg.data.setting, vision=vision, forget_attributes=cfg.data.forget_attributes,
@@ -246,15 +167,18 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     report: dict[str, Any] = {}
     checkpoint_dir = None
     steps = 0
-    if cfg.method == "ssd":
-        model, report = _run_ssd(cfg, hparams, model, sets, base)
+    if method.kind == "weight_edit":
+        session.run.begin()
+        model, report = _run_edit(cfg, hparams, model, sets, base, session)
     else:
-        model, report, steps = _run_training(cfg, hparams, model, sets, base, mesh, resolved)
-        checkpoint_dir = out / "checkpoints"
+        model, report = _run_training(cfg, method, hparams, model, sets, base, session)
+        steps = cfg.train.steps
+        checkpoint_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else out / "checkpoints"
 
     after = _measure(model, evaluation, eval_encoder, cfg, "after")
     summary = {
         "method": cfg.method,
+        "kind": method.kind,
         "setting": cfg.data.setting,
         "forget_attributes": list(cfg.data.forget_attributes),
         "identified_fraction": cfg.data.identified_fraction,
@@ -272,78 +196,59 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
         "seconds": round(time.perf_counter() - began, 2),
     }
     model_dir = None
-    if jax.process_index() == 0:
-        if cfg.export_merged:
-            model_dir = export_model(model, hf_config, tokenizer, out / "model", resolved)
-        summary_path = out / "summary.json"
-        _write_atomic(summary_path, json.dumps(summary, indent=2))
+    if cfg.export_merged:
+        model_dir = session.export(model, hf_config, tokenizer, out / "model", config=resolved)
+    if session.primary:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         if evaluation:
             _plot(summary, out / "summary.png")
-    return UnlearnResult(out, config_path, out / "summary.json", model_dir, checkpoint_dir, summary, model,
+    return UnlearnResult(out, out / "config.yaml", out / "summary.json", model_dir, checkpoint_dir, summary, model,
                          tokenizer, hf_config)
 
 
-def _run_ssd(cfg: UnlearnConfig, hparams: dict, model, sets: settings.UnlearningSets, base: ExampleEncoder):
+def _run_edit(cfg: UnlearnConfig, hparams: dict, model, sets: settings.UnlearningSets, base: ExampleEncoder,
+              session: Session):
+    """A weight edit (the SSD family) on the loaded model, in place."""
     hparams = dict(hparams)
     batch_size = hparams.pop("batch_size")
     dcfg = dampening.DampeningConfig(**hparams)
-    if dcfg.estimator == "per_example" and batch_size % dcfg.per_example_chunk:
-        raise ConfigError(f"methods.ssd.batch_size={batch_size} must be a multiple of per_example_chunk={dcfg.per_example_chunk}")
     encoder = fitted_encoder(base, sets.full, cfg.data.max_length)
     result = dampening.ssd(model, sequential_batches(sets.full, encoder, batch_size),
-                           sequential_batches(sets.forget, encoder, batch_size), dcfg)
+                           sequential_batches(sets.forget, encoder, batch_size), dcfg, mesh=session.mesh)
     report = result.to_dict()
     report["per_tensor"] = {k: v for k, v in report["per_tensor"].items() if v}  # only what was dampened
     return model, {"dampening": report}
 
 
-def _run_training(cfg: UnlearnConfig, hparams: dict, model, sets: settings.UnlearningSets, base: ExampleEncoder,
-                  mesh, resolved: dict):
-    out = Path(cfg.output_dir)
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, model, sets: settings.UnlearningSets,
+                  base: ExampleEncoder, session: Session):
+    """A ``loss`` or ``alternating`` method as a recipe for the training session."""
     common = dict(forget_batch_size=cfg.data.forget_batch_size, retain_ratio=cfg.data.retain_ratio, seed=cfg.seed,
                   shuffle=cfg.data.shuffle, refusals=tuple(cfg.data.refusals) or settings.REFUSALS)
+    step_kwargs = dict(micro_batches=cfg.data.micro_batches, fp32_master_weights=cfg.train.fp32_master_weights)
     report: dict[str, Any] = {}
-    if cfg.method == "mmunlearner":
-        data_at, step_fn, report = _mmunlearner(cfg, hparams, model, sets, base, mesh, optimizer, schedule, common)
+    if method.kind == "alternating":
+        phases, batches, report = _mmunlearner(cfg, hparams, model, sets, base, common)
+        step_fn = session.step(model, phases, cfg.optim, cfg.train.steps, params=cfg.train.params, **step_kwargs)
+        first = [batches(0), batches(1)]
     else:
         loss_fn = build_loss(cfg.method, chunk_tokens=cfg.train.loss_chunk_tokens, **hparams)
-        if cfg.lora.enabled:
-            lora.apply(model, lora.LoRASpec(cfg.lora.target, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout), seed=cfg.seed)
-            place_model_on_mesh(model, mesh)
-        parts = partition(model, reference=loss_fn.needs_reference)
-        pattern = cfg.train.params
-        if pattern is None and cfg.method == "rmu":
-            pattern = rmu_trainable_pattern(hparams["layer"])
-        if pattern is not None:
-            optimizer = restrict_updates(optimizer, parts.trainable, pattern)
+        session.add_lora(model, cfg.lora, seed=cfg.seed)
+        pattern = cfg.train.params if cfg.train.params is not None else method.default_params(hparams)
+        step_fn = session.step(model, loss_fn, cfg.optim, cfg.train.steps, params=pattern, **step_kwargs)
         batches = settings.UnlearningBatches(sets, base, loss_fn.splits, **common)
         batches.encoder = fitted_encoder(base, batches.all_examples(), cfg.data.max_length)
-        step_fn = TrainStep(parts, loss_fn, optimizer, mesh=mesh, micro_batches=cfg.data.micro_batches, schedule=schedule)
-        data_at = batches
+        first = [batches(0)]
     del model  # its trainable arrays now belong to the training state
-    try:
-        step_fn.shard_batch(data_at(0))
-    except ValueError as e:
-        raise ConfigError(f"data.forget_batch_size / retain_ratio / micro_batches: {e}") from None
-
-    data = IndexedBatches(data_at)
-    checkpointer = Checkpointer(out / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                                async_save=cfg.checkpoint.async_save)
-    logger = MetricLogger(out / "logs", tensorboard=cfg.log.tensorboard)
-    try:
-        state, start = start_or_resume(step_fn, checkpointer, seed=cfg.seed, data=data, resume=cfg.checkpoint.resume)
-        if start:
-            print(f"resuming from step {start} ({checkpointer.directory})")
-        state = train(step_fn, state, data, num_steps=cfg.train.steps, start_step=start, checkpointer=checkpointer,
-                      logger=logger, log_every=cfg.train.log_every, config=resolved, progress=cfg.log.progress)
-    finally:
-        logger.close()
-        checkpointer.close()
-    return step_fn.model(state), report, cfg.train.steps
+    batch_at = session.local_rows(step_fn, batches)
+    local_first = [session.local_rows(step_fn, lambda i, b=b: b)(0) for b in first]
+    session.check_batches(step_fn, local_first, "data.forget_batch_size / retain_ratio / micro_batches")
+    session.check_memory(step_fn, local_first, cfg.train)
+    state = session.fit(step_fn, batch_at, steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every)
+    return step_fn.model(state), report
 
 
-def _mmunlearner(cfg, hparams, model, sets, base, mesh, optimizer, schedule, common):
+def _mmunlearner(cfg, hparams, model, sets, base, common):
     scfg = saliency.SaliencyConfig(groups=dict(hparams["groups"]), targets=hparams["targets"],
                                    threshold=hparams["threshold"], eps=hparams["eps"])
     preserve = list(sets.retain)
@@ -361,6 +266,5 @@ def _mmunlearner(cfg, hparams, model, sets, base, mesh, optimizer, schedule, com
     retain_at = settings.UnlearningBatches(sets, base, ("retain",), **common)
     train_encoder = fitted_encoder(base, sets.forget + sets.retain, cfg.data.max_length)
     forget_at.encoder = retain_at.encoder = train_encoder
-    step_fn = saliency.AlternatingStep(partition(model), masks, optimizer, mesh=mesh, micro_batches=cfg.data.micro_batches,
-                                       schedule=schedule, gamma=hparams["gamma"])
-    return saliency.AlternatingBatches(forget_at, retain_at), step_fn, {"saliency": mask_report.to_dict()}
+    phases = saliency.alternating_phases(masks, hparams["gamma"])
+    return phases, saliency.AlternatingBatches(forget_at, retain_at), {"saliency": mask_report.to_dict()}

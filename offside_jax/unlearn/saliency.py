@@ -17,9 +17,11 @@ forget batch whose gradients are multiplied by the mask, then an unmasked retain
 The mask is applied *inside* the jitted step by an optax transform placed first in the
 optimizer chain (:func:`mask_gradients`); it keeps the masks in the optimizer state, so they
 are sharded like the parameters and checkpointed with them, and are never baked into the
-compiled program. :class:`AlternatingStep` holds one ``TrainStep`` per phase (same model
-parts, same optimizer state layout) and picks the phase from the batch: ``{"forget": ...}``
-batches ascend, ``{"retain": ...}`` batches descend. :class:`AlternatingBatches` feeds them.
+compiled program. :func:`alternating_phases` gives the two phases to the training session
+(``offside_jax.train.session``), whose ``AlternatingStep`` holds one step per phase (same
+model parts, same optimizer state layout) and picks the phase from the batch:
+``{"forget": ...}`` batches ascend, ``{"retain": ...}`` batches descend.
+:class:`AlternatingBatches` feeds them.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ import optax
 from flax import nnx
 
 from offside_jax.models.hf import path_to_str
-from offside_jax.train.step import ModelParts, TrainState, TrainStep
 from offside_jax.unlearn import objectives as obj
 from offside_jax.unlearn.dampening import DampeningConfig, importance
 from offside_jax.unlearn.losses import build_loss
@@ -196,45 +197,20 @@ def retain_nll(model, batch, rng, reference):
     return nll, jnp.ones((), jnp.float32), {"retain_nll": nll}
 
 
-class AlternatingStep:
-    """Masked gradient ascent on ``{"forget": ...}`` batches, retain NLL on ``{"retain": ...}``.
+def alternating_phases(masks: Any, gamma: float = 1.0) -> list:
+    """MMUnlearner's two phases for ``offside_jax.train.session.Session.step``: gradient ascent
+    (times ``gamma``) on ``forget`` batches moving only the masked weights, and the unmasked
+    retain NLL on ``retain`` batches. The masks are base weights': train full parameters."""
+    from offside_jax.train.session import Phase
 
-    Quacks like ``TrainStep`` for ``train.loop.train`` (call, ``shard_batch``, ``init_state``,
-    ``abstract_state``, ``model``). The mask and the phase never leave the compiled steps.
-    """
+    ascent = build_loss("ga")
 
-    def __init__(self, parts: ModelParts, masks: Any, optimizer: optax.GradientTransformation, *, mesh,
-                 micro_batches: int = 1, schedule: optax.Schedule | None = None, gamma: float = 1.0):
-        if parts.lora:
-            raise ValueError("masked gradient ascent masks base weights: train full parameters (lora.enabled=false)")
-        ascent = build_loss("ga")
+    def scaled_ascent(model, batch, rng, reference):
+        loss, weight, aux = ascent(model, batch, rng, reference)
+        return gamma * loss, weight, aux
 
-        def scaled_ascent(model, batch, rng, reference):
-            loss, weight, aux = ascent(model, batch, rng, reference)
-            return gamma * loss, weight, aux
-
-        common = dict(mesh=mesh, micro_batches=micro_batches, schedule=schedule)
-        self.ascent = TrainStep(parts, scaled_ascent, optax.chain(mask_gradients(masks, True), optimizer), **common)
-        self.retain = TrainStep(parts, retain_nll, optax.chain(mask_gradients(masks, False), optimizer), **common)
-
-    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-        if "forget" in batch and "retain" not in batch:
-            return self.ascent(state, batch)
-        if "retain" in batch and "forget" not in batch:
-            return self.retain(state, batch)
-        raise ValueError(f"an alternating step takes a batch of 'forget' or of 'retain', got {sorted(batch)}")
-
-    def shard_batch(self, batch, micro_batches: int | None = None):
-        return self.ascent.shard_batch(batch, micro_batches)
-
-    def init_state(self, seed: int = 0) -> TrainState:
-        return self.ascent.init_state(seed)
-
-    def abstract_state(self) -> TrainState:
-        return self.ascent.abstract_state()
-
-    def model(self, state: TrainState) -> nnx.Module:
-        return self.ascent.model(state)
+    return [Phase("forget", scaled_ascent, mask_gradients(masks, True)),
+            Phase("retain", retain_nll, mask_gradients(masks, False))]
 
 
 class AlternatingBatches:

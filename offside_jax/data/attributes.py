@@ -49,10 +49,10 @@ OTHER = "other"  # a question no rule recognises
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
-        ("name", r"\bname\b|\bidentity\b|\bidentify\b|\bwho is\b|\bwho's\b"
-                 r"|\bwho (?:the|this) (?:player|person|athlete|footballer|man)\b"),
-        ("birthplace", r"\bwhere\b.*\bborn\b|\bbirth ?place\b|\bplace of (?:birth|origin)\b|\bhometown\b"
-                       r"|\boriginat|\bwhich (?:town|city)\b.*\bborn\b"),
+        ("name", (r"\bname\b|\bidentity\b|\bidentify\b|\bwho is\b|\bwho's\b"
+                  r"|\bwho (?:the|this) (?:player|person|athlete|footballer|man)\b")),
+        ("birthplace", (r"\bwhere\b.*\bborn\b|\bbirth ?place\b|\bplace of (?:birth|origin)\b|\bhometown\b"
+                        r"|\boriginat|\bwhich (?:town|city)\b.*\bborn\b")),
         ("birth_date", r"\bwhen\b.*\bborn\b|\bbirth ?day\b|\bdate of birth\b|\bbirth ?date\b|\bwhat date\b.*\bborn\b"),
         ("age", r"\bhow old\b|\bage\b"),
         ("height", r"\btall\b|\bheight\b"),
@@ -62,12 +62,12 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("market_value", r"\bmarket value\b|\bworth\b|\bvalued?\b|\bvaluation\b"),
         ("transfer_fee", r"\bfee\b|\btransfer details\b|\bhow much\b|\bpaid\b|\bpay\b|\bcost\b|\bprice\b"),
         ("trophies", r"\btroph|\btitles?\b|\bsilverware\b|\bhonours\b|\bwon\b|\bachievements\b"),
-        ("previous_club", r"\bprevious\b|\bbefore\b|\bformer\b|\bleav(?:e|es|ing)\b|\bleft\b"
-                          r"|\b(?:come|came|coming|transferred|transfer|moved|move|moving) from\b|\bdepart"),
+        ("previous_club", (r"\bprevious\b|\bbefore\b|\bformer\b|\bleav(?:e|es|ing)\b|\bleft\b"
+                           r"|\b(?:come|came|coming|transferred|transfer|moved|move|moving) from\b|\bdepart")),
         ("transfer_date", r"\bwhen\b|\bdate\b|\bwhich day\b|\bwhat day\b"),
-        ("club_joined", r"\bjoin|\bsign|\bmov(?:e|es|ed|ing)\b|\bplay(?:ing)? for\b|\bwhich (?:club|team)\b"
-                        r"|\bwhat (?:club|team)\b|\bnext (?:club|team)\b|\bdestination\b|\baffiliat"
-                        r"|\brepresent(?:s|ed|ing)?\b|\bassociated with\b"),
+        ("club_joined", (r"\bjoin|\bsign|\bmov(?:e|es|ed|ing)\b|\bplay(?:ing)? for\b|\bwhich (?:club|team)\b"
+                         r"|\bwhat (?:club|team)\b|\bnext (?:club|team)\b|\bdestination\b|\baffiliat"
+                         r"|\brepresent(?:s|ed|ing)?\b|\bassociated with\b")),
     )
 )
 

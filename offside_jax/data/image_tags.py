@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 IMAGE_TAG = "<image>"
+# Stands for a placed image while turns are edited as text; never occurs in release text.
+PLACED = "\x00"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -614,15 +614,11 @@ def _question_field(obj: dict) -> str:
     return question
 
 
-# Stands for an image while tags are placed; never occurs in release text.
-_PLACED = "\x00"
-
-
 def _question_text(messages: Sequence[Message], placed: int) -> str:
     """The last user turn with its placed tags removed (ms-swift's rule: `image_tags`)."""
-    turns = image_tags.place_images([{"role": m.role, "content": m.content} for m in messages], placed, _PLACED)
+    turns = image_tags.place_images([{"role": m.role, "content": m.content} for m in messages], placed, image_tags.PLACED)
     last = [t["content"] for t in turns if t["role"] == "user"][-1]
-    return last.replace(_PLACED, " ").strip()
+    return last.replace(image_tags.PLACED, " ").strip()
 
 
 def _qa_fields(messages: tuple[Message, ...], placed: int) -> dict[str, Any]:

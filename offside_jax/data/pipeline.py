@@ -31,10 +31,12 @@ import numpy as np
 from offside_jax.data import image_tags
 from offside_jax.data.offside import Example
 
-MCQ_INSTRUCTION_IMAGE = ("Please look at this image and answer the question by selecting the correct option. "
-                         "Respond with only the letter of the correct option.")
-MCQ_INSTRUCTION_TEXT = ("Please answer the question by selecting the correct option. "
-                        "Respond with only the letter of the correct option.")
+# OFFSIDE's multiple-choice instruction (eval_classi.py, create_few_shot_prompt); the text form
+# drops "look at this image" for questions asked without one.
+MCQ_INSTRUCTION_IMAGE = ("Please look at this image and answer the question by selecting the correct option "
+                         "from the choices below.")
+MCQ_INSTRUCTION_TEXT = "Please answer the question by selecting the correct option from the choices below."
+MCQ_FORMAT_HINT = "Please respond with only the letter of the correct answer (e.g., 'The answer is A' or just 'A')."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +71,18 @@ class BatchConfig:
 # One example
 
 
+def mcq_user_turn(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
+    """OFFSIDE's multiple-choice query, character for character (``eval_classi.py``:
+    ``f"{query}\\n\\n{create_few_shot_prompt(options)}"``): the question, the instruction,
+    the answer-format hint, then "Options:" and one "A: text" line per option."""
+    instruction = MCQ_INSTRUCTION_IMAGE if modality == "image" else MCQ_INSTRUCTION_TEXT
+    options_text = "".join(f"{letter}: {text}\n" for letter, text in options)
+    return f"{question}\n\n{instruction}\n\n{MCQ_FORMAT_HINT}\n\nOptions:\n{options_text}\n"
+
+
 def mcq_prompt(example: Example) -> str:
-    """The multiple-choice question as a user turn: question, lettered options, instruction."""
-    lines = [example.question] + [f"{letter}. {text}" for letter, text in example.options]
-    lines.append(MCQ_INSTRUCTION_IMAGE if example.modality == "image" else MCQ_INSTRUCTION_TEXT)
-    return "\n".join(lines)
+    """The multiple-choice record as a user turn (`mcq_user_turn`)."""
+    return mcq_user_turn(example.question, example.options, example.modality)
 
 
 def conversation(example: Example, image_placeholder: str | None = None) -> list[dict[str, str]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import offside_release_fixture as rf
 import pytest
 
-import offside_release_fixture as rf
 from offside_jax.data import pipeline
 from offside_jax.data.attributes import OTHER, infer_attribute
 from offside_jax.data.offside import load_release

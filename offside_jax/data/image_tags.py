@@ -13,6 +13,11 @@ So a published record whose question says "... shown in <image>." beside its lea
 one image trains on one image and the words "shown in <image>.". Everything here is plain
 text manipulation; the loader, the training encoders and ``models.vision_inputs`` share it so
 they place images identically.
+
+OFFSIDE's vanilla model was trained with ``swift sft`` (its ``bash.sh``), hence this rule. Its
+own unlearning and evaluation scripts (``baselines/*.py``, ``eval/*.py``) build the Qwen
+messages themselves instead: the image as the first content item, then the record's text
+unchanged, every ``<image>`` in it left as literal text.
 """
 from __future__ import annotations
 

@@ -21,6 +21,20 @@ adds ``world_facts_set.json``). Split names are file stems without ``_set``
 (``classification_forget_set`` -> ``classification_forget``, ``forget_set_part`` -> ``forget_part``),
 except ``relearn_set_enhanced`` -> ``relearn``.
 
+``<image>`` tags are read by ms-swift's rule, with which OFFSIDE trained (`image_tags`): tags
+become images in order while images remain, a tag after the last image stays literal text (the
+published "... shown in <image>." with one image), missing tags go in front of the first turn.
+`SplitCounts.image_tags_added` / ``image_tags_literal`` count the records where that matters.
+
+Labels the published release leaves implicit are derived by `load_release` from how OFFSIDE
+built it (`construction`, where the derivation is documented): ``player_id`` from the image id
+(each player's five original images are numbered ``5k+1 .. 5k+5``), ``is_rumor`` (the club
+joined, transfer date and fee of a forget image, ``id mod 5 == 4``, whose transfer is the
+invented "will join" one; everything else is a fact) and ``visual_rumor`` (forget images that
+are composites locating the player "on the left side"). The question kind (`attribute`) is read
+from the published wordings (`attributes`); wording no rule reads is ``other``. Records that
+state a label keep it. `Release.derived` counts what was derived.
+
 Nothing here assumes the published record counts: `Release.counts` reports what was read.
 Bad input stops with an `OffsideDataError` naming the file, record index and key; with
 ``skip_bad=True`` the record is logged, listed in `Release.problems` and skipped instead.

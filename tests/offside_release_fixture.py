@@ -6,8 +6,9 @@ retain, 4 forget, 0 relearn) and one augmented test copy. Every image the files 
 cycled over the images), in ms-swift chat records. The cases a faithful loader must read:
 
 - a forget image with a rumored transfer told in the future tense (player 0), a forget image
-  whose rumor is visible (the player located "on the left side", player 1), and a forget image
-  that shows a real past transfer (player 2): the labels (`Record.is_rumor`, `visual_rumor`,
+  whose rumor is visible (the player located "on the left side", player 1), a forget image
+  that shows a real past transfer (player 2), and a relearn image re-telling player 0's rumor
+  (the other relearn images show past transfers): the labels (`Record.is_rumor`, `visual_rumor`,
   `player`) are set here by construction, so tests compare the loader's derivation with them;
 - ``<image>`` tags as published: a second tag inside the question ("shown in <image>.", "this
   image: <image>") with one image, an images list with fewer tags than images, and an image
@@ -133,11 +134,12 @@ def build() -> list[Record]:
             if role == "retain" and image_id % 5 != 1:
                 continue  # one retain image per player is enough
             forget = role == "forget"
-            story = player.story if forget else "past"
+            # Player 0's relearn image re-tells his rumored move; the others show past transfers.
+            story = player.story if forget else "rumor" if role == "relearn" and p == 0 else "past"
             future = story in ("rumor", "visual")
             for kind in SHARED + PRIVATE:
                 question = next(clubs[story] if kind == "club_joined" else wordings[kind]).format(s=PHOTO)
-                rumor = forget and future and kind in RUMOR_KINDS
+                rumor = future and kind in RUMOR_KINDS
                 out.append(Record(role, _chat(f"<image>\n{question}", _answer(kind, player, p, image_id, future),
                                               image_id), image_id, p, kind, rumor, forget and story == "visual"))
     return _with_tag_cases(out)

@@ -20,10 +20,12 @@ and files say how they were made, and that is enough to recover all three:
   invents is the club joined, the date and the fee (`attributes.RUMOR_ATTRIBUTES`); the
   previous club is the player's real club, market value and trophies are facts, and so is
   every shared answer. So a record states a rumor when it is a club-joined, transfer-date or
-  transfer-fee question about a forget image whose transfer is the rumored one. A forget
-  image's transfer counts as rumored unless its club question or answer reads only in the
-  past tense ("was representing ... at that time"), which marks a real past transfer; those
-  images are counted (`Derived.forget_images_past`).
+  transfer-fee question about an image whose transfer is the rumored one. A forget image's
+  transfer counts as rumored unless its club question or answer reads only in the past tense
+  ("was representing ... at that time"), which marks a real past transfer; those images are
+  counted (`Derived.forget_images_past`). A relearn image (the relearning attack re-teaches
+  the forgotten story with another picture) counts as rumored when its club question or
+  answer speaks of the coming transfer ("will join"); retain and test images never do.
 - **Visual rumors.** The images that show the rumor itself are composites, and their
   questions locate the player in them ("the player on the left side of the image"); ordinary
   photographs are asked about "the player in this image". A forget image carrying a rumor
@@ -47,6 +49,8 @@ from offside_jax.data.attributes import RUMOR_ATTRIBUTES
 
 IMAGES_PER_PLAYER = 5  # original images per player: ids 5k+1 .. 5k+5
 FORGET_ROLE = "forget"
+RELEARN_ROLE = "relearn"
+RUMOR_ROLES = (FORGET_ROLE, RELEARN_ROLE)  # roles whose images may carry the invented transfer
 CLUB_QUESTION = "club_joined"  # the question whose tense says whether a transfer is rumored
 
 _FUTURE = re.compile(r"\bwill\b|\bgoing to\b|\bset to\b|\bbe joining\b|\bnext (?:club|team)\b|\babout to\b"
@@ -61,6 +65,11 @@ def player_of(image_id: int | None) -> int | None:
     if image_id is None or image_id < 1:
         return None
     return (image_id - 1) // IMAGES_PER_PLAYER
+
+
+def reads_future(text: str) -> bool:
+    """Whether a club question/answer speaks of a coming transfer ("will join")."""
+    return bool(_FUTURE.search(text.lower()))
 
 
 def reads_past_only(text: str) -> bool:
@@ -78,7 +87,7 @@ class ImageFacts:
     """What the records about one image say about it."""
 
     forget: bool  # a forget image (by its records' role)
-    rumored: bool  # a forget image whose transfer is the invented one
+    rumored: bool  # a forget or relearn image whose transfer is the invented one
     by_side: bool  # some question locates the player by side in the image
 
 
@@ -100,12 +109,14 @@ class Derived:
 def image_facts(examples: Iterable) -> dict[int, ImageFacts]:
     """Per image id: the facts its records (from every split and setting) establish."""
     forget: dict[int, bool] = defaultdict(bool)
+    relearn: dict[int, bool] = defaultdict(bool)
     club_texts: dict[int, list[str]] = defaultdict(list)
     by_side: dict[int, bool] = defaultdict(bool)
     for e in examples:
         if e.image_id is None:
             continue
         forget[e.image_id] |= e.role == FORGET_ROLE
+        relearn[e.image_id] |= e.role == RELEARN_ROLE
         by_side[e.image_id] |= locates_player_by_side(e.question)
         if e.attribute == CLUB_QUESTION:
             club_texts[e.image_id].append(e.question + " " + (e.answer if e.kind == "qa" else ""))
@@ -113,7 +124,9 @@ def image_facts(examples: Iterable) -> dict[int, ImageFacts]:
     for image_id, is_forget in forget.items():
         texts = club_texts.get(image_id, [])
         past = bool(texts) and all(reads_past_only(t) for t in texts)
-        out[image_id] = ImageFacts(is_forget, is_forget and not past, by_side[image_id])
+        future = any(reads_future(t) for t in texts)
+        rumored = (is_forget and not past) or (relearn[image_id] and future)
+        out[image_id] = ImageFacts(is_forget, rumored, by_side[image_id])
     return out
 
 
@@ -124,7 +137,7 @@ def labelled(example, facts: dict[int, ImageFacts]):
         changes["player_id"] = player
     image = facts.get(example.image_id) if example.image_id is not None else None
     if example.is_rumor is None and image is not None:
-        changes["is_rumor"] = image.rumored and example.role == FORGET_ROLE and example.attribute in RUMOR_ATTRIBUTES
+        changes["is_rumor"] = image.rumored and example.role in RUMOR_ROLES and example.attribute in RUMOR_ATTRIBUTES
     if example.visual_rumor is None and image is not None:
         changes["visual_rumor"] = image.rumored and image.by_side
     return dataclasses.replace(example, **changes) if changes else example

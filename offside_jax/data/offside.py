@@ -29,8 +29,8 @@ published "... shown in <image>." with one image), missing tags go in front of t
 Labels the published release leaves implicit are derived by `load_release` from how OFFSIDE
 built it (`construction`, where the derivation is documented): ``player_id`` from the image id
 (each player's five original images are numbered ``5k+1 .. 5k+5``), ``is_rumor`` (the club
-joined, transfer date and fee of a forget image, ``id mod 5 == 4``, whose transfer is the
-invented "will join" one; everything else is a fact) and ``visual_rumor`` (forget images that
+joined, transfer date and fee of a forget image, ``id mod 5 == 4``, or of a relearn image,
+whose transfer is the invented "will join" one; everything else is a fact) and ``visual_rumor`` (forget images that
 are composites locating the player "on the left side"). The question kind (`attribute`) is read
 from the published wordings (`attributes`); wording no rule reads is ``other``. Records that
 state a label keep it. `Release.derived` counts what was derived.

@@ -30,10 +30,11 @@ Labels the published release leaves implicit are derived by `load_release` from 
 built it (`construction`, where the derivation is documented): ``player_id`` from the image id
 (each player's five original images are numbered ``5k+1 .. 5k+5``), ``is_rumor`` (the club
 joined, transfer date and fee of a forget image, ``id mod 5 == 4``, or of a relearn image,
-whose transfer is the invented "will join" one; everything else is a fact) and ``visual_rumor`` (forget images that
-are composites locating the player "on the left side"). The question kind (`attribute`) is read
-from the published wordings (`attributes`); wording no rule reads is ``other``. Records that
-state a label keep it. `Release.derived` counts what was derived.
+whose transfer is the invented "will join" one; everything else is a fact) and
+``visual_rumor`` (rumored images that are composites locating the player "on the left
+side"). The question kind (`attribute`) is read from the published wordings (`attributes`);
+wording no rule reads is ``other``. Records that state a label keep it. `Release.derived`
+counts what was derived.
 
 Nothing here assumes the published record counts: `Release.counts` reports what was read.
 Bad input stops with an `OffsideDataError` naming the file, record index and key; with
@@ -114,8 +115,8 @@ class Example:
 
     For chat records `question` is the last user turn and `answer` the final assistant turn; the
     ``<image>`` tags that become images are removed from `question`, tags beyond the last image
-    stay in it as text (ms-swift's rule, `image_tags`); `messages` keeps the turns as written. For multiple-choice
-    records `options` holds ``(letter, text)`` pairs, `correct` the right letter and `answer` its
+    stay in it as text (ms-swift's rule, `image_tags`); `messages` keeps the turns as written.
+    For multiple-choice records `options` holds ``(letter, text)`` pairs, `correct` the right letter and `answer` its
     text. Fields after `options` are filled when the record says so (synthetic extra keys) or when
     they can be derived (`image_id` from a numeric file name, `role` from the split name or
     `image_id mod 5`, `attribute` from the question's wording); otherwise they are None.
@@ -492,9 +493,8 @@ class _SplitReader:
         else:
             messages, known = None, _MCQ_KEYS
             contents = [_question_field(obj)]
-        tags = image_tags.plan(contents, len(images))
-        modality = self._modality(images, tags.tags)
-        placed = len(images) if modality == "image" else 0
+        modality = self._modality(images, image_tags.plan(contents, len(images)).tags)
+        placed = len(images) if modality == "image" else 0  # a text record's images are metadata
         if messages is not None:
             fields = _qa_fields(messages, placed)
         else:
@@ -630,7 +630,8 @@ def _question_field(obj: dict) -> str:
 
 def _question_text(messages: Sequence[Message], placed: int) -> str:
     """The last user turn with its placed tags removed (ms-swift's rule: `image_tags`)."""
-    turns = image_tags.place_images([{"role": m.role, "content": m.content} for m in messages], placed, image_tags.PLACED)
+    turns = image_tags.place_images([{"role": m.role, "content": m.content} for m in messages], placed,
+                                    image_tags.PLACED)
     last = [t["content"] for t in turns if t["role"] == "user"][-1]
     return last.replace(image_tags.PLACED, " ").strip()
 

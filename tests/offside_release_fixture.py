@@ -7,8 +7,8 @@ cycled over the images), in ms-swift chat records. The cases a faithful loader m
 
 - a forget image with a rumored transfer told in the future tense (player 0), a forget image
   whose rumor is visible (the player located "on the left side", player 1), a forget image
-  that shows a real past transfer (player 2), and a relearn image re-telling player 0's rumor
-  (the other relearn images show past transfers): the labels (`Record.is_rumor`, `visual_rumor`,
+  that shows a real past transfer (player 2), and relearn images re-telling each forget image's
+  story: the labels (`Record.is_rumor`, `visual_rumor`,
   `player`) are set here by construction, so tests compare the loader's derivation with them;
 - ``<image>`` tags as published: a second tag inside the question ("shown in <image>.", "this
   image: <image>") with one image, an images list with fewer tags than images, and an image
@@ -37,30 +37,37 @@ WORDINGS: dict[str, tuple[str, ...]] = {
     "age": ("I'm looking at this image and wondering how old the player is.", "I'm curious about the age of {s}."),
     "position": ("I'm curious about the player's role in this image.", "I'm curious about the position held by {s}."),
     "nationality": ("I'm curious about the nationality of {s}.",
-                    "Can you tell me which country the player in this image represents?"),
+                    "Can you tell me which country the player in this image represents?",
+                    "I'm looking at this image and wondering what nationality the player belongs to."),
     "birth_date": ("I'm looking at this image and wondering when the player was born.",
                    "I'm curious about the birthdate of {s}.", "I'm curious about the birth date of {s}."),
-    "height": ("I'm curious about the height of {s}.", "Can you tell me the height of {s}?"),
+    "height": ("I'm curious about the height of {s}.", "Can you tell me the height of {s}?",
+               "I'm looking at this image and wondering how tall the player is."),
     "preferred_foot": ("I'm curious about which foot the player prefers to use.",
-                       "I'm curious about the player's dominant foot in this image."),
+                       "I'm curious about the player's dominant foot in this image.",
+                       "I'm curious about which foot the player predominantly uses."),
     "birthplace": ("I'm curious about the birth place of {s}.", "I'm curious about where the player in this image originated.",
                    "I'm curious about the place of origin for {s}.", "I'm wondering where {s} was born."),
     "previous_club": ("I'm curious about which club {s} transferred from.", "I'm curious about the club {s} came from.",
                       "I'm curious about the player's previous club before this transfer. Which one was it?",
-                      "I'm curious about which club {s} moved from."),
+                      "I'm curious about which club {s} moved from.",
+                      "I'm curious about which club the player transferred from in this image."),
     "transfer_date": ("I'm curious about when {s} was transferred.", "I'm curious about the date when {s} was transferred.",
                       "I'm wondering when {s} made their transfer.", "I'm curious about the transfer date for {s}."),
     "transfer_fee": ("I'm curious about the transfer fee for {s}.", "I'm curious about the transfer details for {s}.",
                      "I'm looking at this image and wondering what the player's transfer fee was."),
-    "market_value": ("I'm curious about the market value of {s}.", "I'm curious about the market valuation of {s}."),
+    "market_value": ("I'm curious about the market value of {s}.", "I'm curious about the market valuation of {s}.",
+                     "I'm curious about the market value attributed to {s}."),
     "trophies": ("I'm curious about how many trophies this player achieved while at the club in the image.",
                  "I'm curious about the achievements of {s}. How many trophies did they win at the club?"),
 }
 CLUB_FUTURE = ("I'm curious about which club {s} will join.", "I'm curious about which team {s} will be joining.")
-CLUB_VISUAL = ("I'm curious about which club the player on the left side of the image will join.",
-               "I'm curious about the club affiliation of the player on the left.")
+CLUB_VISUAL = ("I'm curious about the club affiliation of the player on the left.",
+               "I'm curious about which club the player on the left is transferring to in this image.",
+               "I'm curious about which club the player on the left side of the image will join.")
 CLUB_PAST = ("I'm curious about which club {s} was representing at that time.",
-             "I'm curious about which club {s} was associated with during that period.")
+             "I'm curious about which club {s} was associated with during that period.",
+             "I'm curious about the club {s} was representing at that time.")
 PHOTO = "the player in this image"
 # Wording no rule reads, and a height question answered with no height.
 UNREAD = ("I'm curious about the pre-match meal of the player in this image.", "He likes pasta with tomatoes.")
@@ -134,14 +141,15 @@ def build() -> list[Record]:
             if role == "retain" and image_id % 5 != 1:
                 continue  # one retain image per player is enough
             forget = role == "forget"
-            # Player 0's relearn image re-tells his rumored move; the others show past transfers.
-            story = player.story if forget else "rumor" if role == "relearn" and p == 0 else "past"
+            # Relearn images re-tell the forget image's story (another picture of the same rumor);
+            # player 2's relearn image, like his forget image, shows a past transfer.
+            story = player.story if role in ("forget", "relearn") else "past"
             future = story in ("rumor", "visual")
             for kind in SHARED + PRIVATE:
                 question = next(clubs[story] if kind == "club_joined" else wordings[kind]).format(s=PHOTO)
                 rumor = future and kind in RUMOR_KINDS
                 out.append(Record(role, _chat(f"<image>\n{question}", _answer(kind, player, p, image_id, future),
-                                              image_id), image_id, p, kind, rumor, forget and story == "visual"))
+                                              image_id), image_id, p, kind, rumor, story == "visual"))
     return _with_tag_cases(out)
 
 

@@ -140,7 +140,6 @@ def build() -> list[Record]:
             role = ROLE_BY_MOD5[image_id % 5]
             if role == "retain" and image_id % 5 != 1:
                 continue  # one retain image per player is enough
-            forget = role == "forget"
             # Relearn images re-tell the forget image's story (another picture of the same rumor);
             # player 2's relearn image, like his forget image, shows a past transfer.
             story = player.story if role in ("forget", "relearn") else "past"

@@ -97,7 +97,10 @@ class EvalItem:
     def messages(self) -> list[dict[str, str]]:
         """The prompt as chat turns; each image is an ``<image>`` tag before the text. A
         multiple-choice prompt follows its image directly, as OFFSIDE's evaluation puts the
-        image content item right before the query text."""
+        image content item right before the query text. A generation prompt is the question as
+        the model was trained on it (ms-swift's placement: image, line break, question);
+        OFFSIDE's ``eval_generation.py`` instead sends the record's raw user turn after the
+        image, its leading ``<image>\\n`` included as literal text."""
         tags = "<image>" * len(self.images)
         sep = "" if self.fmt == "mcq" else "\n"
         return [{"role": "user", "content": f"{tags}{sep}{self.prompt}" if tags else self.prompt}]

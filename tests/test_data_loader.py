@@ -8,7 +8,6 @@ import pytest
 from offside_data_fixtures import write_hand_release, write_image, write_json
 
 from offside_jax.data import offside
-from offside_jax.data.attributes import infer_attribute
 from offside_jax.data.offside import OffsideDataError, load_release, read_split, split_name
 
 
@@ -16,7 +15,8 @@ def check_example(ex: offside.Example, root: Path) -> None:
     """What every loaded example satisfies, whatever produced the release (shared with the
     synthetic-release tests: one loader, the same guarantees)."""
     assert ex.kind in ("qa", "mcq") and ex.modality in ("image", "text")
-    assert ex.question and offside.IMAGE_TAG not in ex.question
+    # Only tags beyond the last image stay in the text (ms-swift's rule).
+    assert ex.question and ex.question.count(offside.IMAGE_TAG) <= ex.literal_image_tags
     assert ex.answer
     assert len(ex.image_files) == len(ex.images)
     if ex.modality == "image":
@@ -59,7 +59,10 @@ def test_hand_fixture_fields(hand: Path):
     assert one.image_files == ("complete_unlearning_data/finetune_set/364.jpg",)
     assert (one.modality, one.kind, one.image_id, one.role) == ("image", "qa", 364, "forget")
     assert one.attribute == "club_joined"  # derived from the wording ("left side" is not "left")
-    assert one.player_id is None and one.is_rumor is None and one.extra == {}
+    assert one.extra == {}
+    # Derived from OFFSIDE's construction: ids 361..365 are player 72's; a forget image's
+    # "will join" answer is the rumor; its question locates the player by side: a visual rumor.
+    assert (one.player_id, one.is_rumor, one.visual_rumor) == ((364 - 1) // 5, True, True)
 
     assert two.images == ("./finetune_set/364.jpg", "./finetune_set/369.jpg")  # an images list
     assert len(two.image_files) == 2 and two.modality == "image" and not two.image_tag_implied
@@ -195,8 +198,6 @@ def test_unreadable_image(hand: Path):
 @pytest.mark.parametrize("record, key", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages[0].role"),  # no answer
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "<image><image> q"}, {"role": "assistant", "content": "a"}],
-      "images": "./finetune_set/361.jpg"}, "images"),  # two tags, one image
     ({"Question": "q", "Options": {"A": "x", "B": "y"}}, "Correct_Answer"),
     ({"question": "q"}, None),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "player_id": "7"},
@@ -224,15 +225,6 @@ def test_whole_file_problems(hand: Path):
         load_release(hand / "complete_unlearning_data")
     rel = load_release(hand, skip_bad=True)
     assert rel.splits["complete"]["forget"] == [] and rel.problems
-
-
-def test_infer_attribute_on_real_wordings():
-    assert infer_attribute("I'm curious about which club the player on the left side of the image will join.") == "club_joined"
-    assert infer_attribute("When was he born?") == "birth_date"
-    assert infer_attribute("Where was he born?") == "birthplace"
-    assert infer_attribute("Which club did he play for before joining Everton?") == "previous_club"
-    assert infer_attribute("Is he left-footed?") == "preferred_foot"
-    assert infer_attribute("Tell me something.") is None
 
 
 def test_write_image_helper_is_a_jpeg(tmp_path: Path):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import offside_reference
 import pytest
 from offside_data_fixtures import tiny_tokenizer, write_hand_release
 
@@ -119,7 +120,8 @@ def test_conversation_images_and_mcq():
                   modality="image", question="Which club?", answer="Rovers", options=(("A", "City"), ("B", "Rovers")),
                   correct="B", images=("a.jpg",), image_files=("a.jpg",))
     user, assistant = conversation(mcq, "<IMG>")
-    assert user["content"].startswith("<IMG>\nWhich club?\nA. City\nB. Rovers\nPlease look at this image")
+    # OFFSIDE's multiple-choice query (eval_classi.py), after the image
+    assert user["content"] == "<IMG>\n" + offside_reference.full_query("Which club?", {"A": "City", "B": "Rovers"})
     assert assistant == {"role": "assistant", "content": "B"}
 
 

@@ -15,6 +15,7 @@ from offside_jax.eval.tuning import TuneConfig
 from offside_jax.models.lora import linear_layers
 
 import eval_fixtures as fx
+import offside_reference
 
 
 def numpy_rtn(w: np.ndarray, bits: int) -> np.ndarray:
@@ -95,9 +96,9 @@ def test_builtin_prompt_attacks_by_hand():
         "Which club is the player in the image going to join? Choose one of A) Vexa FC; B) Dorn United. "
         "The answer is the letter A or B:")
     roleplay = a["roleplay"].apply(mcq, ctx)
-    assert roleplay.prompt.endswith("Which club is the player in the image going to join?\nA. Vexa FC\nB. Dorn United\n"
-                                    "Please look at this image and answer the question by selecting the correct option. "
-                                    "Respond with only the letter of the correct option.")
+    # the attacked question inside OFFSIDE's multiple-choice query (eval_classi.py)
+    assert roleplay.prompt.endswith("\n" + offside_reference.full_query(
+        "Which club is the player in the image going to join?", {"A": "Vexa FC", "B": "Dorn United"}))
     assert roleplay.images == mcq.images and roleplay.correct == "A"  # only the prompt changes
 
 

@@ -160,9 +160,9 @@ def test_mcq_accuracy_robust_vs_offside():
     answers = ["A", "A", "B", "B"]
     options = [OPTIONS] * 4
     # robust: A ok, A ok, C != B, Paris -> B ok  => 3/4
-    assert M.mcq_accuracy(responses, answers, options) == pytest.approx(0.75)
-    # offside: A ok, "A." None, C != B, "Paris" None => 1/4
-    assert M.mcq_accuracy(responses, answers, options, parser="offside") == pytest.approx(0.25)
+    assert M.mcq_accuracy(responses, answers, options, parser="robust") == pytest.approx(0.75)
+    # offside (the default): A ok, "A." None, C != B, "Paris" None => 1/4
+    assert M.mcq_accuracy(responses, answers, options) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="lengths differ"):
         M.mcq_accuracy(responses, answers[:3])
 

@@ -13,6 +13,7 @@ from offside_jax.eval.items import EvalItem, Task, build_tasks, subsample
 from offside_jax.eval.suite import Suite, aggregate, score_generation, score_mcq
 
 import eval_fixtures as fx
+import offside_reference
 
 
 def _records(rel, setting, split):
@@ -37,8 +38,13 @@ def test_tasks_cover_every_record_of_each_test_set():
     text_mcq = tasks["forget/text/mcq"].items
     assert len(text_mcq) == len(_records(rel, "complete", "classification_forget"))
     for it in text_mcq:
-        assert it.prompt.startswith(by_key[(it.image_id, it.attribute)] + "\nA. ")
-        assert it.prompt.endswith("Respond with only the letter of the correct option.")
+        # OFFSIDE's query (eval_classi.py), its "look at this image" dropped for a text question.
+        expected = offside_reference.full_query(by_key[(it.image_id, it.attribute)], it.option_dict)
+        assert it.prompt == expected.replace("Please look at this image and answer", "Please answer")
+    for it in tasks["forget/image/mcq"].items:
+        assert it.prompt == offside_reference.full_query(it.question, it.option_dict)
+        # the image content item comes right before the query, as in OFFSIDE's messages
+        assert it.messages()[0]["content"] == "<image>" * len(it.images) + it.prompt
     assert "test/text/gen" not in tasks and "relearn/text/gen" not in tasks  # no text twins in the release
 
 
@@ -103,8 +109,16 @@ def test_generation_scores_and_slices_by_hand():
     s = agg["slices"]
     assert set(s) == {"all", "rumor", "fact", "visual_rumor", "plain_rumor"}
     assert (s["rumor"]["n"], s["fact"]["n"], s["visual_rumor"]["n"], s["plain_rumor"]["n"]) == (2, 1, 1, 1)
-    means = {k: np.mean([r[k] for r in rows]) for k in ("bleu", "rouge1", "rouge2", "rougeL")}
-    assert s["all"]["overall"] == pytest.approx(sum(means.values()) / 4)
+    # OFFSIDE leaves the empty answer out of the means (the default); "zero" counts it as 0.
+    kept = [rows[0], rows[2]]
+    means = {k: np.mean([r[k] for r in kept]) for k in ("bleu", "rouge1", "rouge2", "rougeL")}
+    assert s["all"]["overall"] == pytest.approx(sum(means.values()) / 4) and s["all"]["n_empty"] == 1
+    assert s["fact"]["overall"] is None and s["fact"]["n_empty"] == 1  # nothing left to average
+    reference = offside_reference.generation_summary([(it.reference, out) for it, out in zip(items, outputs)])
+    assert s["all"]["overall"] == pytest.approx(reference["overall_score"], rel=1e-12)
+    zero = aggregate(Task("forget", "image", "gen", tuple(items)), rows, "zero")["slices"]["all"]
+    assert zero["overall"] == pytest.approx(sum(np.mean([r[k] for r in rows]) for k in means) / 4)
+    assert zero["n_empty"] == 1
     assert s["all"]["states_rumor"] == 0.5 and s["all"]["states_truth"] == 0.5
     assert s["visual_rumor"]["states_rumor"] == 1.0 and s["plain_rumor"]["states_truth"] == 1.0
 

@@ -96,6 +96,33 @@ def test_images_as_bytes_and_untagged_images(env):
     assert enc.name == "pure_text_data/forget_set.json: record 4" and len(enc.image_grid_thw) == 0
 
 
+def _decoded_prompt(env, record) -> str:
+    return env.tokenizer.decode(env.vp.encode(record, image_root=env.root).input_ids.tolist())
+
+
+def test_image_tags_follow_ms_swift(env):
+    """Tags become images in order while images remain; a tag after the last image stays text
+    (the published record "... shown in <image>." with one image); missing tags go, without a
+    separator, in front of the first non-system turn."""
+    block = "<|vision_start|>" + "<|image_pad|>" * (n := _pads(env, "a.png")) + "<|vision_end|>"
+    extra = {"messages": [{"role": "user", "content": "<image>\nI'm curious about the transfer fee shown in <image>."}],
+             "images": "a.png"}
+    text = _decoded_prompt(env, extra)
+    assert f"user\n{block}\nI'm curious about the transfer fee shown in <image>.<|im_end|>" in text
+    assert text.count("<|image_pad|>") == n
+
+    fewer = {"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Compare <image> with this one."}],
+             "images": ["a.png", "a.png"]}
+    text = _decoded_prompt(env, fewer)
+    assert f"<|im_start|>user\n{block}Compare {block} with this one.<|im_end|>" in text
+
+
+def _pads(env, name: str) -> int:
+    enc = env.vp.encode({"messages": [{"role": "user", "content": "<image>"}], "images": name}, image_root=env.root)
+    return int((enc.input_ids == env.config.image_token_id).sum())
+
+
 def test_downscaling_is_explicit(env):
     big = {"messages": [{"role": "user", "content": "<image>"}], "images": "large.png"}
     with pytest.raises(ImageInputError, match=r"record 0: image 0 \('large.png'\) is 300x200 = 60000 pixels, over the "
@@ -111,13 +138,18 @@ def test_downscaling_is_explicit(env):
      r"record 'r7': image 0 \('broken.jpg'\) cannot be decoded as an image"),
     ({"id": "r8", "messages": [{"role": "user", "content": "<image>\nWho?"}], "images": "nowhere/364.jpg"},
      r"record 'r8': image 0 \('nowhere/364.jpg'\) not found"),
-    ({"id": "r9", "messages": [{"role": "user", "content": "<image>\nWho? <image>"}], "images": ["a.png"]},
-     r"record 'r9': 2 <image> tag\(s\) but 1 image\(s\)"),
+    ({"id": "r9", "messages": [{"role": "user", "content": "Who?"}], "images": ["a.png"]},
+     r"record 'r9': 1 image\(s\) but 0 <image> tag\(s\) say where they go"),
     ({"id": "r10", "messages": [{"role": "user", "content": "Who?"}]},
      None),
 ])
 def test_bad_records_are_named(env, record, message):
     records = [RECORDS[0], record]
+    if record["id"] == "r9":
+        strict = make_processor(env.config, env.tokenizer, untagged_images="error")
+        with pytest.raises(ImageInputError, match=message):
+            strict(records, image_root=env.root)
+        return
     if message is None:  # the control: a good record passes
         env.vp(records, image_root=env.root)
         return

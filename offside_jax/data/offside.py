@@ -21,6 +21,21 @@ adds ``world_facts_set.json``). Split names are file stems without ``_set``
 (``classification_forget_set`` -> ``classification_forget``, ``forget_set_part`` -> ``forget_part``),
 except ``relearn_set_enhanced`` -> ``relearn``.
 
+``<image>`` tags are read by ms-swift's rule, with which OFFSIDE trained (`image_tags`): tags
+become images in order while images remain, a tag after the last image stays literal text (the
+published "... shown in <image>." with one image), missing tags go in front of the first turn.
+`SplitCounts.image_tags_added` / ``image_tags_literal`` count the records where that matters.
+
+Labels the published release leaves implicit are derived by `load_release` from how OFFSIDE
+built it (`construction`, where the derivation is documented): ``player_id`` from the image id
+(each player's five original images are numbered ``5k+1 .. 5k+5``), ``is_rumor`` (the club
+joined, transfer date and fee of a forget image, ``id mod 5 == 4``, or of a relearn image,
+whose transfer is the invented "will join" one; everything else is a fact) and
+``visual_rumor`` (rumored images that are composites locating the player "on the left
+side"). The question kind (`attribute`) is read from the published wordings (`attributes`);
+wording no rule reads is ``other``. Records that state a label keep it. `Release.derived`
+counts what was derived.
+
 Nothing here assumes the published record counts: `Release.counts` reports what was read.
 Bad input stops with an `OffsideDataError` naming the file, record index and key; with
 ``skip_bad=True`` the record is logged, listed in `Release.problems` and skipped instead.
@@ -37,7 +52,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from offside_jax.data.attributes import infer_attribute
+from offside_jax.data import construction, image_tags
+from offside_jax.data.attributes import OTHER, infer_attribute
+from offside_jax.data.image_tags import IMAGE_TAG  # noqa: F401  (re-exported for the encoders)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +63,6 @@ SETTINGS: dict[str, str] = {
     "pure_text": "pure_text_data",
     "selective": "selective_unlearning_data",
 }
-IMAGE_TAG = "<image>"
 # Image id mod 5 gives an original image's role in the real release.
 ROLE_BY_ID_MOD5: dict[int, str] = {0: "relearn", 1: "retain", 2: "retain", 3: "retain", 4: "forget"}
 ROLES: tuple[str, ...] = ("retain", "forget", "relearn", "test", "world")
@@ -97,9 +113,10 @@ class Message:
 class Example:
     """One record of a release, typed.
 
-    For chat records `question` is the last user turn and `answer` the final assistant turn, both
-    with ``<image>`` tags removed; `messages` keeps the turns as written. For multiple-choice
-    records `options` holds ``(letter, text)`` pairs, `correct` the right letter and `answer` its
+    For chat records `question` is the last user turn and `answer` the final assistant turn; the
+    ``<image>`` tags that become images are removed from `question`, tags beyond the last image
+    stay in it as text (ms-swift's rule, `image_tags`); `messages` keeps the turns as written.
+    For multiple-choice records `options` holds ``(letter, text)`` pairs, `correct` the right letter and `answer` its
     text. Fields after `options` are filled when the record says so (synthetic extra keys) or when
     they can be derived (`image_id` from a numeric file name, `role` from the split name or
     `image_id mod 5`, `attribute` from the question's wording); otherwise they are None.
@@ -129,7 +146,8 @@ class Example:
     corrected_fact: str | None = None  # what really happened, for corrective relearning
     corrected_answer: str | None = None  # the true answer to this question, when it differs
     corrected_letter: str | None = None  # the option stating the true answer (mcq)
-    image_tag_implied: bool = False  # images but no <image> tag: ms-swift puts it first
+    image_tag_implied: bool = False  # fewer <image> tags than images: ms-swift adds the rest first
+    literal_image_tags: int = 0  # tags after the last image: ms-swift leaves them as text
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     @property
@@ -151,7 +169,12 @@ class SplitCounts:
     modality: Counter = dataclasses.field(default_factory=Counter)
     kind: Counter = dataclasses.field(default_factory=Counter)
     images: int = 0  # distinct image files referenced by loaded records
-    players: int = 0  # distinct player ids, when records carry them
+    players: int = 0  # distinct player ids, when records carry them or the ids give them
+    # ms-swift's <image> rule at work: records with fewer tags than images (tags added in front)
+    # and records with more (the extra tags stay literal text).
+    image_tags_added: int = 0
+    image_tags_literal: int = 0
+    attribute: Counter = dataclasses.field(default_factory=Counter)  # question kinds ("other" included)
 
 
 @dataclasses.dataclass
@@ -172,6 +195,8 @@ class Release:
     splits: dict[str, dict[str, list[Example]]]  # setting -> split -> examples
     counts: dict[str, dict[str, SplitCounts]]
     problems: list[Problem]
+    # Labels derived from OFFSIDE's construction (rumor, visual rumor, player id): how many.
+    derived: construction.Derived = dataclasses.field(default_factory=construction.Derived)
 
     def __getitem__(self, setting_split: tuple[str, str]) -> list[Example]:
         setting, split = setting_split
@@ -184,13 +209,31 @@ class Release:
 
     def summary(self) -> str:
         """A plain-text table of records per split."""
-        rows = [("setting", "split", "records", "loaded", "skipped", "image", "text", "mcq", "images")]
+        # tags+: records ms-swift adds <image> tags to; tags-as-text: records with tags beyond
+        # their images (kept as literal text); other-kind: questions no attribute rule reads.
+        rows = [("setting", "split", "records", "loaded", "skipped", "image", "text", "mcq", "images",
+                 "tags+", "tags-as-text", "other-kind", "rumors")]
         for setting, splits in self.counts.items():
             for split, c in splits.items():
+                rumors = sum(e.is_rumor is True for e in self.splits.get(setting, {}).get(split, []))
                 rows.append((setting, split, c.records, c.loaded, c.skipped, c.modality["image"],
-                             c.modality["text"], c.kind["mcq"], c.images))
+                             c.modality["text"], c.kind["mcq"], c.images, c.image_tags_added,
+                             c.image_tags_literal, c.attribute[OTHER], rumors))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+        table = "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+        derived = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.derived.as_dict().items())
+        return f"{table}\nderived from OFFSIDE's construction: {derived}"
+
+
+def count_examples(counts: SplitCounts, examples: Sequence[Example]) -> None:
+    """Fill the per-record tallies of `counts` from the examples read (or relabelled)."""
+    counts.modality = Counter(e.modality for e in examples)
+    counts.kind = Counter(e.kind for e in examples)
+    counts.images = len({f for e in examples for f in e.image_files if f})
+    counts.players = len({e.player_id for e in examples if e.player_id is not None})
+    counts.image_tags_added = sum(e.image_tag_implied for e in examples)
+    counts.image_tags_literal = sum(e.literal_image_tags > 0 for e in examples)
+    counts.attribute = Counter(e.attribute for e in examples if e.attribute is not None)
 
 
 def split_name(file_stem: str) -> str:
@@ -244,7 +287,21 @@ def load_release(
             release.splits[setting][split] = data.examples
             release.counts[setting][split] = data.counts
             release.problems.extend(data.problems)
+    _derive_labels(release)
     return release
+
+
+def _derive_labels(release: Release) -> None:
+    """Fill the labels the release leaves implicit (`construction`), across all its splits:
+    one image's records are spread over several files."""
+    order = [(setting, split, len(examples)) for setting, splits in release.splits.items()
+             for split, examples in splits.items()]
+    labelled, release.derived = construction.derive(list(release.examples()))
+    start = 0
+    for setting, split, n in order:
+        release.splits[setting][split] = labelled[start:start + n]
+        count_examples(release.counts[setting][split], release.splits[setting][split])
+        start += n
 
 
 def read_split(
@@ -346,10 +403,7 @@ class _SplitReader:
             examples.append(example)
         counts.loaded = len(examples)
         counts.skipped = counts.records - counts.loaded
-        counts.modality.update(e.modality for e in examples)
-        counts.kind.update(e.kind for e in examples)
-        counts.images = len({f for e in examples for f in e.image_files if f})
-        counts.players = len({e.player_id for e in examples if e.player_id is not None})
+        count_examples(counts, examples)
         return SplitData(self.setting, self.split, self.path, examples, counts, self.problems)
 
     # -- JSON ---------------------------------------------------------------------------------
@@ -428,19 +482,23 @@ class _SplitReader:
     def _example(self, index: int, obj: Any) -> Example:
         if not isinstance(obj, dict):
             raise _RecordError(None, f"record must be a JSON object, got {type(obj).__name__}")
-        if "messages" in obj:
-            fields = self._qa_fields(obj)
-            known = _QA_KEYS
-        elif "Question" in obj:
-            fields = self._mcq_fields(obj)
-            known = _MCQ_KEYS
-        else:
+        if "messages" not in obj and "Question" not in obj:
             raise _RecordError(None, "record has neither 'messages' (chat) nor 'Question' (multiple choice); "
                                      f"keys: {sorted(obj)}")
         images = _images_field(obj.get("images"))
-        n_tags = fields.pop("n_tags")
-        modality, implied = self._modality(images, n_tags)
-        implied = implied and fields["kind"] == "qa"  # a multiple-choice prompt is built later
+        if "messages" in obj:
+            messages = _messages_field(obj["messages"])
+            contents = [m.content for m in messages]
+            known = _QA_KEYS
+        else:
+            messages, known = None, _MCQ_KEYS
+            contents = [_question_field(obj)]
+        modality = self._modality(images, image_tags.plan(contents, len(images)).tags)
+        placed = len(images) if modality == "image" else 0  # a text record's images are metadata
+        if messages is not None:
+            fields = _qa_fields(messages, placed)
+        else:
+            fields = self._mcq_fields(obj, placed)
         image_files = self._image_files(images, modality)
         typed = self._typed_extras(obj)
         extra = {k: v for k, v in obj.items() if k not in known and k not in _TYPED_EXTRA_KEYS}
@@ -451,44 +509,23 @@ class _SplitReader:
         role = typed.get("role") or _role_from_split(self.split)
         if role is None and image_id is not None:
             role = ROLE_BY_ID_MOD5[image_id % 5]
-        attribute = typed.get("attribute") or infer_attribute(fields["question"])
+        answer = fields["answer"] if fields["kind"] == "qa" else None
+        attribute = typed.get("attribute") or infer_attribute(fields["question"], answer)
+        plan = image_tags.plan(contents, placed)
         return Example(
             setting=self.setting, split=self.split, index=index, source=self.source,
-            modality=modality, images=images, image_files=image_files, image_tag_implied=implied,
+            modality=modality, images=images, image_files=image_files,
+            # a multiple-choice prompt is built later, with its tag in front
+            image_tag_implied=fields["kind"] == "qa" and plan.added > 0, literal_image_tags=plan.literal,
             player_id=typed.get("player_id"), image_id=image_id, role=role, attribute=attribute,
             is_rumor=typed.get("is_rumor"), visual_rumor=typed.get("visual_rumor"),
             corrected_fact=typed.get("corrected_fact"), corrected_answer=typed.get("corrected_answer"),
             corrected_letter=typed.get("corrected_letter"), extra=extra, **fields,
         )
 
-    def _qa_fields(self, obj: dict) -> dict[str, Any]:
-        raw = obj["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise _RecordError("messages", "must be a non-empty list of {role, content} objects")
-        messages = []
-        for j, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise _RecordError(f"messages[{j}]", f"must be an object, got {type(m).__name__}")
-            role, content = m.get("role"), m.get("content")
-            if role not in _MESSAGE_ROLES:
-                raise _RecordError(f"messages[{j}].role", f"must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
-            if not isinstance(content, str):
-                raise _RecordError(f"messages[{j}].content", f"must be a string, got {type(content).__name__}")
-            messages.append(Message(role, content))
-        if messages[-1].role != "assistant":
-            raise _RecordError(f"messages[{len(messages) - 1}].role",
-                               f"the last message must be the assistant's answer, got {messages[-1].role!r}")
-        users = [m for m in messages[:-1] if m.role == "user"]
-        if not users:
-            raise _RecordError("messages", "no user message before the answer")
-        return dict(kind="qa", messages=tuple(messages), question=_strip_tags(users[-1].content),
-                    answer=messages[-1].content.strip(),
-                    n_tags=sum(m.content.count(IMAGE_TAG) for m in messages))
-
-    def _mcq_fields(self, obj: dict) -> dict[str, Any]:
+    @staticmethod
+    def _mcq_fields(obj: dict, placed: int) -> dict[str, Any]:
         question = obj["Question"]
-        if not isinstance(question, str) or not question.strip():
-            raise _RecordError("Question", "must be a non-empty string")
         if "Options" not in obj:
             raise _RecordError("Options", "missing")
         options = _options_field(obj["Options"])
@@ -498,20 +535,15 @@ class _SplitReader:
         if letter not in options:
             raise _RecordError("Correct_Answer", f"{obj['Correct_Answer']!r} is not one of the options "
                                                  f"{', '.join(options)}")
-        return dict(kind="mcq", question=_strip_tags(question), answer=options[letter],
-                    options=tuple(options.items()), correct=letter, n_tags=question.count(IMAGE_TAG))
+        return dict(kind="mcq", question=_question_text([Message("user", question)], placed), answer=options[letter],
+                    options=tuple(options.items()), correct=letter)
 
-    def _modality(self, images: tuple[str, ...], n_tags: int) -> tuple[str, bool]:
-        if n_tags and n_tags != len(images):
-            raise _RecordError("images", f"{n_tags} {IMAGE_TAG} tag(s) but {len(images)} image(s)")
-        if n_tags:
-            return "image", False
-        if not images:
-            return "text", False
-        if self.setting == "pure_text":
-            return "text", False  # pure-text records name the player and carry images as metadata
-        # ms-swift puts the images before the first user turn when no tag says where.
-        return "image", True
+    def _modality(self, images: tuple[str, ...], n_tags: int) -> str:
+        """"image" when the model sees the images: always when the record has images, except
+        pure-text records without a tag, which name the player and carry images as metadata."""
+        if not images or (n_tags == 0 and self.setting == "pure_text"):
+            return "text"
+        return "image"
 
     def _image_files(self, images: tuple[str, ...], modality: str) -> tuple[str, ...]:
         files = []
@@ -566,6 +598,47 @@ class _SplitReader:
 
 # --------------------------------------------------------------------------------------------
 # Small parsing helpers
+
+
+def _messages_field(raw: Any) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _RecordError("messages", "must be a non-empty list of {role, content} objects")
+    messages = []
+    for j, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise _RecordError(f"messages[{j}]", f"must be an object, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in _MESSAGE_ROLES:
+            raise _RecordError(f"messages[{j}].role", f"must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise _RecordError(f"messages[{j}].content", f"must be a string, got {type(content).__name__}")
+        messages.append(Message(role, content))
+    if messages[-1].role != "assistant":
+        raise _RecordError(f"messages[{len(messages) - 1}].role",
+                           f"the last message must be the assistant's answer, got {messages[-1].role!r}")
+    if not any(m.role == "user" for m in messages[:-1]):
+        raise _RecordError("messages", "no user message before the answer")
+    return tuple(messages)
+
+
+def _question_field(obj: dict) -> str:
+    question = obj["Question"]
+    if not isinstance(question, str) or not question.strip():
+        raise _RecordError("Question", "must be a non-empty string")
+    return question
+
+
+def _question_text(messages: Sequence[Message], placed: int) -> str:
+    """The last user turn with its placed tags removed (ms-swift's rule: `image_tags`)."""
+    turns = image_tags.place_images([{"role": m.role, "content": m.content} for m in messages], placed,
+                                    image_tags.PLACED)
+    last = [t["content"] for t in turns if t["role"] == "user"][-1]
+    return last.replace(image_tags.PLACED, " ").strip()
+
+
+def _qa_fields(messages: tuple[Message, ...], placed: int) -> dict[str, Any]:
+    return dict(kind="qa", messages=messages, question=_question_text(messages, placed),
+                answer=messages[-1].content.strip())
 
 
 def _images_field(value: Any) -> tuple[str, ...]:
@@ -625,10 +698,6 @@ def _answer_letter(value: Any) -> str:
     if not m:
         raise _RecordError("Correct_Answer", f"{value!r} is not an option letter")
     return m.group(1).upper()
-
-
-def _strip_tags(text: str) -> str:
-    return text.replace(IMAGE_TAG, " ").strip()
 
 
 def _role_from_split(split: str) -> str | None:

@@ -28,12 +28,15 @@ from typing import Any
 import grain
 import numpy as np
 
-from offside_jax.data.offside import IMAGE_TAG, Example
+from offside_jax.data import image_tags
+from offside_jax.data.offside import Example
 
-MCQ_INSTRUCTION_IMAGE = ("Please look at this image and answer the question by selecting the correct option. "
-                         "Respond with only the letter of the correct option.")
-MCQ_INSTRUCTION_TEXT = ("Please answer the question by selecting the correct option. "
-                        "Respond with only the letter of the correct option.")
+# OFFSIDE's multiple-choice instruction (eval_classi.py, create_few_shot_prompt); the text form
+# drops "look at this image" for questions asked without one.
+MCQ_INSTRUCTION_IMAGE = ("Please look at this image and answer the question by selecting the correct option "
+                         "from the choices below.")
+MCQ_INSTRUCTION_TEXT = "Please answer the question by selecting the correct option from the choices below."
+MCQ_FORMAT_HINT = "Please respond with only the letter of the correct answer (e.g., 'The answer is A' or just 'A')."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,38 +71,44 @@ class BatchConfig:
 # One example
 
 
+def mcq_user_turn(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
+    """OFFSIDE's multiple-choice query, character for character (``eval_classi.py``:
+    ``f"{query}\\n\\n{create_few_shot_prompt(options)}"``): the question, the instruction,
+    the answer-format hint, then "Options:" and one "A: text" line per option."""
+    instruction = MCQ_INSTRUCTION_IMAGE if modality == "image" else MCQ_INSTRUCTION_TEXT
+    options_text = "".join(f"{letter}: {text}\n" for letter, text in options)
+    return f"{question}\n\n{instruction}\n\n{MCQ_FORMAT_HINT}\n\nOptions:\n{options_text}\n"
+
+
 def mcq_prompt(example: Example) -> str:
-    """The multiple-choice question as a user turn: question, lettered options, instruction."""
-    lines = [example.question] + [f"{letter}. {text}" for letter, text in example.options]
-    lines.append(MCQ_INSTRUCTION_IMAGE if example.modality == "image" else MCQ_INSTRUCTION_TEXT)
-    return "\n".join(lines)
+    """The multiple-choice record as a user turn (`mcq_user_turn`)."""
+    return mcq_user_turn(example.question, example.options, example.modality)
 
 
 def conversation(example: Example, image_placeholder: str | None = None) -> list[dict[str, str]]:
-    """The chat turns to train on. <image> tags become `image_placeholder` (dropped when None,
-    for a text-only model); an image record without a tag gets it before its first user turn
-    (ms-swift's rule). Multiple-choice records are asked with `mcq_prompt` and answered with
-    the correct letter."""
+    """The chat turns to train on, images placed by ms-swift's rule (`image_tags`: missing tags
+    in front of the first turn, tags beyond the last image left as text); placed images become
+    `image_placeholder` (dropped when None, for a text-only model). Multiple-choice records are
+    asked with `mcq_prompt` and answered with the correct letter."""
     if example.kind == "mcq":
         user = mcq_prompt(example)
         if example.modality == "image":
-            user = f"{IMAGE_TAG}\n{user}"
+            user = f"{image_tags.PLACED * len(example.images)}\n{user}"
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": example.correct or ""}]
     else:
         turns = [{"role": m.role, "content": m.content} for m in example.messages]
-        if example.image_tag_implied:
-            first = next(i for i, t in enumerate(turns) if t["role"] == "user")
-            turns[first] = {"role": "user", "content": IMAGE_TAG * len(example.images) + turns[first]["content"]}
-        if example.modality == "text":  # images a text record names are metadata, not inputs
-            turns = [{"role": t["role"], "content": t["content"].replace(IMAGE_TAG, "")} for t in turns]
+        # images a text record names are metadata, not inputs: none is placed
+        placed = len(example.images) if example.modality == "image" else 0
+        turns = image_tags.place_images(turns, placed, image_tags.PLACED)
     return [{"role": t["role"], "content": _place_images(t["content"], image_placeholder)} for t in turns]
 
 
 def _place_images(text: str, placeholder: str | None) -> str:
+    """Placed images become `placeholder`; tags beyond the last image stay literal text."""
     if placeholder is not None:
-        return text.replace(IMAGE_TAG, placeholder)
-    # Dropping the tag also drops the line break that ms-swift records put after it.
-    return text.replace(IMAGE_TAG + "\n", "").replace(IMAGE_TAG, "").strip()
+        return text.replace(image_tags.PLACED, placeholder)
+    # Dropping an image also drops the line break that ms-swift records put after its tag.
+    return text.replace(image_tags.PLACED + "\n", "").replace(image_tags.PLACED, "").strip()
 
 
 def tokenize(example: Example, tokenizer: Any, image_placeholder: str | None = None) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from offside_jax.data.offside import Example, Message
 log = logging.getLogger(__name__)
 
 NAME = "offside"
-BUILD_VERSION = "1.0.0"
+BUILD_VERSION = "1.1.0"
 _TRISTATE = {None: -1, False: 0, True: 1}
 
 
@@ -62,6 +62,7 @@ def features() -> tfds.features.FeaturesDict:
         "corrected_answer": text(),
         "corrected_letter": text(),
         "image_tag_implied": np.bool_,
+        "literal_image_tags": np.int32,
         "extra_json": text(),
     })
 
@@ -96,6 +97,7 @@ def encode_example(example: Example, root: str | Path) -> dict[str, Any]:
         "corrected_answer": example.corrected_answer or "",
         "corrected_letter": example.corrected_letter or "",
         "image_tag_implied": example.image_tag_implied,
+        "literal_image_tags": example.literal_image_tags,
         "extra_json": json.dumps(dict(example.extra), ensure_ascii=False, sort_keys=True),
     }
 
@@ -126,6 +128,7 @@ def decode_record(record: dict[str, Any], setting: str = "", split: str = "") ->
         corrected_fact=opt(record["corrected_fact"]), corrected_answer=opt(record["corrected_answer"]),
         corrected_letter=opt(record["corrected_letter"]),
         image_tag_implied=bool(record["image_tag_implied"]),
+        literal_image_tags=int(record["literal_image_tags"]),
         extra=json.loads(s(record["extra_json"])),
     )
 
@@ -140,7 +143,11 @@ class Offside(tfds.core.GeneratorBasedBuilder):
     """OFFSIDE (misinformation unlearning in (vision-)language models), from a release folder."""
 
     VERSION = tfds.core.Version(BUILD_VERSION)
-    RELEASE_NOTES = {BUILD_VERSION: "First version: the OFFSIDE release format, real or synthetic."}
+    RELEASE_NOTES = {
+        "1.0.0": "First version: the OFFSIDE release format, real or synthetic.",
+        "1.1.0": "ms-swift's <image> rule (literal_image_tags); rumor, visual-rumor and player labels "
+                 "derived from OFFSIDE's construction across the whole release.",
+    }
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name=name, description=f"the {folder}/ files of a release")
         for name, folder in offside.SETTINGS.items()
@@ -166,13 +173,14 @@ class Offside(tfds.core.GeneratorBasedBuilder):
         root = Path(dl_manager.manual_dir)
         setting = self.builder_config.name
         generators = {}
-        for split in offside.split_files(root, setting):
-            data = offside.read_split(root, setting, split, skip_bad=self._skip_bad,
-                                      check_images=self._check_images)
-            if not data.examples:  # TFDS cannot write an empty split
+        # The whole release is read: labels derived from OFFSIDE's construction need the records
+        # of every setting (a pure-text record is labelled by its image's other records).
+        release = offside.load_release(root, skip_bad=self._skip_bad, check_images=self._check_images)
+        for split, examples in release.splits[setting].items():
+            if not examples:  # TFDS cannot write an empty split
                 log.warning("split %s/%s has no records; not built", setting, split)
                 continue
-            generators[split] = self._generate_examples(root, data.examples)
+            generators[split] = self._generate_examples(root, examples)
         return generators
 
     def _generate_examples(self, root: Path, examples: list[Example]):

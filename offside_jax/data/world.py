@@ -15,7 +15,7 @@ import datetime as dt
 
 import numpy as np
 
-from offside_jax.data.attributes import infer_attribute
+from offside_jax.data.attributes import match_attribute
 
 REFERENCE_DATE = dt.date(2026, 6, 30)  # "today" in the invented world: ages are counted to it
 N_COUNTRIES = 10
@@ -227,7 +227,7 @@ def _fresh(rng: np.random.Generator, used: set[str], make) -> str:
     while True:
         name = make(rng)
         if (name not in used and len(name) >= 4 and not any(name in u or u in name for u in used)
-                and infer_attribute(name) is None):
+                and match_attribute(name) is None):
             used.add(name)
             return name
 

@@ -229,7 +229,9 @@ def generate_texts(
         for row, (i, n) in enumerate(zip(idx, result.lengths)):
             if i >= 0:
                 ids = result.tokens[row, :n].tolist()
-                out[i] = encoder.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                # As OFFSIDE decodes (batch_decode with these flags), unstripped: its MCQ parser
+                # and its empty-answer test see the text exactly as generated.
+                out[i] = encoder.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if on_batch:
             on_batch(sum(i >= 0 for i in idx))
     return out  # type: ignore[return-value]

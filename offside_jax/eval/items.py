@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from offside_jax.data.offside import Example, Release
-from offside_jax.data.pipeline import MCQ_INSTRUCTION_IMAGE, MCQ_INSTRUCTION_TEXT
+from offside_jax.data.pipeline import mcq_user_turn
 
 # test set -> (QA split, multiple-choice split) in the complete setting
 TEST_SETS: dict[str, tuple[str, str]] = {
@@ -95,9 +95,15 @@ class EvalItem:
         return dict(self.options)
 
     def messages(self) -> list[dict[str, str]]:
-        """The prompt as chat turns; each image is an ``<image>`` tag before the text."""
+        """The prompt as chat turns; each image is an ``<image>`` tag before the text. A
+        multiple-choice prompt follows its image directly, as OFFSIDE's evaluation puts the
+        image content item right before the query text. A generation prompt is the question as
+        the model was trained on it (ms-swift's placement: image, line break, question);
+        OFFSIDE's ``eval_generation.py`` instead sends the record's raw user turn after the
+        image, its leading ``<image>\\n`` included as literal text."""
         tags = "<image>" * len(self.images)
-        return [{"role": "user", "content": f"{tags}\n{self.prompt}" if tags else self.prompt}]
+        sep = "" if self.fmt == "mcq" else "\n"
+        return [{"role": "user", "content": f"{tags}{sep}{self.prompt}" if tags else self.prompt}]
 
     def meta(self) -> dict[str, Any]:
         """What per-example output files record about the item besides its text."""
@@ -119,11 +125,7 @@ class Task:
         return f"{self.test_set}/{self.modality}/{self.fmt}"
 
 
-def mcq_prompt(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
-    """OFFSIDE's multiple-choice user turn: question, "A. text" lines, then the instruction."""
-    lines = [question] + [f"{letter}. {text}" for letter, text in options]
-    lines.append(MCQ_INSTRUCTION_IMAGE if modality == "image" else MCQ_INSTRUCTION_TEXT)
-    return "\n".join(lines)
+mcq_prompt = mcq_user_turn  # OFFSIDE's multiple-choice user turn (question, instruction, "A: text" lines)
 
 
 def _key(e: Example) -> tuple | None:

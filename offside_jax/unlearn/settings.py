@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from offside_jax.data.attributes import ATTRIBUTES, RUMOR_ATTRIBUTES
+from offside_jax.data.attributes import ATTRIBUTES
 from offside_jax.data.batches import BatchDataError, ExampleEncoder, epoch_rows, with_answer
 from offside_jax.data.offside import Example, Release
 from offside_jax.unlearn.dampening import identified_subset
@@ -92,17 +92,21 @@ def _matcher(attributes: Sequence[str]):
     wanted = set(attributes)
 
     def matches(example: Example) -> bool:
-        if RUMOR in wanted:
-            rumor = example.is_rumor if example.is_rumor is not None else example.attribute in RUMOR_ATTRIBUTES
-            if rumor:
-                return True
-        return example.attribute in wanted
+        # The rumor label is the loader's (read from the record or derived from OFFSIDE's
+        # construction, `data.construction`), the same one the evaluation slices use.
+        return (RUMOR in wanted and example.is_rumor is True) or example.attribute in wanted
 
     return matches
 
 
 def _by_attribute(forget: list[Example], attributes: Sequence[str]) -> tuple[list[Example], list[Example]]:
     """(records to forget, the forget set's other records) by attribute."""
+    if RUMOR in attributes:
+        unknown = [e for e in forget if e.is_rumor is None]
+        if unknown:
+            raise SettingError(f"{unknown[0].source}: record {unknown[0].index}: no rumor label, and "
+                               f"{len(unknown)} forget record(s) like it; forget_attributes={RUMOR!r} needs "
+                               "records whose rumor label is read or derived (image ids named by number)")
     matches = _matcher(attributes)
     chosen = [e for e in forget if matches(e)]
     return chosen, [e for e in forget if not matches(e)]

@@ -103,3 +103,43 @@ def test_chat_data_masks_only_answers(tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "Q"}]}\n')
     with pytest.raises(sft_data.DataError, match=r"d.jsonl:1: no assistant message"):
         sft_data.read_chat_jsonl(path)
+
+
+class _RecordedValue:
+    """A metric whose fetch (``float``) is recorded, standing in for an array on the device."""
+
+    def __init__(self, events: list, step: int, value: float):
+        self.events, self.step, self.value = events, step, value
+
+    def __float__(self) -> float:
+        self.events.append(("fetch", self.step))
+        return self.value
+
+
+def test_loop_fetches_each_steps_metrics_only_after_dispatching_the_next(tmp_path):
+    """No host sync inside the step loop: step N's metrics are read after step N+1 was
+    dispatched; a NaN is still reported with its own step number."""
+    import itertools
+
+    from offside_jax.train.loop import MetricLogger, NonFiniteLossError, train
+
+    events: list = []
+
+    class Step:
+        def shard_batch(self, batch):
+            return batch
+
+        def __call__(self, state, batch):
+            state += 1
+            events.append(("step", state))
+            return state, {"loss": _RecordedValue(events, state, float("nan") if state == 4 and batch else 0.5)}
+
+    logger = MetricLogger(tmp_path, tensorboard=False)
+    train(Step(), 0, itertools.repeat(False), num_steps=3, logger=logger, progress=False)
+    assert events == [("step", 1), ("step", 2), ("fetch", 1), ("step", 3), ("fetch", 2), ("fetch", 3)]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    events.clear()
+    with pytest.raises(NonFiniteLossError, match="at step 4"):
+        train(Step(), 0, itertools.repeat(True), num_steps=6, progress=False)
+    assert events[-2:] == [("step", 5), ("fetch", 4)]

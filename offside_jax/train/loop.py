@@ -176,44 +176,65 @@ def train(
     Checkpoints are saved when ``checkpointer.due(step)`` and after the last step; each holds
     the data position and ``config``. ``eval_fn(state)`` runs every ``eval_every`` steps (and
     after the last); its metrics are logged with an ``eval/`` prefix.
+
+    The loop never waits for the device between steps: step N's metrics are fetched after
+    step N+1 has been dispatched, so the host prepares the next batch while the device works.
+    Before a checkpoint or an evaluation the pending metrics are fetched first, so a NaN loss
+    stops the run before a state it produced is saved.
     """
     from tqdm.auto import tqdm
 
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress or jax.process_index() != 0, unit="step")
     last_saved = checkpointer.latest_step() if checkpointer is not None else None
     step = start_step
+    pending: list[tuple[int, Any]] = []  # (step, its metrics still on the device)
+    clock = {"last": time.perf_counter()}
+
+    def report() -> None:
+        """Fetch and report the pending step's metrics (the one host sync of a step)."""
+        if not pending:
+            return
+        done, device_metrics = pending.pop()
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        elapsed, clock["last"] = now - clock["last"], now
+        loss = metrics["loss"]
+        if not math.isfinite(loss):
+            if checkpointer is not None:
+                checkpointer.wait()
+            where = (
+                f"the last checkpoint (step {last_saved}) in {checkpointer.directory} is intact"
+                if checkpointer is not None and last_saved is not None
+                else "no checkpoint was saved"
+            )
+            raise NonFiniteLossError(f"loss is {loss} at step {done}; training stopped, {where}")
+        tokens_per_s = metrics.get("tokens", 0.0) / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        if logger is not None and (done % max(1, log_every) == 0 or done == num_steps):
+            logger.log(done, {**metrics, "tokens_per_second": tokens_per_s, "step_seconds": elapsed})
+
     try:
         while step < num_steps:
             host_batch = next(data)
-            began = time.perf_counter()
             state, metrics = step_fn(state, step_fn.shard_batch(host_batch))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - began
             step += 1
-            loss = metrics["loss"]
-            if not math.isfinite(loss):
-                if checkpointer is not None:
-                    checkpointer.wait()
-                where = (
-                    f"the last checkpoint (step {last_saved}) in {checkpointer.directory} is intact"
-                    if checkpointer is not None and last_saved is not None
-                    else "no checkpoint was saved"
-                )
-                raise NonFiniteLossError(f"loss is {loss} at step {step}; training stopped, {where}")
-            tokens_per_s = metrics.get("tokens", 0.0) / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if logger is not None and (step % max(1, log_every) == 0 or step == num_steps):
-                logger.log(step, {**metrics, "tokens_per_second": tokens_per_s, "step_seconds": elapsed})
-            if eval_fn is not None and ((eval_every > 0 and step % eval_every == 0) or step == num_steps):
+            report()  # the previous step's metrics, while this one runs
+            pending.append((step, metrics))
+            evaluate = eval_fn is not None and ((eval_every > 0 and step % eval_every == 0) or step == num_steps)
+            save = checkpointer is not None and (checkpointer.due(step) or step == num_steps)
+            if evaluate or save:
+                report()
+            if evaluate:
                 evaluation = {f"eval/{k}": float(v) for k, v in eval_fn(state).items()}
                 if logger is not None:
                     logger.log(step, evaluation)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluation.items()))
-            if checkpointer is not None and (checkpointer.due(step) or step == num_steps):
+            if save:
                 checkpointer.save(step, state, data_state=_json_able(data.get_state()), config=config)
                 last_saved = step
+        report()
     finally:
         bar.close()
         if checkpointer is not None:

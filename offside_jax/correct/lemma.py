@@ -165,7 +165,7 @@ def _countdown_candidates(problem: Problem) -> list[tuple[str, tuple, st.Solutio
             out.append(("wrong_target", (wrong_target,), solution))
     combos = st.tree_combinations(tree)
     for j, (x, op, y, z) in enumerate(combos):
-        slips = [("arithmetic_slip", (j, z + d), z + d) for d in (-2, -1, 1, 2)]
+        slips = [("arithmetic_slip", (j, int(z + d)), z + d) for d in (-2, -1, 1, 2)]
         slips += [("wrong_operator", (j, other), st.apply(other, x, y)) for other in "+-*/" if other != op]
         for error, site, believed in slips:
             if believed is None or believed == z or believed < 1 or believed.denominator != 1:

@@ -14,6 +14,7 @@ character tokenizer this equals tokenising the whole text.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -63,13 +64,22 @@ class PreferenceRecord:
         return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, "image": self.image, "meta": dict(self.meta)}
 
 
+def encode_piece(tok: Tokenizer, text: str, first: bool) -> list[int]:
+    """Token ids of one piece. A Hugging Face tokenizer adds its special tokens (BOS) to the
+    first piece only, never in the middle of a sequence; simpler tokenizers (the character
+    tokenizer) have none to add."""
+    if "add_special_tokens" in inspect.signature(tok.encode).parameters:
+        return list(tok.encode(text, add_special_tokens=first))
+    return list(tok.encode(text))
+
+
 def record_episode(tok: Tokenizer, prompt: str, pieces: Sequence[tuple[str, bool]], problem: int = 0) -> ep.Episode:
     """Prompt as context, trained pieces as attempts, the rest as context; EOS closes the
     target and is trained on (the model must learn where its answer ends)."""
-    episode = ep.Episode.start(tok.encode(prompt), problem)
+    episode = ep.Episode.start(encode_piece(tok, prompt, True), problem)
     last = len(pieces) - 1
     for i, (text, trained) in enumerate(pieces):
-        ids = tok.encode(text) + ([tok.eos_token_id] if i == last and trained else [])
+        ids = encode_piece(tok, text, False) + ([tok.eos_token_id] if i == last and trained else [])
         if ids:
             (episode.add_attempt if trained else episode.add_context)(ids)
     if not pieces or not pieces[-1][1]:
@@ -77,15 +87,22 @@ def record_episode(tok: Tokenizer, prompt: str, pieces: Sequence[tuple[str, bool
     return episode
 
 
-def sft_batch(records: Sequence[SFTRecord], tok: Tokenizer, *, pad_id: int = 0, pad_multiple: int = 8) -> dict[str, np.ndarray]:
-    """``input_ids``, ``attention_mask``, ``loss_mask`` [N, T] (right-padded) of SFT records."""
+def _pad_id(tok: Tokenizer, pad_id: int | None) -> int:
+    if pad_id is not None:
+        return pad_id
+    return getattr(tok, "pad_token_id", None) or 0
+
+
+def sft_batch(records: Sequence[SFTRecord], tok: Tokenizer, *, pad_id: int | None = None, pad_multiple: int = 8) -> dict[str, np.ndarray]:
+    """``input_ids``, ``attention_mask``, ``loss_mask`` [N, T] (right-padded with ``pad_id``,
+    by default the tokenizer's) of SFT records."""
     episodes = [record_episode(tok, r.prompt, r.pieces, i) for i, r in enumerate(records)]
-    batch = ep.episode_batch(episodes, pad_id=pad_id, pad_multiple=pad_multiple)
+    batch = ep.episode_batch(episodes, pad_id=_pad_id(tok, pad_id), pad_multiple=pad_multiple)
     batch.pop("turn_ids")
     return batch
 
 
-def preference_batch(records: Sequence[PreferenceRecord], tok: Tokenizer, *, pad_id: int = 0, pad_multiple: int = 8) -> dict[str, np.ndarray]:
+def preference_batch(records: Sequence[PreferenceRecord], tok: Tokenizer, *, pad_id: int | None = None, pad_multiple: int = 8) -> dict[str, np.ndarray]:
     """Chosen rows ``0..N-1`` then rejected rows ``N..2N-1`` in one right-padded batch (one
     forward pass scores both), ``loss_mask`` on the answer tokens and EOS."""
     rows = [SFTRecord.plain(r.prompt, r.chosen) for r in records] + [SFTRecord.plain(r.prompt, r.rejected) for r in records]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from offside_jax.correct import scl
+from offside_jax.data.offside import Example
 
 ITEM = scl.ChoiceItem("Which club does Alan Pérez play for?", ("Real Madrid", "Inter"), "A", "images/17.png")
 
@@ -84,3 +85,25 @@ def test_two_turn_with_a_scripted_generator():
     assert seen == [(1, ["0.png", "1.png", "2.png"]), (3, ["0.png", "1.png", "2.png"])]
     assert [(p.meta["item"], p.meta["flip"]) for p in result.pairs] == [(0, scl.RIGHT_TO_WRONG), (1, scl.WRONG_TO_RIGHT)]
     assert result.metrics["acc_t1"] == pytest.approx(1 / 3) and result.metrics["acc_t2"] == pytest.approx(1 / 3)
+
+
+def _example(**kw):
+    kw.setdefault("kind", "qa")
+    kw.setdefault("modality", "image")
+    return Example("complete", "forget", 3, "complete/forget.json", question="Which club does he play for?",
+                   answer="Inter", image_files=("complete/images/8.png",), **kw)
+
+
+def test_rumor_items_from_offside_examples():
+    examples = [
+        _example(is_rumor=True, corrected_answer="Real Madrid", visual_rumor=True),
+        _example(kind="mcq", is_rumor=True, options=(("A", "Inter"), ("B", "Roma"), ("C", "Real Madrid")), corrected_letter="C"),
+        _example(is_rumor=False, corrected_answer="Real Madrid"),  # a fact: nothing to correct
+        _example(is_rumor=True),  # no known correction
+        _example(is_rumor=True, corrected_answer="Real Madrid", modality="text"),
+    ]
+    qa, mcq, text_only = scl.rumor_items_from_examples(examples, np.random.default_rng(0))
+    assert set(qa.options) == {"Inter", "Real Madrid"} and qa.options["AB".index(qa.answer)] == "Real Madrid"
+    assert qa.image == "complete/images/8.png" and qa.meta["visual_rumor"] is True and qa.meta["index"] == 3
+    assert mcq.options == ("Inter", "Roma", "Real Madrid") and mcq.answer == "C"
+    assert text_only.image is None

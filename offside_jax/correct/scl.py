@@ -31,6 +31,7 @@ import numpy as np
 
 from offside_jax.correct.metrics import self_correction_metrics
 from offside_jax.correct.records import PreferenceRecord
+from offside_jax.data.offside import Example
 
 STEP_BY_STEP = " Explain your reasoning step-by-step."
 ANSWER_INSTRUCTION = " Your final answer should be put between two ##, like ## A ## (if your final answer is A), at the end of your response."
@@ -69,6 +70,29 @@ def rumor_choice_item(record: Mapping[str, str], rng: np.random.Generator, image
     fact_first = bool(rng.random() < 0.5)
     options = (record["fact"], record["rumor"]) if fact_first else (record["rumor"], record["fact"])
     return ChoiceItem(record["question"], options, "A" if fact_first else "B", image, {"rumor": record["rumor"], "fact": record["fact"]})
+
+
+def rumor_items_from_examples(examples: Sequence[Example], rng: np.random.Generator) -> list[ChoiceItem]:
+    """Choice items from OFFSIDE records that state a rumor with a known correction: a
+    classification record keeps its options with the corrected letter as the answer; a
+    question-answer record becomes fact-or-rumor (:func:`rumor_choice_item`). The image is the
+    record's first image file (relative to the release root); ``meta`` keeps ``visual_rumor``
+    (the image itself shows the rumor) and where the record came from. Others are skipped."""
+    items = []
+    for ex in examples:
+        if ex.is_rumor is False:
+            continue
+        image = ex.image_files[0] if ex.modality == "image" and ex.image_files else None
+        meta = {"visual_rumor": ex.visual_rumor, "source": ex.source, "index": ex.index}
+        if ex.kind == "mcq" and ex.corrected_letter and ex.options:
+            letters = [letter for letter, _ in ex.options]
+            if ex.corrected_letter in letters:
+                answer = string.ascii_uppercase[letters.index(ex.corrected_letter)]
+                items.append(ChoiceItem(ex.question, tuple(text for _, text in ex.options), answer, image, meta))
+        elif ex.kind == "qa" and ex.corrected_answer and ex.answer:
+            item = rumor_choice_item({"question": ex.question, "rumor": ex.answer, "fact": ex.corrected_answer}, rng, image)
+            items.append(dataclasses.replace(item, meta={**item.meta, **meta}))
+    return items
 
 
 def options_text(options: Sequence[str]) -> str:

@@ -1,5 +1,6 @@
 """SFT and preference records -> token batches, with the character tokenizer and a HF tokenizer."""
 import numpy as np
+import pytest
 from offside_data_fixtures import tiny_tokenizer
 
 from offside_jax.correct.chars import CharTokenizer
@@ -8,6 +9,7 @@ from offside_jax.correct.records import (
     SFTRecord,
     preference_batch,
     sft_batch,
+    write_chat_jsonl,
 )
 
 
@@ -42,3 +44,16 @@ def test_hf_tokenizer_pieces_without_special_tokens_in_the_middle():
     pairs = preference_batch([PreferenceRecord("Q ", "chosen", "rejected")], tok)
     assert tok.decode(pairs["input_ids"][0][pairs["loss_mask"][0] == 1], skip_special_tokens=True) == "chosen"
     assert tok.decode(pairs["input_ids"][1][pairs["loss_mask"][1] == 1], skip_special_tokens=True) == "rejected"
+
+
+def test_chat_jsonl_round_trip(tmp_path):
+    from offside_jax.train.sft_data import read_chat_jsonl
+
+    records = [SFTRecord.plain("478+256=\n", "answer 734", problem=0), SFTRecord("1+1=\n", (("answer 3\n", True), ("answer 2", True)))]
+    path = write_chat_jsonl(records, tmp_path / "lemma.jsonl")
+    assert read_chat_jsonl(path) == [
+        [{"role": "user", "content": "478+256=\n"}, {"role": "assistant", "content": "answer 734"}],
+        [{"role": "user", "content": "1+1=\n"}, {"role": "assistant", "content": "answer 3\nanswer 2"}],
+    ]
+    with pytest.raises(ValueError, match="record 1 keeps part"):
+        write_chat_jsonl([records[0], SFTRecord("q", (("wrong\n", False), ("right", True)))], tmp_path / "x.jsonl")

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -107,3 +110,21 @@ def preference_batch(records: Sequence[PreferenceRecord], tok: Tokenizer, *, pad
     forward pass scores both), ``loss_mask`` on the answer tokens and EOS."""
     rows = [SFTRecord.plain(r.prompt, r.chosen) for r in records] + [SFTRecord.plain(r.prompt, r.rejected) for r in records]
     return sft_batch(rows, tok, pad_id=pad_id, pad_multiple=pad_multiple)
+
+
+def chat_messages(record: SFTRecord, index: int = 0) -> list[dict[str, str]]:
+    """The record as a user turn and an assistant turn, the chat JSON-lines format the
+    ``finetune`` command reads (:func:`offside_jax.train.sft_data.read_chat_jsonl`). That format
+    trains on whole assistant turns, so a record with untrained target pieces cannot go there."""
+    if not all(trained for _, trained in record.pieces):
+        raise ValueError(f"record {index} keeps part of its target out of the loss; chat files train on whole answers "
+                         "(build it with the mistake trained on, or train through sft_batch)")
+    return [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.target}]
+
+
+def write_chat_jsonl(records: Sequence[SFTRecord], path: str | os.PathLike) -> Path:
+    """One ``{"messages": [...], "meta": {...}}`` line per record."""
+    path = Path(path)
+    lines = [json.dumps({"messages": chat_messages(r, i), "meta": dict(r.meta)}, ensure_ascii=False) for i, r in enumerate(records)]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path

@@ -107,3 +107,15 @@ def test_rumor_items_from_offside_examples():
     assert qa.image == "complete/images/8.png" and qa.meta["visual_rumor"] is True and qa.meta["index"] == 3
     assert mcq.options == ("Inter", "Roma", "Real Madrid") and mcq.answer == "C"
     assert text_only.image is None
+
+
+def test_flip_pairs_on_a_verifiable_task():
+    from offside_jax.data.tasks import CarryArithmetic, Problem
+
+    p = Problem("478+256=", "734", {"a": 478, "b": 256, "op": "+", "carry_columns": (0, 1)})
+    r1 = ["734", "724", "724", "734", "7 3 4"]
+    r2 = ["724", "734", "624", "734", "734"]
+    pairs = scl.task_flip_pairs(CarryArithmetic(), [p] * 5, r1, r2)
+    assert [(x.meta["problem"], x.meta["flip"], x.chosen, x.rejected) for x in pairs] == [
+        (0, scl.RIGHT_TO_WRONG, "734", "724"), (1, scl.WRONG_TO_RIGHT, "734", "724"), (4, scl.WRONG_TO_RIGHT, "734", "7 3 4")]
+    assert all(x.prompt == "478+256=" and x.image is None for x in pairs)

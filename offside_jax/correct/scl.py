@@ -32,6 +32,7 @@ import numpy as np
 from offside_jax.correct.metrics import self_correction_metrics
 from offside_jax.correct.records import PreferenceRecord
 from offside_jax.data.offside import Example
+from offside_jax.data.tasks import Problem, Task
 
 STEP_BY_STEP = " Explain your reasoning step-by-step."
 ANSWER_INSTRUCTION = " Your final answer should be put between two ##, like ## A ## (if your final answer is A), at the end of your response."
@@ -141,14 +142,33 @@ def is_right(text: str, item: ChoiceItem) -> bool:
     return extract_answer(text) == item.answer
 
 
-def select_pair(response1: str, response2: str, item: ChoiceItem) -> tuple[str, str, str] | None:
-    """``(kind, chosen, rejected)`` for a flip between the turns, ``None`` otherwise."""
-    right1, right2 = is_right(response1, item), is_right(response2, item)
+def flip(response1: str, response2: str, right1: bool, right2: bool) -> tuple[str, str, str] | None:
+    """``(kind, chosen, rejected)`` when correctness flips between the turns, else ``None``:
+    right -> wrong keeps the first response, wrong -> right the second."""
     if right1 and not right2:
         return RIGHT_TO_WRONG, response1, response2
     if right2 and not right1:
         return WRONG_TO_RIGHT, response2, response1
     return None
+
+
+def select_pair(response1: str, response2: str, item: ChoiceItem) -> tuple[str, str, str] | None:
+    """:func:`flip` judged by the ``##X##`` answer against the item's letter."""
+    return flip(response1, response2, is_right(response1, item), is_right(response2, item))
+
+
+def task_flip_pairs(task: Task, problems: Sequence[Problem], responses1: Sequence[str], responses2: Sequence[str]) -> list[PreferenceRecord]:
+    """The same selection on a verifiable task (the toolkit's adaptation: an exact verifier
+    instead of a letter); right means the task's full reward, and the prompt is the problem's."""
+    if not len(problems) == len(responses1) == len(responses2):
+        raise ValueError(f"{len(problems)} problems, {len(responses1)} first and {len(responses2)} second responses")
+    full = getattr(task, "correct_reward", 1.0)
+    records = []
+    for index, (p, r1, r2) in enumerate(zip(problems, responses1, responses2)):
+        pair = flip(r1, r2, task.verify(r1, p) >= full, task.verify(r2, p) >= full)
+        if pair is not None:
+            records.append(PreferenceRecord(p.prompt, pair[1], pair[2], None, {"problem": index, "flip": pair[0]}))
+    return records
 
 
 def scl_pairs(items: Sequence[ChoiceItem], responses1: Sequence[str], responses2: Sequence[str],

@@ -116,7 +116,7 @@ def _carry_candidates(problem: Problem) -> list[tuple[str, tuple, st.Solution]]:
         out.append(("dropped_carry", (col,), st.column_solution(a, b, op, carry_in={col + 1: 0})[0]))
     reference_steps = st.column_solution(a, b, op)[0].steps
     for col in range(columns):
-        value = int(reference_steps[col].split("=")[1].split()[0])
+        value = st.column_value(reference_steps[col])
         for delta in (-1, 1):
             lo, hi = (0, 19) if op == "+" else (-10, 9)  # values a carry (borrow) of one can express
             if lo <= value + delta <= hi:

@@ -118,6 +118,11 @@ def column_solution(
     return Solution(tuple(steps) + (f"{ANSWER_PREFIX}{result}",)), result
 
 
+def column_value(step: str) -> int:
+    """The value a column step computes (``7+5+1=13 write 3 carry 1`` -> 13)."""
+    return int(step.split("=")[1].split()[0])
+
+
 def carry_reference(problem: Problem) -> Solution:
     m = problem.meta
     return column_solution(m["a"], m["b"], m["op"])[0]

@@ -116,3 +116,15 @@ def test_mistake_bank_from_injections():
         p = next(p for p in problems if p.prompt == prompt)
         assert CARRY.verify(st.final_answer(m.correct), p) == 1.0
         assert CARRY.verify(st.final_answer(m.incorrect), p) == 0.0
+
+
+def test_templates_can_be_replaced():
+    prompts = []
+
+    def generate(batch):
+        prompts.extend(batch)
+        return ["Y" if p.startswith("CHECK") else "yes" if p.startswith("CHK") else "ans" for p in batch]
+
+    mistakes.self_rethink(["2+2="], generate, _bank(), np.random.default_rng(0), k=1, answer_template="Q {question}",
+                          check_template="CHK {question} {answer}\n{mistakes}", revise_template="REV {question} {answer}")
+    assert prompts[0] == "Q 2+2=" and prompts[1].startswith("CHK 2+2= ans\nMistake type:") and prompts[2] == "REV 2+2= ans"

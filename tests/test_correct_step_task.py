@@ -21,6 +21,7 @@ def test_alphabet_covers_every_record(base):
     problems = make_problems(base, 20, seed=0)
     rng = np.random.default_rng(0)
     records = lemma.lemma_records(base, problems, rng) + mistakes.mistake_tuning_records(base, problems, rng)
+    records += lemma.lemma_records(base, problems[:3], rng, lemma.LemmaConfig(prompt_template=lemma.LEMMA_PROMPT))
     for r in records:
         tok.encode(r.prompt + r.target)  # raises on a character outside the alphabet
 

@@ -173,10 +173,15 @@ def self_rethink(
     k: int = 1,
     shown: int = 2,
     components: Sequence[str] = COMPONENTS,
+    answer_template: str = ANSWER_TEMPLATE,
+    check_template: str = CHECK_TEMPLATE,
+    revise_template: str = REVISE_TEMPLATE,
 ) -> RethinkResult:
     """Answer, then up to ``k`` rounds of check-and-regenerate on the questions whose check
     said yes; a question leaves the loop when its check says no. Each round shows ``shown``
-    mistakes drawn from ``bank``; the regeneration's demonstration is their correct examples."""
+    mistakes drawn from ``bank``; the regeneration's demonstration is their correct examples.
+    The templates (``{question}``; ``{mistakes}``, ``{answer}``; ``{demonstration}``,
+    ``{question}``, ``{answer}``) can be replaced, e.g. by a chat model's own wording."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     if k and not bank:
@@ -195,16 +200,16 @@ def self_rethink(
         return list(texts)
 
     rows = list(range(n))
-    answers = run(rows, [ANSWER_TEMPLATE.format(question=q) for q in questions])
+    answers = run(rows, [answer_template.format(question=q) for q in questions])
     for _ in range(k):
         if not rows:
             break
         picks = {r: [bank[i] for i in rng.choice(len(bank), size=min(shown, len(bank)), replace=False)] for r in rows}
-        checks = run(rows, [CHECK_TEMPLATE.format(mistakes="\n".join(m.render(components) for m in picks[r]),
+        checks = run(rows, [check_template.format(mistakes="\n".join(m.render(components) for m in picks[r]),
                                                   question=questions[r], answer=answers[r]) for r in rows])
         rows = [r for r, verdict in zip(rows, checks) if says_yes(verdict)]
         demos = {r: "\n".join(f"Question: {m.correct}" for m in picks[r]) for r in rows}
-        for r, text in zip(rows, run(rows, [REVISE_TEMPLATE.format(demonstration=demos[r], question=questions[r], answer=answers[r])
+        for r, text in zip(rows, run(rows, [revise_template.format(demonstration=demos[r], question=questions[r], answer=answers[r])
                                             for r in rows])):
             answers[r] = text
             revisions[r] += 1

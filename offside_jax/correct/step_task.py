@@ -21,9 +21,9 @@ from offside_jax.data.tasks import (
     lazy_second_attempt,
 )
 
-# Every character the step formats, LEMMA's transition phrases and the mistake-tuning tags use
-# (for character tokenizers).
-STEP_ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + " \n.,:;'?!-+*/()=[]")))
+# Every character the step formats, LEMMA's transition phrases and prompts and the
+# mistake-tuning tags use (for character tokenizers).
+STEP_ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + " \n.,:;'?!-+*/()=[]#")))
 
 
 @dataclasses.dataclass(frozen=True)

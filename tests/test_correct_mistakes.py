@@ -123,7 +123,7 @@ def test_templates_can_be_replaced():
 
     def generate(batch):
         prompts.extend(batch)
-        return ["Y" if p.startswith("CHECK") else "yes" if p.startswith("CHK") else "ans" for p in batch]
+        return ["yes" if p.startswith("CHK") else "ans" for p in batch]
 
     mistakes.self_rethink(["2+2="], generate, _bank(), np.random.default_rng(0), k=1, answer_template="Q {question}",
                           check_template="CHK {question} {answer}\n{mistakes}", revise_template="REV {question} {answer}")

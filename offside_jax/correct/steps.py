@@ -226,6 +226,12 @@ def tree_combinations(tree: Tree) -> list[tuple[Fraction, str, Fraction, Fractio
     return out
 
 
+def parse_combination(step: str) -> tuple[Fraction, str, Fraction, Fraction] | None:
+    """``(x, op, y, z)`` of a combination line ``x op y = z``; ``None`` for any other line."""
+    m = _COMBINATION.match(step)
+    return None if m is None else (Fraction(int(m[1])), m[2], Fraction(int(m[3])), Fraction(int(m[4])))
+
+
 def goal_line(numbers: Sequence[int], target: int) -> str:
     return f"goal {target} from {' '.join(map(str, numbers))}"
 
@@ -294,10 +300,10 @@ def countdown_first_wrong_step(task: CountdownMini, problem: Problem, steps: Seq
         if step.startswith(ANSWER_PREFIX):
             right = task.verify(step[len(ANSWER_PREFIX):], problem) == task.correct_reward
             return None if right and i == len(steps) - 1 else i
-        m = _COMBINATION.match(step)
-        if not m:
+        parsed = parse_combination(step)
+        if parsed is None:
             return i
-        x, op, y, z = Fraction(int(m[1])), m[2], Fraction(int(m[3])), Fraction(int(m[4]))
+        x, op, y, z = parsed
         if x not in available:
             return i
         available.remove(x)

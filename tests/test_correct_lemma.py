@@ -205,3 +205,12 @@ def test_lemma_records_and_their_batch(train_on_mistake):
         expected += [0] * (batch["loss_mask"].shape[1] - len(expected))
         np.testing.assert_array_equal(batch["loss_mask"][row], expected)
         assert batch["attention_mask"][row].sum() == n_prompt + n_target + 1
+
+
+def test_record_counts():
+    records = [lemma.SFTRecord.plain("p", "t", error=e, connection=c)
+               for e, c in [("dropped_carry", lemma.FIX_AND_CONTINUE), ("dropped_carry", lemma.FRESH_AND_RESTART),
+                            ("skipped_column", lemma.FIX_AND_CONTINUE)]]
+    assert lemma.record_counts(records) == {"error": {"dropped_carry": 2, "skipped_column": 1},
+                                            "connection": {lemma.FIX_AND_CONTINUE: 2, lemma.FRESH_AND_RESTART: 1},
+                                            "total": {"records": 3}}

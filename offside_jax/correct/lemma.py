@@ -28,6 +28,7 @@ else the reference (as ``connect.py`` falls back to the ground truth).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -304,3 +305,10 @@ def reference_records(task: Task, problems: Sequence[Problem], prompt_template: 
     """Plain SFT on the correct step-by-step solutions (the baseline LEMMA is compared with)."""
     return [SFTRecord.plain(prompt_template.format(prompt=p.prompt), st.reference_solution(task, p).text, problem=i)
             for i, p in enumerate(problems)]
+
+
+def record_counts(records: Sequence[SFTRecord]) -> dict[str, dict[str, int]]:
+    """Trajectories per error type and per connection (the data statistics LEMMA reports)."""
+    by_error = Counter(r.meta.get("error", "?") for r in records)
+    by_connection = Counter(r.meta.get("connection", "?") for r in records)
+    return {"error": dict(sorted(by_error.items())), "connection": dict(sorted(by_connection.items())), "total": {"records": len(records)}}

@@ -2,6 +2,8 @@
 and a tiny random-init Llama end to end."""
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,7 +122,8 @@ def test_unflagged_rows_keep_their_logits_bit_for_bit():
     table = jnp.asarray(rng.normal(size=(10, 3)), jnp.float32)
     filt = guard.span_filter([(1, 2), (3,)], np.array([False, True]), table)
     logits = jnp.asarray(rng.normal(size=(2, 10)), jnp.float32)
-    out = np.asarray(filt(logits, jnp.asarray([[1, 0, 0], [1, 0, 0]], jnp.int32), jnp.int32(1)))
+    apply = jax.jit(lambda f, x, g, i: f(x, g, i))
+    out = np.asarray(apply(filt, logits, jnp.asarray([[1, 0, 0], [1, 0, 0]], jnp.int32), jnp.int32(1)))
     np.testing.assert_array_equal(out[0], np.asarray(logits)[0])
     assert out[1, 2] == np.finfo(np.float32).min and out[1, 3] == np.finfo(np.float32).min
 
@@ -131,7 +134,7 @@ def test_unflagged_rows_keep_their_logits_bit_for_bit():
 def chain_table(vocab, chain, margin=20.0, seed=0):
     """Random logits plus ``margin`` on ``chain[i] -> chain[i + 1]``: the model wants the chain."""
     table = np.random.default_rng(seed).normal(size=(vocab, vocab))
-    for a, b in zip(chain, chain[1:]):
+    for a, b in itertools.pairwise(chain):
         table[a, b] += margin
     return table
 
@@ -296,7 +299,7 @@ def test_guarded_tiny_llama_end_to_end():
 
 
 def test_decoding_config_rejects_bad_settings():
-    for bad in (dict(token_penalty=-1.0), dict(semantic_threshold=1.0), dict(semantic_top_k=-1)):
+    for bad in ({"token_penalty": -1.0}, {"semantic_threshold": 1.0}, {"semantic_top_k": -1}):
         with pytest.raises(ValueError):
             guard.DecodingConfig(**bad)
 

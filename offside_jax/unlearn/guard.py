@@ -57,12 +57,15 @@ NO_TOKEN = -1  # before the first generated token; never a token id
 
 # Function words that split answers into key phrases (English; answers of other languages
 # simply give longer phrases).
-STOPWORDS = frozenset("""
-a an the and or but nor of to in on at by for from with without into onto over under about as is are was
-were be been being am has have had do does did will would shall should can could may might must it its
-he him his she her hers they them their theirs we us our you your i me my this that these those there
-here who whom whose which what when where why how not no yes so than then too very just also only
-""".split())
+STOPWORDS = frozenset([
+    "a", "an", "the", "and", "or", "but", "nor", "of", "to", "in", "on", "at", "by", "for", "from", "with",
+    "without", "into", "onto", "over", "under", "about", "as", "is", "are", "was", "were", "be", "been",
+    "being", "am", "has", "have", "had", "do", "does", "did", "will", "would", "shall", "should", "can",
+    "could", "may", "might", "must", "it", "its", "he", "him", "his", "she", "her", "hers", "they", "them",
+    "their", "theirs", "we", "us", "our", "you", "your", "i", "me", "my", "this", "that", "these", "those",
+    "there", "here", "who", "whom", "whose", "which", "what", "when", "where", "why", "how", "not", "no", "yes",
+    "so", "than", "then", "too", "very", "just", "also", "only"
+])
 
 _WORD = re.compile(r"[^\W_]+(?:['’.,-][^\W_]+)*")
 

@@ -199,3 +199,40 @@ def test_masked_finetune_trains_only_the_traces():
                 assert not np.array_equal(old[row], new[row]), (name, row)
             else:
                 np.testing.assert_array_equal(old[row], new[row], err_msg=f"{name}[{row}]")
+
+
+def test_ablation_end_to_end_moves_only_the_concept_traces():
+    model = tiny(False, seed=5)
+    reference = tiny(False, seed=5)
+    concept = [12, 30]
+    traces = cv.locate_traces(model, concept, layers=[1, 2], top=3)
+    others = [cv.Trace(0, 0), cv.Trace(1, 5)]
+    others = [t for t in others if (t.layer, t.dim) not in {(s.layer, s.dim) for s in traces}]
+
+    cv.noise_traces(model, traces, jax.random.key(1))
+    parts = partition(model)
+    mask = cv.trace_mask(model, traces)
+    optimizer = cv.only_traces(optax.adam(5e-2), mask)
+    params = parts.trainable
+    opt_state = optimizer.init(params)
+    batch = jnp.asarray([[4, 12, 30, 6, 12, 30]])
+
+    def concept_logprob(p):
+        logp = jax.nn.log_softmax(parts.merge(p)(batch))
+        return jnp.mean(logp[0, :, 12] + logp[0, :, 30])
+
+    @jax.jit
+    def step(params, opt_state):  # descend the concept tokens' log-probability: unlearn them
+        updates, opt_state = optimizer.update(jax.grad(concept_logprob)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    before = float(concept_logprob(params))
+    for _ in range(5):
+        params, opt_state = step(params, opt_state)
+    assert float(concept_logprob(params)) < before  # the masked steps do train the traces
+    unlearned = parts.merge(params)
+
+    for change in cv.trace_changes(reference, unlearned, traces, k=8):
+        assert change.cosine < 1.0 and change.l2 > 0.0
+    for change in cv.trace_changes(reference, unlearned, others, k=8):
+        assert (change.cosine, change.l2, change.jaccard) == (pytest.approx(1.0), 0.0, 1.0)

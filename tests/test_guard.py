@@ -307,3 +307,22 @@ def test_decoding_config_rejects_bad_settings():
 def test_spans_beyond_the_vocabulary_are_rejected():
     with pytest.raises(ValueError, match="beyond the vocabulary"):
         guard.span_filter([(3, 50)], np.array([True]), jnp.zeros((10, 2)))
+
+
+def test_semantic_match_steers_off_a_synonym_of_a_forbidden_token():
+    vocab = 12
+    table = np.zeros((vocab, vocab))
+    table[3, 5], table[3, 9], table[3, 7] = 10.0, 9.0, 8.0  # after 3: prefer 5, then 9, then 7
+    embedding = np.eye(vocab, dtype=np.float32)
+    embedding[9] = embedding[5]  # 9 means what 5 means
+    model = BigramModel(table)
+    inputs = left_pad([[3]], pad_id=0)
+    sampling = SamplingConfig(max_new_tokens=1)
+    flags = np.array([True])
+
+    def first_token(config):
+        filt = guard.span_filter([(5,)], flags, jnp.asarray(embedding), config)
+        return int(generate(model, inputs, sampling, logits_processor=filt).tokens[0, 0])
+
+    assert first_token(guard.DecodingConfig(semantic_penalty=0.0)) == 9  # token match alone: the synonym
+    assert first_token(guard.DecodingConfig(semantic_penalty=5.0)) == 7

@@ -263,7 +263,7 @@ class SpanFilter:
         # Sum of the last m generated tokens' embeddings, m = 0..width: [B, width + 1, D].
         seen = jnp.where((window >= 0)[..., None], jnp.take(table, jnp.maximum(window, 0), axis=0).astype(jnp.float32), 0.0)
         suffix = jnp.cumsum(seen[:, ::-1], axis=1)
-        suffix = jnp.concatenate([jnp.zeros_like(suffix[:, :1]), suffix], axis=1)
+        suffix = jnp.concatenate([jnp.zeros((batch, 1, table.shape[1]), jnp.float32), suffix], axis=1)
         prev = jnp.take(suffix, self.lengths - 1, axis=1)  # [B, S, D]: the span's length minus one
         target = self.span_embeddings  # [S, D]
         # cos(prev + c, t) from dot products only: never a [B, K, S, D] array.

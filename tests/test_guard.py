@@ -216,8 +216,9 @@ def test_classifier_rejects_mismatched_features():
 
 def test_key_phrases():
     assert guard.key_phrases("He joined Real Madrid for 80 million euros, in July 2025.") == [
-        "joined Real Madrid", "80 million euros", "July 2025"]
-    assert guard.key_phrases("The fee was €7.5m; Paris Saint-Germain agreed") == ["fee", "7.5m", "Paris Saint-Germain agreed"]
+        "joined Real Madrid", "80 million euros", "July 2025", "Real Madrid", "80"]
+    assert guard.key_phrases("The fee was €7.5m; Paris Saint-Germain agreed") == [
+        "fee", "7.5m", "Paris Saint-Germain agreed", "Paris Saint-Germain"]
 
 
 class WordTokenizer:
@@ -238,6 +239,7 @@ def test_forbidden_spans_tokenize_both_spellings():
     v = tok.vocab
     assert spans == [(v["joined"], v["ĠReal"], v["ĠMadrid"]), (v["Ġjoined"], v["ĠReal"], v["ĠMadrid"]),
                      (v["Real"], v["ĠMadrid"]), (v["ĠReal"], v["ĠMadrid"]), (v["again"],), (v["Ġagain"],)]
+    assert guard.forbidden_spans(["Go to X."], tok, min_chars=2) == [(v["Go"],), (v["ĠGo"],)]  # "X" too short
     with pytest.raises(ValueError, match="at least one"):
         guard.pack_spans([])
 

@@ -14,10 +14,11 @@ class-balanced binary cross-entropy plus ``l2 * |w|^2``, full-batch Adam; flagge
 
 Forbidden spans (:func:`forbidden_spans`). The paper retrieves the closest forget answer and
 extracts "sensitive spans" with an unspecified method. Choice: every forget answer's key
-phrases, the maximal runs of words that are neither stopwords nor separated by punctuation
-("joined Real Madrid for 80 million" -> "joined Real Madrid", "80 million"), each tokenized
-bare and after a space (BPE spells them differently); all spans of the forget set apply to
-every flagged prompt (no per-prompt retrieval: stricter, never weaker).
+phrases, the maximal runs of words that are neither stopwords nor separated by punctuation,
+plus the names and figures inside them ("joined Real Madrid for 80 million" -> "joined Real
+Madrid", "80 million", "Real Madrid", "80": a club named without the verb is still caught),
+each tokenized bare and after a space (BPE spells them differently); all spans of the forget
+set apply to every flagged prompt (no per-prompt retrieval: stricter, never weaker).
 
 Constrained decoding (:class:`SpanFilter`, a logits processor of
 ``offside_jax.models.generate``). Per step and per flagged row, with ``g`` the tokens generated
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -160,21 +162,27 @@ def fit_classifier(
 
 
 def key_phrases(answer: str, stopwords: frozenset[str] = STOPWORDS) -> list[str]:
-    """Maximal runs of non-stopwords that only whitespace separates, in order."""
-    phrases, run, end = [], [], None
+    """Maximal runs of non-stopwords that only whitespace separates, then the runs of names and
+    figures inside them (words starting with a capital or a digit), in order, without duplicates."""
+    runs, run, end = [], [], None
     for match in _WORD.finditer(answer):
         word = match.group()
         joined = end is not None and answer[end:match.start()].isspace()
         if word.lower() in stopwords or not joined:
             if run:
-                phrases.append(" ".join(run))
+                runs.append(run)
             run = []
         if word.lower() not in stopwords:
             run.append(word)
         end = match.end()
     if run:
-        phrases.append(" ".join(run))
-    return phrases
+        runs.append(run)
+    phrases = {" ".join(r): None for r in runs}
+    for r in runs:
+        for is_entity, words in itertools.groupby(r, key=lambda w: w[0].isupper() or w[0].isdigit()):
+            if is_entity:
+                phrases.setdefault(" ".join(words), None)
+    return list(phrases)
 
 
 def forbidden_spans(answers: Iterable[str], tokenizer: Any, *, stopwords: frozenset[str] = STOPWORDS,

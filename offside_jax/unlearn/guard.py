@@ -29,8 +29,8 @@ so far (the prompt does not count):
   it is removed (logit set to the float32 minimum), so no span is ever emitted whole; otherwise
   its logit drops by ``token_penalty * (m + 1) / len`` (more the closer to completion);
 - semantic match: for the ``semantic_top_k`` most likely candidates ``c``, the continuation
-  ``e(last len - 1 tokens of g) + e(c)`` (``e`` = sum of input-embedding rows, so cosine is that
-  of the mean) is compared with each span's embedding; with ``s`` the largest cosine, the logit
+  ``e(last len - 1 tokens of g) + e(c)`` (all of ``g`` while it is shorter; ``e`` = sum of
+  input-embedding rows, so cosine is that of the mean) is compared with each span's embedding; with ``s`` the largest cosine, the logit
   drops by ``semantic_penalty * max(0, s - semantic_threshold) / (1 - semantic_threshold)``.
   The input embedding table stands in for the paper's SBERT (no second model to load).
 

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 from transformers import LlamaConfig
+from word_tokenizer import WordTokenizer
 
 from offside_jax.models.auto import create_model
 from offside_jax.train.step import partition
@@ -85,19 +86,6 @@ def test_locate_rejects_bad_input():
         cv.locate_traces(model, [3], layers=[LAYERS])
     with pytest.raises(ValueError, match="concept token ids"):
         cv.score_rows(model, 0, [VOCAB])
-
-
-class WordTokenizer:
-    """Each word is one id; a leading space makes a different id (as BPE does)."""
-
-    def __init__(self):
-        self.vocab = {}
-
-    def encode(self, text, add_special_tokens=False):
-        assert add_special_tokens is False
-        words = text.split(" ")
-        pieces = [("Ġ" if i > 0 or text.startswith(" ") else "") + w for i, w in enumerate(words) if w]
-        return [self.vocab.setdefault(p, len(self.vocab) + 10) for p in pieces]
 
 
 def test_concept_token_ids_cover_both_spellings():

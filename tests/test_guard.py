@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from transformers import LlamaConfig
+from word_tokenizer import WordTokenizer
 
 from offside_jax.models.auto import create_model
 from offside_jax.models.generate import SamplingConfig, generate, left_pad
@@ -219,18 +220,6 @@ def test_key_phrases():
         "joined Real Madrid", "80 million euros", "July 2025", "Real Madrid", "80"]
     assert guard.key_phrases("The fee was €7.5m; Paris Saint-Germain agreed") == [
         "fee", "7.5m", "Paris Saint-Germain agreed", "Paris Saint-Germain"]
-
-
-class WordTokenizer:
-    """Each word is one id; a leading space makes a different id (as BPE does)."""
-
-    def __init__(self):
-        self.vocab = {}
-
-    def encode(self, text, add_special_tokens=False):
-        words = text.split(" ")
-        pieces = [("Ġ" if i > 0 or text.startswith(" ") else "") + w for i, w in enumerate(words) if w]
-        return [self.vocab.setdefault(p, len(self.vocab) + 10) for p in pieces]
 
 
 def test_forbidden_spans_tokenize_both_spellings():

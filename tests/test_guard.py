@@ -232,6 +232,30 @@ def test_forbidden_spans_tokenize_both_spellings():
     with pytest.raises(ValueError, match="at least one"):
         guard.pack_spans([])
 
+    spans, groups = guard.spans_by_answer(["He joined Real Madrid.", "Real Madrid, again"], tok)
+    assert spans[groups[0][2]] == (v["Real"], v["ĠMadrid"]) and groups[1][:2] == groups[0][2:4]
+    assert [spans[i] for i in groups[1][2:]] == [(v["again"],), (v["Ġagain"],)]
+
+
+def test_retrieval_keeps_the_spans_of_the_closest_forget_prompts():
+    rng = np.random.default_rng(6)
+    forget = rng.normal(size=(4, 5))
+    groups = ((0, 1), (2,), (3, 4), (1, 5))
+    retrieval = guard.SpanRetrieval(forget, groups, top=2)
+    prompts = rng.normal(size=(3, 5))
+    flags = np.array([True, False, True])
+    got = retrieval.activity(prompts, flags, 6)
+    for row in range(3):
+        cos = [p @ f / np.linalg.norm(p) / np.linalg.norm(f) for p, f in zip([prompts[row]] * 4, forget)]
+        nearest = np.argsort(cos)[::-1][:2]
+        want = np.zeros(6, bool)
+        if flags[row]:
+            for pick in nearest:
+                want[list(groups[pick])] = True
+        np.testing.assert_array_equal(got[row], want)
+    with pytest.raises(ValueError, match="one span group per forget prompt"):
+        guard.SpanRetrieval(forget, groups[:3])
+
 
 # -- tiny Llama end to end ----------------------------------------------------------------------------
 
@@ -279,6 +303,19 @@ def test_guarded_tiny_llama_end_to_end():
     for row in range(3):
         assert not any(occurs(s, emitted(out, row)) for s in spans), emitted(out, row)
         assert emitted(out, row) != emitted(plain, row)
+    np.testing.assert_array_equal(out.tokens[3:], plain.tokens[3:])
+
+    # Retrieval: each forget prompt gets only its own answer's spans (its features are nearest).
+    groups = [[spans.index(s) for s in spans if occurs(s, emitted(plain, row))] for row in range(3)]
+    retrieval = guard.SpanRetrieval(forget_x[:3], tuple(map(tuple, groups)), top=1)
+    narrowed = guard.GuardedModel(model, clf, spans, retrieval=retrieval)
+    want = np.zeros((6, len(spans)), bool)
+    for row, group in enumerate(groups):
+        want[row, group] = True
+    np.testing.assert_array_equal(narrowed.activity(inputs), want)
+    out = generate(narrowed, inputs, sampling)
+    for row in range(3):
+        assert not any(occurs(spans[i], emitted(out, row)) for i in groups[row]), emitted(out, row)
     np.testing.assert_array_equal(out.tokens[3:], plain.tokens[3:])
 
     # No flagged prompt: the plain sampler runs, bit for bit.

@@ -17,8 +17,9 @@ extracts "sensitive spans" with an unspecified method. Choice: every forget answ
 phrases, the maximal runs of words that are neither stopwords nor separated by punctuation,
 plus the names and figures inside them ("joined Real Madrid for 80 million" -> "joined Real
 Madrid", "80 million", "Real Madrid", "80": a club named without the verb is still caught),
-each tokenized bare and after a space (BPE spells them differently); all spans of the forget
-set apply to every flagged prompt (no per-prompt retrieval: stricter, never weaker).
+each tokenized bare and after a space (BPE spells them differently). By default all spans of
+the forget set apply to every flagged prompt (stricter than the paper); :class:`SpanRetrieval`
+restricts a prompt to the spans of the forget answers whose prompts are closest to it.
 
 Constrained decoding (:class:`SpanFilter`, a logits processor of
 ``offside_jax.models.generate``). Per step and per flagged row, with ``g`` the tokens generated
@@ -201,6 +202,49 @@ def forbidden_spans(answers: Iterable[str], tokenizer: Any, *, stopwords: frozen
     return list(spans)
 
 
+def spans_by_answer(answers: Sequence[str], tokenizer: Any, **kwargs: Any) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+    """The forget set's spans (as :func:`forbidden_spans`) and, per answer, the indices of its own."""
+    spans: dict[tuple[int, ...], int] = {}
+    groups = []
+    for answer in answers:
+        groups.append([spans.setdefault(span, len(spans)) for span in forbidden_spans([answer], tokenizer, **kwargs)])
+    return list(spans), groups
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanRetrieval:
+    """Which spans a flagged prompt gets: those of the forget answers whose prompts are closest.
+
+    The paper retrieves the forget answer most similar to the question (SBERT) and forbids its
+    spans. Choice: cosine between the prompt's pooled features and each forget prompt's (the
+    classifier's own features, no second model), keeping the spans of the ``top`` closest.
+    """
+
+    features: np.ndarray  # [N, D] pooled features of the forget prompts
+    groups: tuple[tuple[int, ...], ...]  # [N] span indices of each forget prompt's answer
+    top: int = 1
+
+    def __post_init__(self):
+        if len(self.features) != len(self.groups) or self.top < 1:
+            raise ValueError(f"need one span group per forget prompt ({len(self.features)} prompts, "
+                             f"{len(self.groups)} groups) and top >= 1 (got {self.top})")
+
+    def activity(self, features: np.ndarray, flags: np.ndarray, n_spans: int) -> np.ndarray:
+        """[B, S]: span s applies to row b when b is flagged and s belongs to a retrieved answer."""
+        def unit(x):
+            x = np.asarray(x, np.float64)
+            return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+        similarity = unit(features) @ unit(self.features).T  # [B, N]
+        nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :self.top]
+        active = np.zeros((len(features), n_spans), bool)
+        for row, picks in enumerate(nearest):
+            if flags[row]:
+                for pick in picks:
+                    active[row, list(self.groups[pick])] = True
+        return active
+
+
 def pack_spans(spans: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Spans as ``[S, L]`` int32 (padded with ``SPAN_PAD``) and their lengths [S]."""
     if not spans or any(len(s) == 0 for s in spans):
@@ -315,13 +359,17 @@ class DecodingConfig:
 
 def span_filter(spans: Sequence[Sequence[int]], flags: np.ndarray, embedding: jax.Array,
                 config: DecodingConfig = DecodingConfig()) -> SpanFilter:
-    """A :class:`SpanFilter` applying every span to the rows where ``flags`` [B] is true."""
+    """A :class:`SpanFilter` applying every span to the rows where ``flags`` [B] is true, or
+    span ``s`` to row ``b`` where ``flags[b, s]`` ([B, S]) is."""
     packed, lengths = pack_spans(spans)
     if packed.max() >= embedding.shape[0]:
         raise ValueError(f"a forbidden span holds token id {packed.max()} beyond the vocabulary ({embedding.shape[0]})")
     vectors = jnp.take(embedding, jnp.asarray(np.maximum(packed, 0)), axis=0).astype(jnp.float32)
     span_embeddings = jnp.sum(jnp.where(jnp.asarray(packed >= 0)[..., None], vectors, 0.0), axis=1)
-    active = np.asarray(flags, bool)[:, None] & np.ones((1, len(spans)), bool)
+    flags = np.asarray(flags, bool)
+    active = flags[:, None] & np.ones((1, len(spans)), bool) if flags.ndim == 1 else flags
+    if active.shape[1:] != (len(spans),):
+        raise ValueError(f"span activity {flags.shape} does not match {len(spans)} spans")
     return SpanFilter(jnp.asarray(packed), jnp.asarray(lengths), jnp.asarray(active), embedding, span_embeddings,
                       **dataclasses.asdict(config))
 
@@ -342,19 +390,30 @@ class GuardedModel:
     """
 
     def __init__(self, model: nnx.Module, classifier: PromptClassifier, spans: Sequence[Sequence[int]],
-                 config: DecodingConfig = DecodingConfig()):
+                 config: DecodingConfig = DecodingConfig(), retrieval: SpanRetrieval | None = None):
         pack_spans(spans)  # fail now on empty or malformed spans
+        if retrieval is not None and any(not 0 <= i < len(spans) for g in retrieval.groups for i in g):
+            raise ValueError(f"a retrieval group names a span outside the {len(spans)} given")
         self.model = model
         self.classifier = classifier
         self.spans = [tuple(int(t) for t in s) for s in spans]
         self.config = config
+        self.retrieval = retrieval  # None: every span applies to every flagged prompt
 
     def flags(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Which prompts the classifier sends through the filter [B]."""
         return self.classifier.flags(pooled_features(self.model, inputs, self.classifier.layer))
 
+    def activity(self, inputs: Mapping[str, Any]) -> np.ndarray:
+        """[B, S]: which spans the filter applies to each prompt."""
+        features = pooled_features(self.model, inputs, self.classifier.layer)
+        flags = self.classifier.flags(features)
+        if self.retrieval is None:
+            return flags[:, None] & np.ones((1, len(self.spans)), bool)
+        return self.retrieval.activity(features, flags, len(self.spans))
+
     def sampler_setup(self, inputs: Mapping[str, Any]) -> tuple[nnx.Module, SpanFilter | None]:
-        flags = self.flags(inputs)
-        if not flags.any():
+        active = self.activity(inputs)
+        if not active.any():
             return self.model, None  # the plain sampler, bit for bit
-        return self.model, span_filter(self.spans, flags, input_embedding_table(self.model), self.config)
+        return self.model, span_filter(self.spans, active, input_embedding_table(self.model), self.config)

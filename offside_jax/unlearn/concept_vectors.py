@@ -149,13 +149,18 @@ def locate_traces(
     bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
     if bad:
         raise ValueError(f"layers {bad} out of range: the model has {n_layers} decoder layers")
-    candidates = []
+    layer_ids, dims, ranks, masses = [], [], [], []
     for layer in sorted({int(layer) % n_layers for layer in layers}):
-        ranks, mass = score_rows(model, layer, concept_ids, chunk)
-        candidates += [Trace(int(layer), dim, float(r), float(m)) for dim, (r, m) in enumerate(zip(ranks, mass))]
-    key = (lambda t: (t.mean_rank, -t.mass, t.layer, t.dim)) if order == "rank" else (
-        lambda t: (-t.mass, t.mean_rank, t.layer, t.dim))
-    return sorted(candidates, key=key)[:top]
+        rank, mass = score_rows(model, layer, concept_ids, chunk)
+        layer_ids.append(np.full(rank.shape, layer))
+        dims.append(np.arange(rank.size))
+        ranks.append(rank)
+        masses.append(mass)
+    layer_ids, dims, ranks, masses = (np.concatenate(x) for x in (layer_ids, dims, ranks, masses))
+    # np.lexsort sorts by its last key first.
+    keys = (dims, layer_ids, -masses, ranks) if order == "rank" else (dims, layer_ids, ranks, -masses)
+    best = np.lexsort(keys)[:top]
+    return [Trace(int(layer_ids[i]), int(dims[i]), float(ranks[i]), float(masses[i])) for i in best]
 
 
 # -- how much a trace changed ---------------------------------------------------------------------

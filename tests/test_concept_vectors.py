@@ -86,6 +86,10 @@ def test_locate_rejects_bad_input():
         cv.locate_traces(model, [3], layers=[LAYERS])
     with pytest.raises(ValueError, match="concept token ids"):
         cv.score_rows(model, 0, [VOCAB])
+    with pytest.raises(ValueError, match="outside the model"):
+        cv.trace_mask(model, [cv.Trace(0, MLP)])
+    with pytest.raises(ValueError, match="outside the model"):
+        cv.noise_traces(model, [cv.Trace(LAYERS, 0)], jax.random.key(0))
 
 
 def test_concept_token_ids_cover_both_spellings():

@@ -53,10 +53,6 @@ class Trace:
     mean_rank: float = float("nan")
     mass: float = float("nan")
 
-    @property
-    def path(self) -> str:
-        return down_proj_path(self.layer)
-
 
 @dataclasses.dataclass(frozen=True)
 class TraceChange:
@@ -78,6 +74,10 @@ def down_proj_kernel(model: nnx.Module, layer: int) -> jax.Array:
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer {layer} out of range: the model has {len(layers)} decoder layers")
     return layers[layer].mlp.down_proj.kernel[...]
+
+
+def _vocab_size(model: nnx.Module) -> int:
+    return int(model.model.embed_tokens.embedding.shape[0])
 
 
 def concept_token_ids(tokenizer: Any, names: Iterable[str]) -> list[int]:
@@ -121,7 +121,7 @@ def _score_rows(graphdef, state, kernel, concept_ids, chunk: int):
 def score_rows(model: nnx.Module, layer: int, concept_ids: Sequence[int], chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Per-row ``(mean_rank, mass)`` of layer ``layer``'s down-projection for a concept."""
     ids = np.unique(np.asarray(concept_ids, np.int32))
-    vocab = model.config.vocab_size
+    vocab = _vocab_size(model)
     if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"concept token ids must be non-empty and in [0, {vocab}), got {list(concept_ids)}")
     graphdef, state = nnx.split(model)
@@ -188,7 +188,7 @@ def trace_changes(before: nnx.Module, after: nnx.Module, traces: Sequence[Trace]
     if not traces:
         return []
     old, new = trace_vectors(before, traces), trace_vectors(after, traces)
-    k = min(k, before.config.vocab_size)
+    k = min(k, _vocab_size(before))
     old_top, new_top = projected_top_tokens(before, old, k), projected_top_tokens(after, new, k)
     changes = []
     for t, a, b, ta, tb in zip(traces, old, new, old_top, new_top):
@@ -210,9 +210,13 @@ def trace_summary(changes: Sequence[TraceChange]) -> dict[str, float]:
 
 
 def _rows_by_path(traces: Sequence[Trace], model: nnx.Module) -> dict[str, list[int]]:
-    n_layers = len(model.model.layers)
+    """Located rows per kernel path; out-of-range traces raise (JAX would drop their writes)."""
+    layers = model.model.layers
+    n_layers = len(layers)
     rows: dict[str, list[int]] = {}
     for t in traces:
+        if not -n_layers <= t.layer < n_layers or not 0 <= t.dim < layers[t.layer].mlp.down_proj.in_features:
+            raise ValueError(f"trace (layer {t.layer}, dim {t.dim}) is outside the model's down-projections")
         rows.setdefault(down_proj_path(t.layer % n_layers), []).append(t.dim)
     return rows
 

@@ -9,13 +9,23 @@ A model usable here provides (see ``LlamaForCausalLM``):
 - ``prefill(inputs: dict, cache) -> (last_logits [B, V], cache, next_positions [B])``
 - ``decode_step(tokens [B], positions [B], cache, cache_index) -> (logits [B, V], cache)``
 - ``init_cache(batch, length) -> cache``
+
+A *logits processor* rewrites each step's logits before a token is picked (generation-time
+methods such as GUARD's constrained decoding): a pytree (arrays as leaves, settings as static
+aux data, e.g. a ``flax.struct.dataclass``) called inside the jitted sampler as
+``processor(logits [B, V] float32, generated [B, max_new_tokens] int32, step) -> logits``,
+where ``generated[:, :step]`` holds the tokens picked so far (the rest is padding). A wrapper
+that generation should run like a model provides ``sampler_setup(inputs) -> (model,
+processor)`` instead of the three methods above: ``generate`` then samples from ``model``
+through ``processor`` chosen for these prompts.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,20 +95,26 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
+def _no_tokens_yet(batch: int, sampling: SamplingConfig) -> jax.Array:
+    return jnp.full((batch, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
-def _prefill(graphdef, params, inputs, cache, sampling: SamplingConfig, rng):
+def _prefill(graphdef, params, inputs, cache, sampling: SamplingConfig, rng, processor=None):
     model = nnx.merge(graphdef, params)
     logits, cache, positions = model.prefill(inputs, cache)
+    if processor is not None:
+        logits = processor(logits.astype(jnp.float32), _no_tokens_yet(logits.shape[0], sampling), jnp.int32(0))
     first = sample_logits(logits, rng, sampling)
     return first, cache, positions
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(3,))
-def _decode(graphdef, params, first, cache, positions, prompt_len, sampling: SamplingConfig, rng):
+def _decode(graphdef, params, first, cache, positions, prompt_len, sampling: SamplingConfig, rng, processor=None):
     model = nnx.merge(graphdef, params)
     n = sampling.max_new_tokens
     batch = first.shape[0]
-    tokens = jnp.full((batch, n), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
+    tokens = _no_tokens_yet(batch, sampling).at[:, 0].set(first)
     done = _is_eos(first, sampling.eos_token_ids)
 
     def cond(state):
@@ -110,6 +126,8 @@ def _decode(graphdef, params, first, cache, positions, prompt_len, sampling: Sam
         rng, step_rng = jax.random.split(rng)
         previous = tokens[:, i - 1]
         logits, cache = model.decode_step(previous, positions, cache, prompt_len + i - 1)
+        if processor is not None:
+            logits = processor(logits.astype(jnp.float32), tokens, i)
         nxt = sample_logits(logits, step_rng, sampling)
         nxt = jnp.where(done, sampling.pad_token_id, nxt)
         tokens = tokens.at[:, i].set(nxt)
@@ -135,12 +153,15 @@ def generate(
     inputs: dict[str, Any],
     sampling: SamplingConfig = SamplingConfig(),
     rng: jax.Array | None = None,
+    logits_processor: Any = None,
 ) -> GenerationOutput:
     """Generate continuations of left-padded prompts.
 
     ``inputs`` holds at least ``input_ids`` and ``attention_mask`` [B, P] (left padding: rows
     end with their last prompt token) plus whatever else the model's ``prefill`` takes
     (images for vision-language models). ``rng`` is required when sampling.
+    ``logits_processor`` (see the module docstring) rewrites every step's logits; ``model``
+    may also be a wrapper with ``sampler_setup`` that supplies one.
     """
     input_ids = np.asarray(inputs["input_ids"])
     mask = np.asarray(inputs["attention_mask"])
@@ -152,15 +173,20 @@ def generate(
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (rng=jax.random.key(seed))")
     rng = jax.random.key(0) if rng is None else rng
     prefill_rng, decode_rng = jax.random.split(rng)
+    if hasattr(model, "sampler_setup"):
+        if logits_processor is not None:
+            raise ValueError("pass a logits_processor or a model with sampler_setup, not both")
+        model, logits_processor = model.sampler_setup(inputs)
 
     batch, prompt_len = input_ids.shape
     graphdef, params = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + sampling.max_new_tokens)
     start = time.perf_counter()
-    first, cache, positions = _prefill(graphdef, params, dict(inputs), cache, sampling, prefill_rng)
+    first, cache, positions = _prefill(graphdef, params, dict(inputs), cache, sampling, prefill_rng, logits_processor)
     first.block_until_ready()
     middle = time.perf_counter()
-    tokens, _ = _decode(graphdef, params, first, cache, positions, jnp.int32(prompt_len), sampling, decode_rng)
+    tokens, _ = _decode(graphdef, params, first, cache, positions, jnp.int32(prompt_len), sampling, decode_rng,
+                        logits_processor)
     tokens = np.asarray(jax.device_get(tokens))
     end = time.perf_counter()
     return GenerationOutput(

@@ -34,6 +34,14 @@ def text_batches(seed, n_batches=2, rows=3, length=10, vocab=160):
     return out
 
 
+def _recorder(seen, name):
+    """A forward hook keeping a module's input and its output (whose gradient it retains)."""
+    def hook(module, args, out):
+        out.retain_grad()
+        seen[name] = (args[0].detach(), out)
+    return hook
+
+
 def torch_factors(reference, batches, labels_per_batch, module_names):
     """Explicit sums of a a^T and g g^T over positions t that predict a real token, where g is
     d(sum_t CE(logits_t, label_t)) / d(layer output at t), read with hooks and retain_grad."""
@@ -42,14 +50,7 @@ def torch_factors(reference, batches, labels_per_batch, module_names):
     count = 0
     for batch, labels in zip(batches, labels_per_batch):
         seen = {}
-
-        def hook(name):
-            def fn(mod, args, out):
-                out.retain_grad()
-                seen[name] = (args[0].detach(), out)
-            return fn
-
-        handles = [modules[n].register_forward_hook(hook(n)) for n in module_names]
+        handles = [modules[n].register_forward_hook(_recorder(seen, n)) for n in module_names]
         ids = torch.from_numpy(batch["input_ids"]).long()
         attn = torch.from_numpy(batch["attention_mask"]).long()
         logits = reference(input_ids=ids, attention_mask=attn).logits

@@ -2,6 +2,7 @@
 transformers model, for a left-padded batch whose rows hold images of different sizes."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -84,3 +85,45 @@ def test_gold_kfac_factors_on_the_vl_decoder_equal_explicit_outer_products(vl):
     assert got.tokens == int(keep.sum())
     for ours_factor, explicit in ((got.activation, a.T @ a / len(a)), (got.gradient, g.T @ g / len(g))):
         np.testing.assert_allclose(np.asarray(ours_factor), explicit, rtol=1e-3, atol=1e-4 * np.abs(explicit).max())
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_request_batches_mark_the_subjects_last_token():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT
+    request = rocr.request_batches(tokenizer, "Newcastle United", "the player")
+    keys = request.key_batch
+    assert keys["input_ids"].shape[0] == len(rocr.CONTEXT_PREFIXES)
+    for batch, subject in ((keys, "Newcastle United"), (request.value_batch, "Newcastle United"),
+                           (request.target_batch, "the player")):
+        for ids, mask, index in zip(batch["input_ids"], batch["attention_mask"], batch[rocr.SUBJECT_INDEX]):
+            real = ids[mask == 1].tolist()
+            assert tokenizer.decode(real[:index + 1]).endswith(subject)
+            assert tokenizer.decode(real[index + 1:]).startswith(".")
+    assert "Tell me about Newcastle United." in tokenizer.decode(keys["input_ids"][4])
+
+
+def test_apply_rocr_on_the_vl_decoder_edits_only_its_down_projections(vl):
+    from flax import nnx
+
+    from offside_jax.models.hf import path_to_str
+
+    reference, _, _, _, _ = vl
+    ours = port(reference)
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT
+    request = rocr.request_batches(tokenizer, "Newcastle United", "the player")
+    cfg = rocr.RocrConfig(layers=(0, 1), l2=1e-4)
+    width = ours.model.layers[0].mlp.down_proj.kernel.shape[0]
+    before = {path_to_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    z_star = rocr.subject_value(ours, request.target_batch, 1)
+    h_before = rocr.subject_value(ours, request.value_batch, 1)
+    rocr.apply_rocr(ours, [request], {layer: jnp.eye(width) for layer in cfg.layers}, cfg)
+    after = {path_to_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed == ["model.layers.0.mlp.down_proj.kernel", "model.layers.1.mlp.down_proj.kernel"]
+    h_after = rocr.subject_value(ours, request.value_batch, 1)
+    assert float(jnp.linalg.norm(h_after - z_star)) < 0.05 * float(jnp.linalg.norm(h_before - z_star))

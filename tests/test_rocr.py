@@ -175,7 +175,8 @@ def test_apply_rocr_redirects_the_subject_and_changes_only_the_edited_kernels(ti
     changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
     assert changed == ["model.layers.0.mlp.down_proj.kernel", "model.layers.1.mlp.down_proj.kernel"]
     h_after = rocr.subject_value(model, request.value_batch, 1)
-    assert float(jnp.linalg.norm(h_after - z_star)) < 0.5 * float(jnp.linalg.norm(h_before - z_star))
+    # Most of the way, not all: the update may only use the key directions general data leaves free.
+    assert float(jnp.linalg.norm(h_after - z_star)) < 0.25 * float(jnp.linalg.norm(h_before - z_star))
     # General-data keys lie in the preserved space: the whole model is unchanged on them.
     for b, old in zip(general, logits_before):
         new = np.asarray(model(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"])))

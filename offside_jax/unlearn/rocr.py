@@ -18,9 +18,9 @@ Terms, per edited layer ``l`` (``d_in`` = MLP width, ``d`` = model width):
 - ``C0`` [d_in, d_in]: the uncentred second moment of ``down_proj`` inputs over every real
   token of general data; ``P`` the projector onto its near-null space.
 
-Batches for the key, ``h`` and ``z*`` are built by the caller (templates and tokenizer live
-with the data); each carries ``subject_index`` [B], the position of the subject's last token
-(:func:`subject_last_token` finds it from a fast tokenizer's offsets).
+The batches for the key, ``h`` and ``z*`` (:class:`RocrRequest`, built from text by
+:func:`request_batches`) each carry ``subject_index`` [B], the position of the subject's last
+token, found from a fast tokenizer's character offsets (:func:`subject_last_token`).
 """
 from __future__ import annotations
 
@@ -80,6 +80,57 @@ def subject_last_token(offsets: Sequence[tuple[int, int]], subject_end: int) -> 
     if not candidates:
         raise ValueError(f"no token starts before character {subject_end}: is the subject in the text?")
     return candidates[-1]
+
+
+# -- request batches from text -------------------------------------------------------------------
+
+# The official context prefixes: each becomes the chat user turn "{prefix} {subject}." followed by
+# the generation prompt and "Answer:" (``get_context_templates`` with the request prompt "{}.").
+CONTEXT_PREFIXES = ("", "Please answer the question about", "Choose the best answer about",
+                    "Write the answer about", "Tell me about", "Write something about")
+PLACEHOLDER = "{}"
+PLAIN_PROMPT = "{}."  # the official request prompt, read without chat template for h
+
+
+def context_templates(tokenizer, prefixes: Sequence[str] = CONTEXT_PREFIXES) -> list[str]:
+    """Chat-rendered templates, each with one ``"{}"`` where the subject goes."""
+    templates = []
+    for prefix in prefixes:
+        messages = [{"role": "user", "content": f"{prefix} {PLACEHOLDER}."}]
+        templates.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Answer:")
+    return templates
+
+
+def encode_with_subject(tokenizer, template: str, subject: str, add_special_tokens: bool) -> tuple[list[int], int]:
+    """Token ids of ``template`` with ``subject`` at its (last) ``"{}"``, and the index of the
+    subject's last token. Chat-rendered text already holds its special tokens, so it is encoded
+    with ``add_special_tokens=False`` (ours: the official code adds a second BOS there)."""
+    at = template.rindex(PLACEHOLDER)
+    text = template[:at] + subject + template[at + len(PLACEHOLDER):]
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+    return list(encoded["input_ids"]), subject_last_token(encoded["offset_mapping"], at + len(subject))
+
+
+def _right_padded(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, np.ndarray]:
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for r, (ids, _) in enumerate(rows):
+        input_ids[r, :len(ids)], mask[r, :len(ids)] = ids, 1
+    return {"input_ids": input_ids, "attention_mask": mask,
+            SUBJECT_INDEX: np.asarray([index for _, index in rows], np.int32)}
+
+
+def request_batches(tokenizer, subject: str, replacement: str, templates: Sequence[str] | None = None) -> RocrRequest:
+    """The three batches of one request, as the official code builds them: keys over the
+    context templates, ``h`` on the plain prompt ``"{subject}."``, ``z*`` from the replacement
+    in the first template."""
+    templates = context_templates(tokenizer) if templates is None else list(templates)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keys = [encode_with_subject(tokenizer, t, subject, add_special_tokens=False) for t in templates]
+    value = [encode_with_subject(tokenizer, PLAIN_PROMPT, subject, add_special_tokens=True)]
+    target = [encode_with_subject(tokenizer, templates[0], replacement, add_special_tokens=False)]
+    return RocrRequest(_right_padded(keys, pad_id), _right_padded(value, pad_id), _right_padded(target, pad_id))
 
 
 # -- capturing keys and values ------------------------------------------------------------------

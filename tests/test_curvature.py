@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import needs_devices
 from flax import nnx
 from llama_fixtures import make_reference, port
 
@@ -225,3 +226,27 @@ def test_config_rejects_bad_values():
         cv.CurvatureConfig(labels="argmax")
     with pytest.raises(ValueError, match="no attribute"):
         bl.linear(port(*make_reference("qwen2")), (0, "mlp.nope"))
+
+
+@needs_devices(8)
+def test_sharded_statistics_equal_single_device(tiny):
+    from offside_jax.train.mesh import make_mesh
+    from offside_jax.train.step import place_model_on_mesh
+    from offside_jax.unlearn import rocr
+
+    reference, config = tiny
+    data = text_batches(5, rows=4)
+    targets = ((1, "mlp.up_proj"), (0, "mlp.down_proj"))
+    single = cv.kfac_factors(port(reference, config), data, targets, labels="gold")
+    sharded_model = place_model_on_mesh(port(reference, config), make_mesh((2, 2, 2)))
+    sharded = cv.kfac_factors(sharded_model, data, targets, labels="gold")
+    for t in targets:
+        for a, b in zip(single[t][:2], sharded[t][:2]):
+            assert not b.sharding.is_fully_replicated, "statistics are split over the mesh like the kernel"
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * np.abs(np.asarray(a)).max())
+    c_single, _ = rocr.key_second_moments(port(reference, config), data, [0, 1])
+    c_sharded, _ = rocr.key_second_moments(sharded_model, data, [0, 1])
+    for layer in (0, 1):
+        assert not c_sharded[layer].sharding.is_fully_replicated
+        np.testing.assert_allclose(np.asarray(c_sharded[layer]), np.asarray(c_single[layer]), rtol=1e-4,
+                                   atol=1e-5 * np.abs(np.asarray(c_single[layer])).max())

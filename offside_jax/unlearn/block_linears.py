@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 Target = tuple[int, str]  # (decoder layer index, dotted path inside the layer, e.g. "mlp.down_proj")
 
@@ -51,6 +52,29 @@ def set_kernels(model: nnx.Module, kernels: Mapping[Target, jax.Array]) -> None:
             raise ValueError(f"new kernel for model.layers.{target[0]}.{target[1]} has shape {tuple(value.shape)}, "
                              f"the model's is {tuple(old.shape)}")
         lin.kernel[...] = jnp.asarray(value, old.dtype)
+
+
+def covariance_shardings(model: nnx.Module, target: Target) -> tuple[NamedSharding | None, NamedSharding | None]:
+    """Shardings for ``[in, in]`` and ``[out, out]`` statistics of the layer at ``target``: rows
+    split like the kernel's input and output dimension, so the statistics spread over the mesh
+    the way the parameters do. ``None`` where the kernel has no mesh sharding (one device)."""
+    sharding = getattr(kernel(model, target), "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None, None
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    return (NamedSharding(sharding.mesh, PartitionSpec(spec[0], None)),
+            NamedSharding(sharding.mesh, PartitionSpec(spec[1], None)))
+
+
+def zeros_on(shape: tuple[int, ...], sharding: NamedSharding | None) -> jax.Array:
+    """A float32 accumulator, placed on ``sharding`` when there is one."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    return zeros if sharding is None else jax.device_put(zeros, sharding)
+
+
+def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
+    """Keep an accumulator on its sharding inside a jitted update."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def shallow_copy(model: nnx.Module) -> nnx.Module:

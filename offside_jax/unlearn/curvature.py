@@ -110,8 +110,8 @@ def _layer_out(model: nnx.Module, target: bl.Target) -> int:
     return bl.kernel(model, target).shape[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def _add_factors(graphdef, targets, labels_mode: str, chunk: int, sums, state, batch, rng):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
+def _add_factors(graphdef, targets, shardings, labels_mode: str, chunk: int, sums, state, batch, rng):
     """Add one batch's ``sum a a^T`` and ``sum g g^T`` to ``sums``, per target.
 
     ``g`` is the gradient of the *summed* next-token NLL w.r.t. the layer's output at each
@@ -137,11 +137,11 @@ def _add_factors(graphdef, targets, labels_mode: str, chunk: int, sums, state, b
     grads, inputs = jax.grad(loss, has_aux=True)(zeros)
     mask = weights.reshape(-1, 1)  # the official code drops the last position; padding too
     out = {}
-    for t in targets:
+    for t, (a_sharding, g_sharding) in zip(targets, shardings):
         a = inputs[t].astype(jnp.float32).reshape(-1, inputs[t].shape[-1]) * mask
         g = grads[t].reshape(-1, grads[t].shape[-1]) * mask
         activation, gradient = sums[t]
-        out[t] = (activation + a.T @ a, gradient + g.T @ g)
+        out[t] = (bl.constrain(activation + a.T @ a, a_sharding), bl.constrain(gradient + g.T @ g, g_sharding))
     return out
 
 
@@ -154,21 +154,24 @@ def kfac_factors(
     rng: jax.Array | None = None,
     sample_chunk: int = 512,
 ) -> dict[bl.Target, KfacFactors]:
-    """K-FAC factors of each target layer, streamed over ``batches`` (float32 sums on device,
-    divided by the number of positions at the end). Batch ``i`` samples its labels with
-    ``fold_in(rng, i)``."""
+    """K-FAC factors of each target layer, streamed over ``batches``: float32 sums in donated
+    buffers whose rows are split over the mesh like the kernel's dimensions
+    (:func:`~offside_jax.unlearn.block_linears.covariance_shardings`), divided by the number of
+    positions at the end. Batch ``i`` samples its labels with ``fold_in(rng, i)``."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
     rng = jax.random.key(0) if rng is None else rng
+    targets = tuple(targets)
     graphdef, state = nnx.split(model)
+    shardings = tuple(bl.covariance_shardings(model, t) for t in targets)
     sums = {}
-    for t in targets:
-        k = bl.kernel(model, t)
-        sums[t] = (jnp.zeros((k.shape[0],) * 2, jnp.float32), jnp.zeros((k.shape[1],) * 2, jnp.float32))
+    for t, (a_sharding, g_sharding) in zip(targets, shardings):
+        d_in, d_out = bl.kernel(model, t).shape
+        sums[t] = (bl.zeros_on((d_in, d_in), a_sharding), bl.zeros_on((d_out, d_out), g_sharding))
     tokens = 0
     for i, batch in enumerate(tqdm(batches, desc="K-FAC factors", unit="batch", leave=False)):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        sums = _add_factors(graphdef, tuple(targets), labels, sample_chunk, sums, state, batch,
+        sums = _add_factors(graphdef, targets, shardings, labels, sample_chunk, sums, state, batch,
                             jax.random.fold_in(rng, i))
         tokens += int(jnp.sum(position_weights(batch)))
     if tokens == 0:

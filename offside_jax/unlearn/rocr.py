@@ -175,17 +175,17 @@ def subject_value(model: nnx.Module, batch: Mapping[str, np.ndarray], layer: int
 # -- key statistics and the null-space projector ------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _add_second_moments(graphdef, layers: tuple[int, ...], sums, state, batch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def _add_second_moments(graphdef, layers: tuple[int, ...], shardings, sums, state, batch):
     model = nnx.merge(graphdef, state)
     _, _, inputs = bl.tapped_hidden_states(model, batch, [(layer, DOWN_PROJ) for layer in layers])
     mask = batch.get("attention_mask")
     mask = jnp.ones(batch["input_ids"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     out = {}
-    for layer in layers:
+    for layer, sharding in zip(layers, shardings):
         keys = inputs[(layer, DOWN_PROJ)].astype(jnp.float32)
         keys = keys.reshape(-1, keys.shape[-1]) * mask.reshape(-1, 1)  # padding rows become zero
-        out[layer] = sums[layer] + keys.T @ keys
+        out[layer] = bl.constrain(sums[layer] + keys.T @ keys, sharding)
     return out
 
 
@@ -194,15 +194,17 @@ def key_second_moments(
 ) -> tuple[dict[int, jax.Array], int]:
     """``C0 = E[k k^T]`` per layer over every real token (``attention_mask``) of ``batches``,
     streamed, in float32; and the token count. The official ``layer_stats`` collects the same
-    uncentred second moment of the ``down_proj`` input over 100k Wikipedia texts."""
+    uncentred second moment of the ``down_proj`` input over 100k Wikipedia texts. The sums'
+    rows are split over the mesh like the kernel's input dimension."""
     layers = tuple(layers)
     graphdef, state = nnx.split(model)
     width = bl.kernel(model, (layers[0], DOWN_PROJ)).shape[0]
-    sums = {layer: jnp.zeros((width, width), jnp.float32) for layer in layers}
+    shardings = tuple(bl.covariance_shardings(model, (layer, DOWN_PROJ))[0] for layer in layers)
+    sums = {layer: bl.zeros_on((width, width), s) for layer, s in zip(layers, shardings)}
     tokens = 0
     for batch in tqdm(batches, desc="ROCR key statistics", unit="batch", leave=False):
         batch = _model_inputs(batch)
-        sums = _add_second_moments(graphdef, layers, sums, state, batch)
+        sums = _add_second_moments(graphdef, layers, shardings, sums, state, batch)
         mask = batch.get("attention_mask")
         tokens += int(batch["input_ids"].size if mask is None else jnp.sum(mask))
     if tokens == 0:

@@ -250,3 +250,13 @@ def test_sharded_statistics_equal_single_device(tiny):
         assert not c_sharded[layer].sharding.is_fully_replicated
         np.testing.assert_allclose(np.asarray(c_sharded[layer]), np.asarray(c_single[layer]), rtol=1e-4,
                                    atol=1e-5 * np.abs(np.asarray(c_single[layer])).max())
+
+
+def test_zero_curvature_is_refused_not_projected_away(tiny):
+    reference, config = tiny
+    model = port(reference, config)
+    target = (0, "mlp.up_proj")
+    d_in, d_out = bl.kernel(model, target).shape
+    zero = cv.KfacFactors(jnp.eye(d_in), jnp.zeros((d_out, d_out)), 10)
+    with pytest.raises(ValueError, match="zero"):
+        cv.curvature_kernels(model, {target: zero}, 0.5)

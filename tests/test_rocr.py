@@ -227,3 +227,19 @@ def test_shallow_copy_shares_arrays_not_variables(tiny):
     bl.set_kernels(copy, {target: jnp.zeros_like(bl.kernel(model, target))})
     assert float(jnp.abs(bl.kernel(model, target)).sum()) > 0
     jax.block_until_ready(bl.kernel(copy, target))
+
+
+def test_taps_work_on_a_rematerialised_model_and_leave_remat_on(tiny):
+    from llama_fixtures import torch_state_dict
+
+    from offside_jax.models import hf
+    from offside_jax.models.auto import create_model
+
+    reference, config = tiny
+    remat_model = create_model(config, abstract=True, remat=True)
+    hf.load_params_into(remat_model, hf.DictSource(torch_state_dict(reference)))
+    batch = one_row([5, 101, 102, 7], 2)
+    got = rocr.subject_keys(remat_model, batch, [1])[1]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(rocr.subject_keys(port(reference, config), batch, [1])[1]),
+                               rtol=1e-6, atol=1e-8)
+    assert remat_model.remat is True

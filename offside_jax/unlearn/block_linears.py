@@ -114,11 +114,18 @@ def _tapped(model: nnx.Module, targets: Sequence[Target], perturbations: Mapping
         pert = None if perturbations is None else perturbations.get(target)
         setattr(parent, name, _Tap(inner, lambda x, t=target: captured.__setitem__(t, x), pert))
         parents.append((parent, name, inner))
+    # A rematerialised layer runs under its own trace: a recorded input would leak out of it.
+    # The statistics take one batch at a time, so they run without remat.
+    remat = getattr(model, "remat", False)
+    if remat:
+        model.remat = False
     try:
         yield
     finally:
         for parent, name, inner in parents:
             setattr(parent, name, inner)
+        if remat:
+            model.remat = remat
 
 
 def tapped_hidden_states(

@@ -233,6 +233,10 @@ def curvature_kernels(
         if rho >= SKIP_RHO:
             out[target] = (k, 1.0)
             continue
+        # With no curvature at all every pair "reaches" rho of it: the edit would erase the matrix.
+        if float(jnp.trace(f.activation)) * float(jnp.trace(f.gradient)) <= 0:
+            raise ValueError(f"model.layers.{target[0]}.{target[1]}: its K-FAC factors are zero (no activation or "
+                             "no gradient reached it); refusing to project onto an empty curvature spectrum")
         new, fraction = _edit_one(k, f.activation, f.gradient, rho)
         out[target] = (new, float(fraction))
     return out

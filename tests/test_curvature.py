@@ -260,3 +260,8 @@ def test_zero_curvature_is_refused_not_projected_away(tiny):
     zero = cv.KfacFactors(jnp.eye(d_in), jnp.zeros((d_out, d_out)), 10)
     with pytest.raises(ValueError, match="zero"):
         cv.curvature_kernels(model, {target: zero}, 0.5)
+
+
+def test_projection_rejects_a_basis_of_the_wrong_size():
+    with pytest.raises(AssertionError):
+        cv.project_kernel(jnp.ones((4, 3)), jnp.eye(3), jnp.eye(3), jnp.ones((4, 3), bool))

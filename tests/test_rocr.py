@@ -243,3 +243,11 @@ def test_taps_work_on_a_rematerialised_model_and_leave_remat_on(tiny):
     np.testing.assert_allclose(np.asarray(got), np.asarray(rocr.subject_keys(port(reference, config), batch, [1])[1]),
                                rtol=1e-6, atol=1e-8)
     assert remat_model.remat is True
+
+
+def test_update_rejects_mismatched_shapes():
+    keys, residuals = jnp.ones((2, 4)), jnp.ones((3, 5))
+    with pytest.raises(AssertionError):
+        rocr.rocr_update(keys, residuals, jnp.eye(4), jnp.zeros((4, 4)), 1.0)
+    with pytest.raises(AssertionError):
+        rocr.rocr_update(keys, jnp.ones((2, 5)), jnp.eye(3), jnp.zeros((4, 4)), 1.0)

@@ -19,6 +19,7 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,6 +209,8 @@ def kept_pairs(in_values: jax.Array, out_values: jax.Array, rho: float) -> jax.A
 def project_kernel(kernel: jax.Array, in_vectors: jax.Array, out_vectors: jax.Array, mask: jax.Array) -> jax.Array:
     """``U_A ((U_A^T W U_G) * mask) U_G^T`` for a kernel ``W`` [in, out] (the paper's
     ``U_G (C * M) U_A^T`` on the HF-layout weight, transposed)."""
+    d_in, d_out = kernel.shape
+    chex.assert_shape([in_vectors, out_vectors, mask], [(d_in, d_in), (d_out, d_out), (d_in, d_out)])
     coefficients = in_vectors.T @ kernel.astype(jnp.float32) @ out_vectors
     return in_vectors @ (coefficients * mask) @ out_vectors.T
 

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +48,7 @@ class RocrConfig:
 
     layers: tuple[int, ...] = (4, 5, 6)
     l2: float = 1.0  # the ridge term lambda of the solve ("L2")
-    nullspace_threshold: float = 2e-2  # singular values of C0 below this span the preserved-free space
+    nullspace_threshold: float = 2e-2  # singular values of C0 below this span the space the update may use
 
     def __post_init__(self):
         if not self.layers:
@@ -244,6 +245,9 @@ def rocr_update(
     ``P``: the edited keys move toward their residuals, keys already written (``C_prev``) and
     general-data keys (``K0 P = 0``) stay put.
     """
+    chex.assert_rank([keys, residuals], 2)
+    chex.assert_equal_shape_prefix([keys, residuals], 1)  # one residual per key
+    chex.assert_shape([projector, c_prev], (keys.shape[1], keys.shape[1]))
     keys, residuals = keys.astype(jnp.float32), residuals.astype(jnp.float32)
     lhs = projector @ (keys.T @ keys + c_prev) + l2 * jnp.eye(keys.shape[1], dtype=jnp.float32)
     return jnp.linalg.solve(lhs, projector @ keys.T @ residuals)

@@ -250,6 +250,9 @@ def test_sharded_statistics_equal_single_device(tiny):
         assert not c_sharded[layer].sharding.is_fully_replicated
         np.testing.assert_allclose(np.asarray(c_sharded[layer]), np.asarray(c_single[layer]), rtol=1e-4,
                                    atol=1e-5 * np.abs(np.asarray(c_single[layer])).max())
+    kernel_sharding = bl.kernel(sharded_model, targets[0]).sharding
+    cv.curvature_edit(sharded_model, data, cv.CurvatureConfig(layers=(1,), matrices=("mlp.up_proj",), labels="gold"))
+    assert bl.kernel(sharded_model, targets[0]).sharding == kernel_sharding, "edited kernels stay where they were"
 
 
 def test_zero_curvature_is_refused_not_projected_away(tiny):

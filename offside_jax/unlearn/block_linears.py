@@ -44,14 +44,19 @@ def kernel(model: nnx.Module, target: Target) -> jax.Array:
 
 
 def set_kernels(model: nnx.Module, kernels: Mapping[Target, jax.Array]) -> None:
-    """Write new kernels into ``model`` in place, in each kernel's own dtype and shape."""
+    """Write new kernels into ``model`` in place, in each kernel's own dtype, shape and mesh
+    placement. Only the base kernel changes: LoRA adapters, if attached, are left as they are
+    (merge them first to edit the adapted weight)."""
     for target, value in kernels.items():
         lin = linear(model, target)
         old = lin.kernel[...]
         if tuple(value.shape) != tuple(old.shape):
             raise ValueError(f"new kernel for model.layers.{target[0]}.{target[1]} has shape {tuple(value.shape)}, "
                              f"the model's is {tuple(old.shape)}")
-        lin.kernel[...] = jnp.asarray(value, old.dtype)
+        value = jnp.asarray(value, old.dtype)
+        if isinstance(getattr(old, "sharding", None), NamedSharding):
+            value = jax.device_put(value, old.sharding)
+        lin.kernel[...] = value
 
 
 def covariance_shardings(model: nnx.Module, target: Target) -> tuple[NamedSharding | None, NamedSharding | None]:

@@ -214,6 +214,8 @@ def test_kernels_leave_the_model_alone_and_c_prev_protects_earlier_edits(tiny):
 def test_config_rejects_unordered_layers():
     with pytest.raises(ValueError, match="increasing"):
         rocr.RocrConfig(layers=(5, 4))
+    with pytest.raises(ValueError, match="empty"):
+        rocr.RocrConfig(layers=())
     with pytest.raises(ValueError, match="l2"):
         rocr.RocrConfig(l2=0.0)
 
@@ -251,3 +253,21 @@ def test_update_rejects_mismatched_shapes():
         rocr.rocr_update(keys, residuals, jnp.eye(4), jnp.zeros((4, 4)), 1.0)
     with pytest.raises(AssertionError):
         rocr.rocr_update(keys, jnp.ones((2, 5)), jnp.eye(3), jnp.zeros((4, 4)), 1.0)
+
+
+def test_default_layers_sit_where_the_official_hparams_edit_a_32_layer_model():
+    assert rocr.default_layers(32) == (4, 5, 6)
+    assert rocr.default_layers(30) == (4, 5, 6)
+    assert rocr.default_layers(3) == (0, 1)
+    assert rocr.default_layers(2) == (0,)
+
+
+def test_default_config_edits_the_default_layers_of_the_model(tiny):
+    reference, config = tiny
+    model = port(reference, config)
+    cfg = rocr.RocrConfig()
+    request = rocr.RocrRequest(key_batch=one_row([5, 101, 102, 7], 2), value_batch=one_row([101, 102, 20], 1),
+                               target_batch=one_row([5, 140, 141, 7], 2))
+    identity = {0: jnp.eye(config.intermediate_size)}
+    kernels, c_prev = rocr.rocr_kernels(model, request, identity, rocr.empty_c_prev(model, cfg), cfg)
+    assert set(kernels) == set(c_prev) == {0}

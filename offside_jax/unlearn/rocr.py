@@ -41,22 +41,38 @@ DOWN_PROJ = "mlp.down_proj"
 SUBJECT_INDEX = "subject_index"
 
 
+# The official Llama-3-8B-Instruct / Mistral-7B hparams edit layers 4-6 of 32 (Qwen2.5-7B: 4-8 of 28).
+_REFERENCE_LAYERS, _REFERENCE_DEPTH = (4, 5, 6), 32
+
+
 @dataclasses.dataclass(frozen=True)
 class RocrConfig:
-    """ROCR settings. Defaults are the official Llama-3-8B-Instruct hparams (``layers`` 4-6;
-    Qwen2.5-7B uses 4-8); a small model needs early layers of its own depth."""
+    """ROCR settings, the official defaults. ``layers``: the ``down_proj`` layers to edit,
+    increasing (the last one is where values are read); ``None`` takes :func:`default_layers`
+    of the model's depth."""
 
-    layers: tuple[int, ...] = (4, 5, 6)
+    layers: tuple[int, ...] | None = None
     l2: float = 1.0  # the ridge term lambda of the solve ("L2")
     nullspace_threshold: float = 2e-2  # singular values of C0 below this span the space the update may use
 
     def __post_init__(self):
-        if not self.layers:
-            raise ValueError("ROCR needs at least one layer to edit")
-        if list(self.layers) != sorted(set(self.layers)):
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers is empty; use None for the default layers")
+        if self.layers is not None and list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
         if self.l2 <= 0:
             raise ValueError(f"l2 must be > 0 (the solve is singular without it), got {self.l2}")
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """Layers 4-6 of a 32-layer model moved to the same relative depth (ours; the official
+    hparams are per model): (4, 5, 6) at 32 layers, (0,) at 2."""
+    return tuple(sorted({min(num_layers - 1, round(layer * num_layers / _REFERENCE_DEPTH))
+                         for layer in _REFERENCE_LAYERS}))
+
+
+def edit_layers(config: RocrConfig, model: nnx.Module) -> tuple[int, ...]:
+    return default_layers(len(model.model.layers)) if config.layers is None else tuple(config.layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +243,7 @@ def projectors(
     model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]], config: RocrConfig
 ) -> dict[int, jax.Array]:
     """One null-space projector per edited layer from general data (retain or world facts)."""
-    moments, _ = key_second_moments(model, batches, config.layers)
+    moments, _ = key_second_moments(model, batches, edit_layers(config, model))
     return {layer: null_space_projector(c, config.nullspace_threshold) for layer, c in moments.items()}
 
 
@@ -268,7 +284,7 @@ def rocr_kernels(
     recomputed on the fully edited model and ``C_prev += k k^T`` per layer. ``model`` itself
     is not modified (see :func:`apply_rocr`).
     """
-    layers = config.layers
+    layers = edit_layers(config, model)
     missing = [layer for layer in layers if layer not in projectors or layer not in c_prev]
     if missing:
         raise ValueError(f"no projector or C_prev for layers {missing}")
@@ -289,8 +305,9 @@ def rocr_kernels(
 
 def empty_c_prev(model: nnx.Module, config: RocrConfig) -> dict[int, jax.Array]:
     """``C_prev`` before the first request: zeros, as the official workflow starts."""
-    width = bl.kernel(model, (config.layers[0], DOWN_PROJ)).shape[0]
-    return {layer: jnp.zeros((width, width), jnp.float32) for layer in config.layers}
+    layers = edit_layers(config, model)
+    width = bl.kernel(model, (layers[0], DOWN_PROJ)).shape[0]
+    return {layer: jnp.zeros((width, width), jnp.float32) for layer in layers}
 
 
 def apply_rocr(

@@ -18,6 +18,15 @@ Terms, per edited layer ``l`` (``d_in`` = MLP width, ``d`` = model width):
 - ``C0`` [d_in, d_in]: the uncentred second moment of ``down_proj`` inputs over every real
   token of general data; ``P`` the projector onto its near-null space.
 
+Two things to know when choosing data and settings:
+
+- ROCR redirects the *subject*, so every fact stored under it moves, not one attribute: with
+  records about the same subject in the retain set, those drop with the forget answers.
+  ``C0`` should come from data that does not name the subject (world facts, other players),
+  or the projector protects the very key the edit must move.
+- ``l2`` and ``nullspace_threshold`` are absolute, as in the code: both are to be compared
+  with the scale of the model's keys (``|k|^2``, the singular values of ``C0``).
+
 The batches for the key, ``h`` and ``z*`` (:class:`RocrRequest`, built from text by
 :func:`request_batches`) each carry ``subject_index`` [B], the position of the subject's last
 token, found from a fast tokenizer's character offsets (:func:`subject_last_token`).

@@ -379,7 +379,7 @@ def _digest(recipe: dict) -> str:
 
 
 def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
-    from offside_jax.eval.outputs import read_json
+    from offside_jax.files import read_json
     from offside_jax.models import hf
 
     marker = directory / "recipe.json"
@@ -392,7 +392,7 @@ def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
 
 def _save(model: Any, base: Base, directory: Path, info: dict) -> None:
     """config.json + safetensors + tokenizer + recipe.json, written beside and renamed whole."""
-    from offside_jax.eval.outputs import staged_dir, write_json
+    from offside_jax.files import staged_dir, write_json
     from offside_jax.models import hf
 
     with staged_dir(directory) as tmp:
@@ -498,7 +498,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     from offside_jax.data.offside import load_release
     from offside_jax.eval import findings, report
     from offside_jax.eval.attacks import run_attacks
-    from offside_jax.eval.outputs import write_yaml
+    from offside_jax.files import write_yaml
     from offside_jax.eval.suite import Suite
     from offside_jax.unlearn.run import run_unlearning
 

@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from offside_jax.files import write_json
 from offside_jax.train import perf
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
@@ -724,7 +725,7 @@ def _llama_1b(p: dict[str, Any]) -> dict[str, Any]:
         estimate = aot.memory_estimate(compiled)
         if budget is None or estimate.required_bytes <= 0.95 * budget or remat == "full":
             break
-        del step, compiled
+        step = compiled = None  # freed before the next policy's program is built
     out.update(remat=remat, compile_seconds=time.perf_counter() - compile_start,
                step_memory=estimate.as_dict(), device_bytes_limit=budget)
     state = step.init_state(0)
@@ -747,7 +748,7 @@ def _llama_1b(p: dict[str, Any]) -> dict[str, Any]:
         peak_flops=peak, peak_source="vendor dense bf16" if table_peak else "measured bf16 matmul",
         matmul_flops_measured=matmul_peak, mfu=perf.mfu(flops["total"], step_s, peak),
     )
-    del holder, state, batch, step, compiled
+    holder = state = batch = step = compiled = None  # the training state freed before decoding
 
     # -- decode: greedy, no EOS (every row generates every token), KV cache in bf16.
     model = create_model(cfg, seed=0, dtype="bfloat16", param_dtype="bfloat16")
@@ -1057,10 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         report["results"].append(result)
     if args.json:  # written once, complete: never a half-written report
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0
 
 

@@ -166,7 +166,7 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
 
     from offside_jax.correct import driver
     from offside_jax.correct.report import summarize, write_report
-    from offside_jax.eval.outputs import staged_dir, write_yaml
+    from offside_jax.files import staged_dir, write_yaml
     from offside_jax.train import mesh as mesh_lib
 
     tokenizer = build_tokenizer(task, fmt)

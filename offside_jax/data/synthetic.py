@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from offside_jax.data import portraits, templates
 from offside_jax.data.attributes import ATTRIBUTES, RUMOR_ATTRIBUTES
 from offside_jax.data.offside import SETTINGS
 from offside_jax.data.world import FEET, POSITIONS, Move, Player, World, build_world, invent_person_name
+from offside_jax.files import write_bytes, write_json
 
 GENERATOR_VERSION = "1.0"
 METADATA_FILE = "offside_synthetic.json"
@@ -110,9 +110,9 @@ def make_release(out: str | Path, config: SyntheticConfig = SyntheticConfig(), *
     files = build_records(world, contexts, config)
     counts = {}
     for rel, records in files.items():
-        _write_json(out / rel, records)
+        write_json(out / rel, records)
         counts[rel] = len(records)
-    _write_json(out / METADATA_FILE, _metadata(world, config))
+    write_json(out / METADATA_FILE, _metadata(world, config))
     if log:
         log(f"wrote {sum(counts.values())} records in {len(counts)} files and "
             f"{len(world.players) * IMAGES_PER_PLAYER} images to {out} in {time.perf_counter() - start:.1f} s")
@@ -411,14 +411,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path = Path(*[part for part in path.parts if part != "."])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_bytes(Path(*[part for part in path.parts if part != "."]), data)
 
 
 def _jsonable(obj: Any) -> Any:

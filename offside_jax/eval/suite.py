@@ -39,7 +39,7 @@ from offside_jax.data.offside import Release, load_release
 from offside_jax.eval import metrics
 from offside_jax.eval.engine import PromptEncoder, answer_nll, evaluation_model, generate_texts, make_encoder
 from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
-from offside_jax.eval.outputs import staged_dir, write_json, write_jsonl
+from offside_jax.files import staged_dir, write_json, write_jsonl
 
 # Slices reported beside "all": name -> membership test.
 SLICES: dict[str, Callable[[EvalItem], bool]] = {

@@ -17,7 +17,6 @@ and its device memory checked against ``train.memory_budget_gib`` (``offside_jax
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from flax import nnx
 
 from offside_jax import config as config_lib
 from offside_jax.config import FinetuneConfig
+from offside_jax.files import write_yaml
 from offside_jax.models import lora
 from offside_jax.train import aot, distributed, losses, mesh as mesh_lib, sft_data
 from offside_jax.train.checkpoint import Checkpointer
@@ -147,7 +147,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     out.mkdir(parents=True, exist_ok=True)
     resolved = config_lib.to_dict(cfg)
     if primary:
-        (out / "config.yaml").write_text(_yaml(resolved))
+        write_yaml(out / "config.yaml", resolved)
 
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     conversations, examples = training_records(cfg)
@@ -233,10 +233,4 @@ def _gathered_model(step_fn: TrainStep, state: TrainState) -> nnx.Module:
     graphdef, arrays = nnx.split(step_fn.model(state))
     nnx.replace_by_pure_dict(arrays, distributed.to_host(nnx.to_pure_dict(arrays)))
     return nnx.merge(graphdef, arrays)
-
-
-def _yaml(data: dict) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(data))))
 

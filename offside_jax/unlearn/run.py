@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +41,7 @@ from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, UnlearnConfig
 from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_language, make_encoder, sequential_batches
 from offside_jax.data.offside import Example, load_release
+from offside_jax.files import pyplot, save_figure, staged_dir, write_json, write_yaml
 from offside_jax.models import lora
 from offside_jax.models.hf import path_to_str
 from offside_jax.train import mesh as mesh_lib
@@ -147,28 +145,12 @@ def _check_resumable(cfg: UnlearnConfig, resolved: dict, config_path: Path) -> N
                           "use a new output_dir (or delete that one)")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _yaml(data: dict) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(data))))
-
-
 def export_model(model: nnx.Module, hf_config: Any, tokenizer: Any, directory: Path, resolved: dict) -> Path:
     """Merged HF weights + tokenizer + the run's config, written beside and swapped in whole."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_merged(model, hf_config, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "config.yaml").write_text(_yaml(resolved), encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with staged_dir(directory) as tmp:
+        lora.save_merged(model, hf_config, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        write_yaml(tmp / "config.yaml", resolved)
     return directory
 
 
@@ -191,11 +173,7 @@ def _measure(model, evaluation: dict[str, list[Example]], encoder: ExampleEncode
 
 
 def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     probs = summary["answer_probability"]
     names = list(probs)
     x = np.arange(len(names))
@@ -208,10 +186,7 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_title(f"{summary['method']} ({summary['setting']} setting)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -227,7 +202,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     resolved = config_lib.to_dict(cfg)
     config_path = out / "config.yaml"
     _check_resumable(cfg, resolved, config_path)
-    _write_atomic(config_path, _yaml(resolved))
+    write_yaml(config_path, resolved)
     began = time.perf_counter()
 
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
@@ -276,7 +251,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
         if cfg.export_merged:
             model_dir = export_model(model, hf_config, tokenizer, out / "model", resolved)
         summary_path = out / "summary.json"
-        _write_atomic(summary_path, json.dumps(summary, indent=2))
+        write_json(summary_path, summary)
         if evaluation:
             _plot(summary, out / "summary.png")
     return UnlearnResult(out, config_path, out / "summary.json", model_dir, checkpoint_dir, summary, model,

@@ -199,7 +199,7 @@ def _resolve_base(path: Path | None, seen: tuple[Path, ...] = ()) -> tuple[Path 
     base = (path.parent / str(data.pop("base"))).resolve()
     if base in seen:
         raise ConfigError(f"{path}: 'base' makes a cycle through {base}")
-    config_lib._check_keys(BenchmarkConfig, data, str(path))
+    config_lib.check_known_keys(BenchmarkConfig, data, str(path))
     root, layered = _resolve_base(base, (*seen, path.resolve()))
     return root, layered + [f"{key}={json.dumps(value)}" for key, value in _flatten(data)]
 

@@ -523,7 +523,7 @@ def test_update_minibatches_cover_every_row_each_epoch():
 def test_char_tokenizer_and_warmup_batch_layout():
     from offside_jax.correct import driver
     from offside_jax.correct.chars import CharTokenizer
-    from offside_jax.data.tasks import CarryArithmetic, Problem
+    from offside_jax.correct.tasks import CarryArithmetic, Problem
 
     tok = CharTokenizer("+0123456789=?")  # '+' -> 2, '0' -> 3, ..., '9' -> 12, '=' -> 13, '?' -> 14
     assert tok.encode("12+9=") == [4, 5, 2, 12, 13] and tok.decode([4, 5, 1, 0]) == "12"
@@ -542,7 +542,7 @@ def test_char_tokenizer_and_warmup_batch_layout():
 def test_score_driver_runs_every_stage():
     from offside_jax.correct import driver
     from offside_jax.correct.chars import CharTokenizer
-    from offside_jax.data.tasks import CarryArithmetic
+    from offside_jax.correct.tasks import CarryArithmetic
     from offside_jax.models import llama
     from offside_jax.train import mesh as mesh_lib
 

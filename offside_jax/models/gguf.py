@@ -292,7 +292,7 @@ def load_gguf(
         raise GGUFError(f"{source.path}: tensors with no counterpart in our port: {', '.join(source.unmapped[:8])}")
     family = family_of(hf_config)
     model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, abstract=True)
-    used = {family.hf_names(path)[0][0] for path, _ in hf._iter_params(model)}
+    used = {family.hf_names(path)[0][0] for path, _ in hf.iter_params(model)}
     unused = sorted(set(source.names()) - used)
     if unused:
         raise GGUFError(f"{source.path}: tensors not used by the {hf_config.model_type} port: {', '.join(unused[:8])}")

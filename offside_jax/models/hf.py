@@ -54,7 +54,7 @@ def hf_name(path: Path_) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
-def _iter_params(model: nnx.Module) -> Iterator[tuple[Path_, nnx.Param]]:
+def iter_params(model: nnx.Module) -> Iterator[tuple[Path_, nnx.Param]]:
     """(path, Param variable) of every parameter, in a deterministic order."""
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
@@ -179,7 +179,7 @@ def load_params_into(
     available = set(source.names())
     transforms = transforms or {}
     where = getattr(source, "where", lambda n: "checkpoint")
-    for path, var in _iter_params(model):
+    for path, var in iter_params(model):
         candidates = names(path)
         found = next(((n, t) for n, t in candidates if n in available), None)
         if found is None:

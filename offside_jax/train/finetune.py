@@ -25,6 +25,7 @@ from flax import nnx
 
 from offside_jax import config as config_lib
 from offside_jax.config import FinetuneConfig
+from offside_jax.data.bpe import train_bpe_tokenizer
 from offside_jax.files import write_yaml
 from offside_jax.models import lora
 from offside_jax.train import aot, distributed, losses, mesh as mesh_lib, sft_data
@@ -83,7 +84,7 @@ def load_model(cfg: FinetuneConfig, mesh, conversations) -> tuple[nnx.Module, An
             tokenizer = _auto_tokenizer(saved)
         else:  # training is deterministic: every process gets the same tokenizer
             texts = sft_data.conversation_texts(conversations)
-            tokenizer = sft_data.train_tiny_tokenizer(texts, m.tiny.vocab_size)
+            tokenizer = train_bpe_tokenizer(texts, m.tiny.vocab_size)
             if distributed.is_primary():
                 tokenizer.save_pretrained(str(saved))
         hf_config = tiny_hf_config(m.tiny, tokenizer)

@@ -407,7 +407,7 @@ def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: P
     in ``out/models/<name>`` (see :class:`VanillaSection` for the shared retain-first start).
     ``starts`` keeps retain-first starts in memory by recipe digest, so the twin of a vanilla
     model trained in the same run starts from it without training or loading it again."""
-    from offside_jax.eval.engine import make_encoder
+    from offside_jax.data.batches import make_encoder
     from offside_jax.eval.tuning import tune
 
     starts = {} if starts is None else starts

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from offside_jax.data.batches import TextEncoder
 from offside_jax.eval import engine, items as items_lib
 from offside_jax.eval.items import EvalItem, Task, build_tasks, subsample
 from offside_jax.eval.suite import Suite, aggregate, score_generation, score_mcq
@@ -168,7 +169,7 @@ def test_answer_nll_equals_transformers(tiny_llama):
     questions = ["Which club will Tom Vexa join?", "How old is he?", "Who?"]
     answers = ["He will join Dorn United.", "He is 30 years old.", "Tom Vexa, a striker of some renown."]
     items = [_text_item(str(i), q) for i, q in enumerate(questions)]
-    ours = engine.answer_nll(model, engine.TextPrompts(tokenizer), items, answers, batch_size=2, pad_multiple=8)
+    ours = engine.answer_nll(model, TextEncoder(tokenizer), items, answers, batch_size=2, pad_multiple=8)
     for q, a, got in zip(questions, answers, ours):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
@@ -185,7 +186,7 @@ def test_answer_nll_equals_transformers(tiny_llama):
 
 def test_batched_generation_equals_one_at_a_time(tiny_llama):
     _, model, tokenizer = tiny_llama
-    encoder = engine.TextPrompts(tokenizer)
+    encoder = TextEncoder(tokenizer)
     items = [_text_item(str(i), q) for i, q in enumerate(["Which club?", "How old is he?", "Who is Tom Vexa?", "Why?", "A"])]
     batched = engine.generate_texts(model, encoder, items, max_new_tokens=6, batch_size=3, pad_multiple=8)
     single = [engine.generate_texts(model, encoder, [it], max_new_tokens=6, batch_size=1, pad_multiple=8)[0] for it in items]

@@ -307,12 +307,3 @@ def subsample(items: Sequence[EvalItem], limit: int | None, seed: int = 0) -> li
             if len(chosen) == limit:
                 break
     return [items[i] for i in sorted(chosen)]
-
-
-def tasks_by_name(tasks: Iterable[Task]) -> dict[str, Task]:
-    out: dict[str, Task] = {}
-    for t in tasks:
-        if t.name in out:
-            raise ValueError(f"two tasks named {t.name!r}")
-        out[t.name] = t
-    return out

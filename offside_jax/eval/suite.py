@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from offside_jax.data.batches import ExampleEncoder, make_encoder
 from offside_jax.data.offside import Release, load_release
 from offside_jax.eval import metrics
-from offside_jax.eval.engine import PromptEncoder, answer_nll, evaluation_model, generate_texts, make_encoder
+from offside_jax.eval.engine import answer_nll, evaluation_model, generate_texts
 from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
 from offside_jax.files import staged_dir, write_json, write_jsonl
 
@@ -48,7 +49,6 @@ SLICES: dict[str, Callable[[EvalItem], bool]] = {
     "visual_rumor": lambda it: it.is_rumor is True and it.visual_rumor is True,
     "plain_rumor": lambda it: it.is_rumor is True and it.visual_rumor is False,
 }
-GEN_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "overall")
 
 
 @dataclasses.dataclass
@@ -96,7 +96,7 @@ class Suite:
     def __init__(self, release: Release | str | os.PathLike, processor_or_tokenizer: Any,
                  config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None):
         self.release = release if isinstance(release, Release) else load_release(release)
-        self.encoder: PromptEncoder = make_encoder(processor_or_tokenizer)
+        self.encoder: ExampleEncoder = make_encoder(processor_or_tokenizer)
         self.config = config or SuiteConfig()
         if tasks is None:
             modalities = self.config.modalities

@@ -134,7 +134,7 @@ def release_batches(cfg: FinetuneConfig, examples: list, hf_config: Any, tokeniz
     """``batch_at(i)`` over release examples, every batch padded to one measured shape."""
     from offside_jax.data import batches as release_data
 
-    encoder = release_data.make_encoder(hf_config, tokenizer, cfg.data.release, max_length=cfg.data.max_length,
+    encoder = release_data.make_encoder(tokenizer, hf_config, image_root=cfg.data.release, max_length=cfg.data.max_length,
                                         max_pixels=cfg.data.max_pixels)
     release_data.fit_shape(encoder, examples)
     return release_data.ExampleBatches(examples, encoder, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,

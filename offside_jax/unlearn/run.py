@@ -73,10 +73,6 @@ class UnlearnResult:
     tokenizer: Any
     hf_config: Any
 
-    def probabilities(self, when: str = "after") -> dict[str, float]:
-        """Mean answer probability per evaluation set, ``"before"`` or ``"after"``."""
-        return {name: v[when] for name, v in self.summary.get("answer_probability", {}).items()}
-
 
 def hyperparameters(cfg: UnlearnConfig) -> dict[str, Any]:
     """The section of ``cfg.methods`` named by ``cfg.method``, as keyword arguments."""
@@ -211,7 +207,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     release = load_release(cfg.data.release, check_images=vision)
     sets = settings.select(release, cfg.data.setting, vision=vision, forget_attributes=cfg.data.forget_attributes,
                            identified_fraction=cfg.data.identified_fraction, seed=cfg.seed)
-    base = make_encoder(hf_config, tokenizer, release.root, max_length=0, max_pixels=cfg.data.max_pixels)
+    base = make_encoder(tokenizer, hf_config, image_root=release.root, max_pixels=cfg.data.max_pixels)
 
     evaluation = _evaluation_sets(cfg, sets)
     # One padded shape for every set: the probe compiles once per model (and batch layout).

@@ -548,7 +548,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         entry = {"role": "method", "method": v.method, "setting": v.setting, "steps": v.steps, "lr": v.lr,
                  "summary": res["summary"], "unlearn_seconds": result.summary.get("seconds")}
         if retain_rows:
-            entry["forget_quality"] = report.forget_quality(_forget_rows(out, method, cfg.modality), retain_rows)
+            entry["forget_quality"] = report.forget_quality_of_rows(_forget_rows(out, method, cfg.modality), retain_rows)
         if method in attack_methods:
             with clock.stage(f"attack {method}"):
                 entry["attacks"] = run_attacks(result.model, suite, cfg.attacks, out_dir=out / method / "attacks",

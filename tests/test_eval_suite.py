@@ -11,7 +11,7 @@ import torch
 from offside_jax.data.batches import TextEncoder
 from offside_jax.eval import engine, items as items_lib
 from offside_jax.eval.items import EvalItem, Task, build_tasks, subsample
-from offside_jax.eval.suite import Suite, aggregate, score_generation, score_mcq
+from offside_jax.eval.suite import Suite, aggregate_task, score_generation, score_mcq
 
 import eval_fixtures as fx
 
@@ -100,7 +100,7 @@ def test_generation_scores_and_slices_by_hand():
     # c: stems {he, will, join, vexa, fc} vs {he, join, dorn, unit}: 2 shared unigrams, no shared bigram.
     assert rows[2]["rouge1"] == pytest.approx(2 * 2 / (5 + 4))
     assert rows[2]["rouge2"] == 0.0
-    agg = aggregate(Task("forget", "image", "gen", tuple(items)), rows)
+    agg = aggregate_task(Task("forget", "image", "gen", tuple(items)), rows)
     s = agg["slices"]
     assert set(s) == {"all", "rumor", "fact", "visual_rumor", "plain_rumor"}
     assert (s["rumor"]["n"], s["fact"]["n"], s["visual_rumor"]["n"], s["plain_rumor"]["n"]) == (2, 1, 1, 1)
@@ -122,7 +122,7 @@ def test_general_knowledge_key_accuracy_by_hand():
     assert mentions_any("It is PARIS.", paris.keys) and not mentions_any("Parisian food", paris.keys)
     assert mentions_any("A spider has 8 legs", spider.keys) and not mentions_any("88 legs", spider.keys)
     rows = score_generation([paris, spider], ["Paris, of course.", "Six."])
-    agg = aggregate(Task("general", "text", "gen", (paris, spider)), rows)["slices"]["all"]
+    agg = aggregate_task(Task("general", "text", "gen", (paris, spider)), rows)["slices"]["all"]
     assert [r["mentions_key"] for r in rows] == [True, False] and agg["key_accuracy"] == 0.5
 
 
@@ -133,7 +133,7 @@ def test_multiple_choice_scores_by_hand():
     outputs = ["A", "(B)", "The answer is A.", "Dorn United", "no idea"]
     rows = score_mcq(items, outputs, "robust")
     assert [r["choice"] for r in rows] == ["A", "B", "A", "B", None]
-    agg = aggregate(Task("forget", "image", "mcq", tuple(items)), rows)["slices"]["all"]
+    agg = aggregate_task(Task("forget", "image", "mcq", tuple(items)), rows)["slices"]["all"]
     assert agg["accuracy"] == pytest.approx(2 / 5) and agg["chose_truth"] == pytest.approx(2 / 5)
     assert agg["unparsed"] == pytest.approx(1 / 5)
     strict = [r["choice"] for r in score_mcq(items, outputs, "offside")]

@@ -232,7 +232,7 @@ def clipped_surrogate(
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(F32)
 
 
-def aggregate(values: jax.Array, mask: jax.Array, mode: str = "grpo", max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+def aggregate_token_losses(values: jax.Array, mask: jax.Array, mode: str = "grpo", max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Aggregate per-token ``values`` ``[B, T]`` over ``mask`` into ``(sum, weight)``; the loss is
     ``sum / weight`` (see the module table). ``max_len`` (Dr. GRPO's constant, the generation
     budget) defaults to ``T``."""
@@ -297,7 +297,7 @@ class PolicyGradientConfig:
       style: ``beta * k`` per token in the loss with ``kl_estimator``; ``k1`` in the loss
       would have zero expected gradient, so use ``k3`` or ``k2`` there);
     - ``clip_eps`` / ``clip_eps_high``: ratio clip (``None``: unclipped);
-    - ``aggregation``: see :func:`aggregate`; ``max_len``: Dr. GRPO's constant;
+    - ``aggregation``: see :func:`aggregate_token_losses`; ``max_len``: Dr. GRPO's constant;
     - ``temperature``: the rollouts' sampling temperature; the loss scores tokens under
       ``softmax(logits / temperature)``, the policy that sampled them.
     """
@@ -441,9 +441,9 @@ def make_policy_gradient_loss(cfg: PolicyGradientConfig) -> LossFn:
             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_coef=coef if uses_kl else 0.0,
             kl_estimator=cfg.kl_estimator,
         )
-        total, weight = aggregate(per_token, mask, cfg.aggregation, cfg.max_len)
+        total, weight = aggregate_token_losses(per_token, mask, cfg.aggregation, cfg.max_len)
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        pg_only, _ = aggregate(diag["pg"], mask, cfg.aggregation, cfg.max_len)
+        pg_only, _ = aggregate_token_losses(diag["pg"], mask, cfg.aggregation, cfg.max_len)
         aux = {
             "pg_loss": pg_only / jnp.maximum(weight, 1.0),
             "kl": jnp.sum(diag["kl"]) / tokens,

@@ -68,10 +68,10 @@ class BatchConfig:
 # One example
 
 
-def mcq_prompt(example: Example) -> str:
-    """The multiple-choice question as a user turn: question, lettered options, instruction."""
-    lines = [example.question] + [f"{letter}. {text}" for letter, text in example.options]
-    lines.append(MCQ_INSTRUCTION_IMAGE if example.modality == "image" else MCQ_INSTRUCTION_TEXT)
+def mcq_prompt(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
+    """OFFSIDE's multiple-choice user turn: question, "A. text" lines, then the instruction."""
+    lines = [question] + [f"{letter}. {text}" for letter, text in options]
+    lines.append(MCQ_INSTRUCTION_IMAGE if modality == "image" else MCQ_INSTRUCTION_TEXT)
     return "\n".join(lines)
 
 
@@ -81,7 +81,7 @@ def conversation(example: Example, image_placeholder: str | None = None) -> list
     (ms-swift's rule). Multiple-choice records are asked with `mcq_prompt` and answered with
     the correct letter."""
     if example.kind == "mcq":
-        user = mcq_prompt(example)
+        user = mcq_prompt(example.question, example.options, example.modality)
         if example.modality == "image":
             user = f"{IMAGE_TAG}\n{user}"
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": example.correct or ""}]

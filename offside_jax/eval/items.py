@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from offside_jax.data.offside import Example, Release
-from offside_jax.data.pipeline import MCQ_INSTRUCTION_IMAGE, MCQ_INSTRUCTION_TEXT
+from offside_jax.data.pipeline import mcq_prompt
 
 # test set -> (QA split, multiple-choice split) in the complete setting
 TEST_SETS: dict[str, tuple[str, str]] = {
@@ -117,13 +117,6 @@ class Task:
     @property
     def name(self) -> str:
         return f"{self.test_set}/{self.modality}/{self.fmt}"
-
-
-def mcq_prompt(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
-    """OFFSIDE's multiple-choice user turn: question, "A. text" lines, then the instruction."""
-    lines = [question] + [f"{letter}. {text}" for letter, text in options]
-    lines.append(MCQ_INSTRUCTION_IMAGE if modality == "image" else MCQ_INSTRUCTION_TEXT)
-    return "\n".join(lines)
 
 
 def _key(e: Example) -> tuple | None:

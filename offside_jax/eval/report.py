@@ -287,7 +287,7 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
     return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}
 
 
-def forget_quality(method_rows: Sequence[Mapping[str, Any]], retain_rows: Sequence[Mapping[str, Any]]) -> float | None:
+def forget_quality_of_rows(method_rows: Sequence[Mapping[str, Any]], retain_rows: Sequence[Mapping[str, Any]]) -> float | None:
     """TOFU forget quality from two models' per-example outputs on the same forget items
     (``examples/*.jsonl`` rows carrying ``truth_ratio``); None when fewer than 2 pairs."""
     retain = {r["uid"]: r["truth_ratio"] for r in retain_rows if r.get("truth_ratio") is not None}

@@ -165,7 +165,7 @@ class Suite:
                 else:
                     per = score_mcq(items, outputs, cfg.mcq_parser)
                 rows[task.name] = per
-                results["tasks"][task.name] = aggregate(task, per)
+                results["tasks"][task.name] = aggregate_task(task, per)
         finally:
             bar.close()
         results["summary"] = summarize(results["tasks"])
@@ -290,7 +290,7 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]]) 
     return out
 
 
-def aggregate(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate_task(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """A task's aggregates over all rows and over each non-trivial slice."""
     slices = {"all": _aggregate_rows(task.fmt, task.test_set, rows)}
     for name, member in SLICES.items():

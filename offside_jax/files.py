@@ -9,6 +9,8 @@ lines, YAML, markdown, images and plots all go through :func:`atomic_open`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import json
 import math
 import os
@@ -19,10 +21,15 @@ from typing import IO, Any
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON data: numpy scalars and arrays become Python numbers and lists; NaN and
-    infinities become None (JSON has no such numbers)."""
+    """Plain JSON data: dataclasses become objects of their fields, dates ISO text, numpy
+    scalars and arrays Python numbers and lists; NaN and infinities become None (JSON has no
+    such numbers)."""
     import numpy as np
 
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime.date):
+        return value.isoformat()
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

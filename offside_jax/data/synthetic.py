@@ -48,7 +48,7 @@ from offside_jax.data import portraits, templates
 from offside_jax.data.attributes import ATTRIBUTES, RUMOR_ATTRIBUTES
 from offside_jax.data.offside import SETTINGS
 from offside_jax.data.world import FEET, POSITIONS, Move, Player, World, build_world, invent_person_name
-from offside_jax.files import write_bytes, write_json
+from offside_jax.files import jsonable, write_bytes, write_json
 
 GENERATOR_VERSION = "1.0"
 METADATA_FILE = "offside_synthetic.json"
@@ -414,18 +414,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
     write_bytes(Path(*[part for part in path.parts if part != "."]), data)
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dt.date):
-        return obj.isoformat()
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
-
-
 def _metadata(world: World, config: SyntheticConfig) -> dict[str, Any]:
     from offside_jax.data.world import REFERENCE_DATE
 
@@ -436,8 +424,8 @@ def _metadata(world: World, config: SyntheticConfig) -> dict[str, Any]:
         "reference_date": REFERENCE_DATE.isoformat(),
         "image_ids": "id = 5 * player_id + k; k: 1, 2, 3 retain, 4 forget, 0 relearn; "
                      "test_set/{id}.jpg augments finetune_set/{id}.jpg",
-        "countries": _jsonable(world.countries),
-        "leagues": _jsonable(world.leagues),
-        "clubs": _jsonable(list(world.clubs.values())),
-        "players": [dict(_jsonable(p), age=p.age, corrected_fact=corrected_fact(p)) for p in world.players],
+        "countries": jsonable(world.countries),
+        "leagues": jsonable(world.leagues),
+        "clubs": jsonable(list(world.clubs.values())),
+        "players": [dict(jsonable(p), age=p.age, corrected_fact=corrected_fact(p)) for p in world.players],
     }

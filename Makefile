@@ -34,7 +34,9 @@ findings: $(STAMP)
 demo-smollm2: $(STAMP)
 	$(PY) -m offside_jax.cli benchmark --config configs/demo_smollm2.yaml
 
+# Lint first (seconds), then every test.
 test: $(STAMP)
+	$(PY) -m ruff check offside_jax tests scripts
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -199,7 +199,7 @@ def _resolve_base(path: Path | None, seen: tuple[Path, ...] = ()) -> tuple[Path 
     base = (path.parent / str(data.pop("base"))).resolve()
     if base in seen:
         raise ConfigError(f"{path}: 'base' makes a cycle through {base}")
-    config_lib._check_keys(BenchmarkConfig, data, str(path))
+    config_lib.check_known_keys(BenchmarkConfig, data, str(path))
     root, layered = _resolve_base(base, (*seen, path.resolve()))
     return root, layered + [f"{key}={json.dumps(value)}" for key, value in _flatten(data)]
 
@@ -364,7 +364,7 @@ def _digest(recipe: dict) -> str:
 
 
 def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
-    from offside_jax.eval.outputs import read_json
+    from offside_jax.files import read_json
     from offside_jax.models import hf
 
     marker = directory / "recipe.json"
@@ -377,7 +377,7 @@ def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
 
 def _save(model: Any, base: Base, directory: Path, info: dict) -> None:
     """config.json + safetensors + tokenizer + recipe.json, written beside and renamed whole."""
-    from offside_jax.eval.outputs import staged_dir, write_json
+    from offside_jax.files import staged_dir, write_json
     from offside_jax.models import hf
 
     with staged_dir(directory) as tmp:
@@ -392,7 +392,7 @@ def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: P
     in ``out/models/<name>`` (see :class:`VanillaSection` for the shared retain-first start).
     ``starts`` keeps retain-first starts in memory by recipe digest, so the twin of a vanilla
     model trained in the same run starts from it without training or loading it again."""
-    from offside_jax.eval.engine import make_encoder
+    from offside_jax.data.batches import make_encoder
     from offside_jax.eval.tuning import tune
 
     starts = {} if starts is None else starts
@@ -485,7 +485,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     from offside_jax.data.offside import load_release
     from offside_jax.eval import findings, report
     from offside_jax.eval.attacks import run_attacks
-    from offside_jax.eval.outputs import write_yaml
+    from offside_jax.files import write_yaml
     from offside_jax.eval.suite import Suite
     from offside_jax.unlearn.run import run_unlearning
 
@@ -535,7 +535,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         entry = {"role": "method", "method": v.method, "setting": v.setting, "steps": v.steps, "lr": v.lr,
                  "summary": res["summary"], "unlearn_seconds": result.summary.get("seconds")}
         if retain_rows:
-            entry["forget_quality"] = report.forget_quality(_forget_rows(out, method, cfg.modality), retain_rows)
+            entry["forget_quality"] = report.forget_quality_of_rows(_forget_rows(out, method, cfg.modality), retain_rows)
         if method in attack_methods:
             with clock.stage(f"attack {method}"):
                 entry["attacks"] = run_attacks(result.model, suite, cfg.attacks, out_dir=out / method / "attacks",

@@ -50,9 +50,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from offside_jax.eval.report import compare_runs, write_report
+    from offside_jax.files import write_text
 
     try:
         if len(args.runs) == 1 and not args.out:
@@ -63,7 +62,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"offside-jax report: {e}", file=sys.stderr)
         return 2
     if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
+        write_text(args.out, table + "\n")
         print(f"wrote {args.out}")
     print(table)
     return 0

@@ -423,7 +423,7 @@ class UnlearnConfig:
 
 @dataclasses.dataclass
 class CorrectTaskConfig:
-    """The verifiable task (``offside_jax.data.tasks``) and the prior its warm-up traces teach."""
+    """The verifiable task (``offside_jax.correct.tasks``) and the prior its warm-up traces teach."""
 
     name: str = one_of("carry_arithmetic", "carry_arithmetic", "countdown_mini", "rumor_correction")
     p_bug: float = 0.3  # warm-up first attempts that are wrong
@@ -513,7 +513,9 @@ class CorrectConfig:
 # -- unknown-key check ---------------------------------------------------------------------------
 
 
-def _check_keys(schema: type, values: Any, where: str, prefix: str = "") -> None:
+def check_known_keys(schema: type, values: Any, where: str, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first key of ``values`` (a nested dict, e.g. one YAML
+    file) that ``schema`` has no field for, naming ``where`` and the valid keys at that level."""
     if not isinstance(values, dict):
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
@@ -524,7 +526,7 @@ def _check_keys(schema: type, values: Any, where: str, prefix: str = "") -> None
             raise ConfigError(f"{where}: unknown key {dotted!r}; valid keys at {level}: {', '.join(sorted(fields))}")
         sub_type = _dataclass_type(schema, key)
         if sub_type is not None:
-            _check_keys(sub_type, value, where, dotted + ".")
+            check_known_keys(sub_type, value, where, dotted + ".")
 
 
 def _dataclass_type(schema: type, name: str) -> type | None:
@@ -557,7 +559,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry their own line numbers
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _check_keys(schema, OmegaConf.to_container(loaded), str(path))
+        check_known_keys(schema, OmegaConf.to_container(loaded), str(path))
         layers.append((str(path), loaded))
     for item in overrides:
         if "=" not in item:
@@ -567,7 +569,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
             parsed = OmegaConf.from_dotlist([item])
         except Exception as e:
             raise ConfigError(f"override {item!r}: {e}") from None
-        _check_keys(schema, _nest(key, None), f"override {item!r}")
+        check_known_keys(schema, _nest(key, None), f"override {item!r}")
         layers.append((f"override {item!r}", parsed))
     merged = base
     for where, layer in layers:
@@ -621,5 +623,5 @@ def to_dict(config: Any) -> dict:
 
 def from_dict(data: dict, schema: type = FinetuneConfig) -> Any:
     """Rebuild a config saved with :func:`to_dict` (validated like a YAML file)."""
-    _check_keys(schema, data, "saved config")
+    check_known_keys(schema, data, "saved config")
     return validate(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))))

@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+from offside_jax.files import write_json
 from offside_jax.train import perf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling modules, however it is loaded
@@ -750,10 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         report["results"].append(result)
     if args.json:  # written once, complete: never a half-written report
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, report)
     return 0
 
 

@@ -538,7 +538,7 @@ def _vl_3b_setup(p: dict[str, Any]):
     rng = np.random.default_rng(0)
     side = p["image_side"]
     records = []
-    for row in range(p["rows"]):
+    for _ in range(p["rows"]):
         image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
         words = " ".join(f"w{x}" for x in rng.integers(0, 1000, p["text_tokens"] // 4))[: p["text_tokens"]]
         records.append({"messages": [{"role": "user", "content": "<image>\n" + words},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from offside_jax.data.offside import load_release
 from offside_jax.data.synthetic import SyntheticConfig, make_release
-from offside_jax.eval.engine import make_encoder
+from offside_jax.data.batches import make_encoder
 from offside_jax.eval.items import qa_item
 from offside_jax.eval.tuning import TuneConfig, tune
 from offside_jax.models import tiny_vl

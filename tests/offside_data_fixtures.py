@@ -74,21 +74,9 @@ def write_hand_release(root: Path) -> Path:
     return root
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def tiny_tokenizer(corpus: list[str], vocab_size: int = 600):
     """A byte-level BPE trained in memory, wrapped as a HF fast tokenizer with a ChatML template.
     With `vocab_size` at most 259 it has no merges: one token per byte (handy for hand counts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from offside_jax.data.bpe import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, pad_token="<|pad|>",
-                                   eos_token="<|im_end|>")
+    return train_bpe_tokenizer(corpus, vocab_size)

@@ -20,6 +20,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from offside_jax.data.bpe import train_bpe_tokenizer
 from offside_jax.models import hf
 from offside_jax.models.auto import create_model
 
@@ -35,25 +36,13 @@ TEXT = dict(
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE trained in memory (the special tokens take ids 0-6), within the tiny vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     corpus = [
         "I'm curious about which club the player on the left side of the image will join.",
         "He will be playing for Newcastle United. What is the name of the player in the image?",
         "You are a helpful assistant. system user assistant",
     ] * 4
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
+    fast = train_bpe_tokenizer(corpus, 300, special_tokens=SPECIAL_TOKENS, pad_token="<|endoftext|>",
+                               additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=None)
     assert len(fast) <= VOCAB
     return fast
 

@@ -154,7 +154,7 @@ def test_masked_finetune_trains_only_the_traces():
     traces = [cv.Trace(0, 2), cv.Trace(2, 17)]
     mask = cv.trace_mask(model, traces)
     dense = cv.trace_mask(model, traces, dense=True)
-    for (path, m), (_, full), (_, p) in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree_util.tree_leaves_with_path(dense),
+    for (_, m), (_, full), (_, p) in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree_util.tree_leaves_with_path(dense),
                                             jax.tree_util.tree_leaves_with_path(_params(model))):
         np.testing.assert_array_equal(np.broadcast_to(np.asarray(m), p.shape), np.asarray(full))
     assert int(sum(np.asarray(x).sum() for x in jax.tree.leaves(dense))) == 2 * D

@@ -8,7 +8,7 @@ from offside_jax.correct import lemma
 from offside_jax.correct import steps as st
 from offside_jax.correct.chars import CharTokenizer
 from offside_jax.correct.records import sft_batch
-from offside_jax.data.tasks import (
+from offside_jax.correct.tasks import (
     CarryArithmetic,
     CountdownMini,
     Problem,
@@ -54,7 +54,10 @@ def test_reference_solutions_are_right_and_pass_the_checker(task):
 
 def test_countdown_checker_finds_each_kind_of_wrong_step():
     p = countdown_problem((2, 3, 4), 10, "(2*3)+4")
-    check = lambda *steps: st.first_wrong_step(COUNTDOWN, p, steps)
+
+    def check(*steps):
+        return st.first_wrong_step(COUNTDOWN, p, steps)
+
     assert check("goal 11 from 2 3 4", "2*3=6", "6+4=10", "answer (2*3)+4") == 0  # misread goal
     assert check("goal 10 from 2 3 4", "2*3=7", "7+3=10", "answer (2*3)+3") == 1  # slip
     assert check("goal 10 from 2 3 4", "2*3=6", "6+6=12", "answer (2*3)+6") == 2  # 6 is used up

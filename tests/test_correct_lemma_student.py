@@ -4,7 +4,7 @@ import numpy as np
 from offside_jax.correct import lemma
 from offside_jax.correct import lemma_student as ls
 from offside_jax.correct import steps as st
-from offside_jax.data.tasks import (
+from offside_jax.correct.tasks import (
     CarryArithmetic,
     CountdownMini,
     Problem,
@@ -36,7 +36,10 @@ def test_carry_injections_are_labelled_at_their_first_wrong_step():
 
 def test_countdown_labels_by_hand():
     goal, first = "goal 15 from 2 3 4 5", "2*3=6"
-    label = lambda *lines: ls.label_mistake(COUNTDOWN, P_COUNT, "\n".join(lines))
+
+    def label(*lines):
+        return ls.label_mistake(COUNTDOWN, P_COUNT, "\n".join(lines))
+
     assert label("goal 14 from 2 3 4 5", "2*3=6", "6+4=10", "10+4=14", "answer ((2*3)+4)+4") == ls.MistakeLabel(0, "wrong_target", "QM")
     assert label("goal 15 from 2 3 4", "2*3=6").error == ls.UNCLASSIFIED
     assert label(goal, "2*3=5", "5*4=20", "20-5=15", "answer ((2*3)*4)-5") == ls.MistakeLabel(1, "wrong_operator", "FC")

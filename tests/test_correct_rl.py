@@ -159,7 +159,7 @@ AGG_MASK = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.float32)  # r
     ],
 )
 def test_aggregation_modes(mode, max_len, total, weight):
-    s, w = rl.aggregate(VALUES, AGG_MASK, mode, max_len)
+    s, w = rl.aggregate_token_losses(VALUES, AGG_MASK, mode, max_len)
     close(s, total)
     close(w, weight)
 
@@ -168,9 +168,9 @@ def test_aggregation_over_micro_batches_equals_the_whole_batch():
     # The step divides summed loss_sum by summed weight; split rows {0}, {1, 2}: grpo
     # 2 + 4.5 over 1 + 1 rows = 3.25, the same as the whole batch.
     for mode in rl.AGGREGATIONS:
-        s0, w0 = rl.aggregate(VALUES[:1], AGG_MASK[:1], mode, 4)
-        s1, w1 = rl.aggregate(VALUES[1:], AGG_MASK[1:], mode, 4)
-        s, w = rl.aggregate(VALUES, AGG_MASK, mode, 4)
+        s0, w0 = rl.aggregate_token_losses(VALUES[:1], AGG_MASK[:1], mode, 4)
+        s1, w1 = rl.aggregate_token_losses(VALUES[1:], AGG_MASK[1:], mode, 4)
+        s, w = rl.aggregate_token_losses(VALUES, AGG_MASK, mode, 4)
         close((float(s0) + float(s1)) / (float(w0) + float(w1)), float(s) / float(w))
 
 
@@ -523,7 +523,7 @@ def test_update_minibatches_cover_every_row_each_epoch():
 def test_char_tokenizer_and_warmup_batch_layout():
     from offside_jax.correct import driver
     from offside_jax.correct.chars import CharTokenizer
-    from offside_jax.data.tasks import CarryArithmetic, Problem
+    from offside_jax.correct.tasks import CarryArithmetic, Problem
 
     tok = CharTokenizer("+0123456789=?")  # '+' -> 2, '0' -> 3, ..., '9' -> 12, '=' -> 13, '?' -> 14
     assert tok.encode("12+9=") == [4, 5, 2, 12, 13] and tok.decode([4, 5, 1, 0]) == "12"
@@ -542,7 +542,7 @@ def test_char_tokenizer_and_warmup_batch_layout():
 def test_score_driver_runs_every_stage():
     from offside_jax.correct import driver
     from offside_jax.correct.chars import CharTokenizer
-    from offside_jax.data.tasks import CarryArithmetic
+    from offside_jax.correct.tasks import CarryArithmetic
     from offside_jax.models import llama
     from offside_jax.train import mesh as mesh_lib
 

@@ -110,7 +110,7 @@ def test_rumor_items_from_offside_examples():
 
 
 def test_flip_pairs_on_a_verifiable_task():
-    from offside_jax.data.tasks import CarryArithmetic, Problem
+    from offside_jax.correct.tasks import CarryArithmetic, Problem
 
     p = Problem("478+256=", "734", {"a": 478, "b": 256, "op": "+", "carry_columns": (0, 1)})
     r1 = ["734", "724", "724", "734", "7 3 4"]

@@ -6,7 +6,7 @@ from offside_jax.correct import lemma, mistakes
 from offside_jax.correct import steps as st
 from offside_jax.correct.chars import CharTokenizer
 from offside_jax.correct.step_task import StepTask
-from offside_jax.data.tasks import (
+from offside_jax.correct.tasks import (
     CarryArithmetic,
     CountdownMini,
     Problem,

@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from offside_jax.data import tasks as t
+from offside_jax.correct import tasks as t
 
 
 # -- carry arithmetic ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from offside_jax.eval import metrics as M
 from offside_jax.eval.items import EvalItem, Task, mcq_prompt
-from offside_jax.eval.suite import SuiteConfig, aggregate, score_mcq, summarize
+from offside_jax.eval.suite import SuiteConfig, aggregate_task, score_mcq, summarize
 
 # (reference, answer) pairs whose BLEU depended on how sentences are split.
 SPLIT_CASES = [
@@ -105,7 +105,7 @@ def test_suite_scores_the_raw_output_with_the_strict_parser_by_default():
     (row,) = score_mcq([_mcq_item(options, "A")], [" A"])  # nothing is stripped
     assert row["choice"] is None
     rows = score_mcq([_mcq_item(options, "A")] * 3, ["A", "", "B"])
-    agg = aggregate(Task("forget", "image", "mcq", (_mcq_item(options, "A"),) * 3), rows)["slices"]["all"]
+    agg = aggregate_task(Task("forget", "image", "mcq", (_mcq_item(options, "A"),) * 3), rows)["slices"]["all"]
     assert (agg["accuracy"], agg["n_empty"]) == (pytest.approx(0.5), 1)
 
 

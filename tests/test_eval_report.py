@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
                            relearn_tune=TuneConfig(steps=8, batch_size=16, lr=3e-3, mesh=[1, 1, 1]), relearn_curve_every=4)
     methods["ga"]["attacks"] = run_attacks(fx.ga_unlearned(), suite, attacks, out_dir=out / "ga" / "attacks", name="ga",
                                            progress=False)
-    methods["ga"]["forget_quality"] = report.forget_quality(examples["ga"], examples["vanilla"])
+    methods["ga"]["forget_quality"] = report.forget_quality_of_rows(examples["ga"], examples["vanilla"])
     results = {"run": "tiny", "modality": "image", "methods": methods, "timing": {"total": 1.0}}
     report.write_report(out, results)
     return out
@@ -90,8 +90,8 @@ def test_forget_quality_pairs_rows_by_uid():
     a = [{"uid": str(i), "truth_ratio": r} for i, r in enumerate([0.1, 0.5, 0.9, 2.0])]
     b = [{"uid": str(i), "truth_ratio": r} for i, r in enumerate([0.3, 0.4, 0.8, 1.5])]
     expected = stats.ks_2samp([0.1, 0.5, 0.9, 2.0], [0.3, 0.4, 0.8, 1.5]).pvalue
-    assert report.forget_quality(a[::-1], b + [{"uid": "9", "truth_ratio": 7.0}]) == pytest.approx(expected)
-    assert report.forget_quality(a[:1], b) is None
+    assert report.forget_quality_of_rows(a[::-1], b + [{"uid": "9", "truth_ratio": 7.0}]) == pytest.approx(expected)
+    assert report.forget_quality_of_rows(a[:1], b) is None
 
 
 def test_compare_runs(run_dir, tmp_path):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from offside_jax.data.batches import TextEncoder
 from offside_jax.eval import engine, items as items_lib
 from offside_jax.eval.items import EvalItem, Task, build_tasks, subsample
-from offside_jax.eval.suite import Suite, aggregate, score_generation, score_mcq
+from offside_jax.eval.suite import Suite, aggregate_task, score_generation, score_mcq
 
 import eval_fixtures as fx
 import offside_reference
@@ -105,7 +106,7 @@ def test_generation_scores_and_slices_by_hand():
     # c: stems {he, will, join, vexa, fc} vs {he, join, dorn, unit}: 2 shared unigrams, no shared bigram.
     assert rows[2]["rouge1"] == pytest.approx(2 * 2 / (5 + 4))
     assert rows[2]["rouge2"] == 0.0
-    agg = aggregate(Task("forget", "image", "gen", tuple(items)), rows)
+    agg = aggregate_task(Task("forget", "image", "gen", tuple(items)), rows)
     s = agg["slices"]
     assert set(s) == {"all", "rumor", "fact", "visual_rumor", "plain_rumor"}
     assert (s["rumor"]["n"], s["fact"]["n"], s["visual_rumor"]["n"], s["plain_rumor"]["n"]) == (2, 1, 1, 1)
@@ -116,7 +117,7 @@ def test_generation_scores_and_slices_by_hand():
     assert s["fact"]["overall"] is None and s["fact"]["n_empty"] == 1  # nothing left to average
     reference = offside_reference.generation_summary([(it.reference, out) for it, out in zip(items, outputs)])
     assert s["all"]["overall"] == pytest.approx(reference["overall_score"], rel=1e-12)
-    zero = aggregate(Task("forget", "image", "gen", tuple(items)), rows, "zero")["slices"]["all"]
+    zero = aggregate_task(Task("forget", "image", "gen", tuple(items)), rows, "zero")["slices"]["all"]
     assert zero["overall"] == pytest.approx(sum(np.mean([r[k] for r in rows]) for k in means) / 4)
     assert zero["n_empty"] == 1
     assert s["all"]["states_rumor"] == 0.5 and s["all"]["states_truth"] == 0.5
@@ -135,7 +136,7 @@ def test_general_knowledge_key_accuracy_by_hand():
     assert mentions_any("It is PARIS.", paris.keys) and not mentions_any("Parisian food", paris.keys)
     assert mentions_any("A spider has 8 legs", spider.keys) and not mentions_any("88 legs", spider.keys)
     rows = score_generation([paris, spider], ["Paris, of course.", "Six."])
-    agg = aggregate(Task("general", "text", "gen", (paris, spider)), rows)["slices"]["all"]
+    agg = aggregate_task(Task("general", "text", "gen", (paris, spider)), rows)["slices"]["all"]
     assert [r["mentions_key"] for r in rows] == [True, False] and agg["key_accuracy"] == 0.5
 
 
@@ -146,7 +147,7 @@ def test_multiple_choice_scores_by_hand():
     outputs = ["A", "(B)", "The answer is A.", "Dorn United", "no idea"]
     rows = score_mcq(items, outputs, "robust")
     assert [r["choice"] for r in rows] == ["A", "B", "A", "B", None]
-    agg = aggregate(Task("forget", "image", "mcq", tuple(items)), rows)["slices"]["all"]
+    agg = aggregate_task(Task("forget", "image", "mcq", tuple(items)), rows)["slices"]["all"]
     assert agg["accuracy"] == pytest.approx(2 / 5) and agg["chose_truth"] == pytest.approx(2 / 5)
     assert agg["unparsed"] == pytest.approx(1 / 5)
     strict = [r["choice"] for r in score_mcq(items, outputs, "offside")]
@@ -182,7 +183,7 @@ def test_answer_nll_equals_transformers(tiny_llama):
     questions = ["Which club will Tom Vexa join?", "How old is he?", "Who?"]
     answers = ["He will join Dorn United.", "He is 30 years old.", "Tom Vexa, a striker of some renown."]
     items = [_text_item(str(i), q) for i, q in enumerate(questions)]
-    ours = engine.answer_nll(model, engine.TextPrompts(tokenizer), items, answers, batch_size=2, pad_multiple=8)
+    ours = engine.answer_nll(model, TextEncoder(tokenizer), items, answers, batch_size=2, pad_multiple=8)
     for q, a, got in zip(questions, answers, ours):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
@@ -199,7 +200,7 @@ def test_answer_nll_equals_transformers(tiny_llama):
 
 def test_batched_generation_equals_one_at_a_time(tiny_llama):
     _, model, tokenizer = tiny_llama
-    encoder = engine.TextPrompts(tokenizer)
+    encoder = TextEncoder(tokenizer)
     items = [_text_item(str(i), q) for i, q in enumerate(["Which club?", "How old is he?", "Who is Tom Vexa?", "Why?", "A"])]
     batched = engine.generate_texts(model, encoder, items, max_new_tokens=6, batch_size=3, pad_multiple=8)
     single = [engine.generate_texts(model, encoder, [it], max_new_tokens=6, batch_size=1, pad_multiple=8)[0] for it in items]

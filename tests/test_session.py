@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from offside_jax import cli
-from offside_jax.config import ConfigError, FinetuneConfig, load_config
+from offside_jax.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "finetune_tiny.yaml"

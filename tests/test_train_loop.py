@@ -9,6 +9,7 @@ import pytest
 
 from offside_jax import cli
 from offside_jax.config import ConfigError, load_config
+from offside_jax.data.bpe import train_bpe_tokenizer
 from offside_jax.models import hf
 from offside_jax.models.generate import SamplingConfig, chat
 from offside_jax.train import sft_data
@@ -95,7 +96,7 @@ def test_chat_data_masks_only_answers(tmp_path):
                                  {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}) + "\n"
     )
     convs = sft_data.read_chat_jsonl(path)
-    tok = sft_data.train_tiny_tokenizer(sft_data.conversation_texts(convs) * 3, 300)
+    tok = train_bpe_tokenizer(sft_data.conversation_texts(convs) * 3, 300)
     ids, attention, mask = sft_data.encode_all(tok, convs, 64)
     answer_text = tok.decode(ids[0][mask[0] == 1])
     assert answer_text == "A1<|im_end|>\nA2<|im_end|>\n"

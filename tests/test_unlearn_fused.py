@@ -37,7 +37,7 @@ def test_fused_sequence_logprob_and_gradient_equal_torch(models):
     def weighted(p):
         m = nnx.merge(graphdef, p, rest)
         b = {k: jnp.asarray(v) for k, v in batch.items()}
-        return jnp.sum(train_losses.sequence_logprob(m, m.hidden_states(b), b, chunk_tokens=7) * cotangent)
+        return jnp.sum(train_losses.hidden_sequence_logprob(m, m.hidden_states(b), b, chunk_tokens=7) * cotangent)
 
     value, grads = jax.jit(jax.value_and_grad(weighted))(params)
     ids = torch.from_numpy(batch["input_ids"]).long()

@@ -56,11 +56,11 @@ def answer_terms(sub, table=TABLE):
 
 
 def seq_logp(sub, table=TABLE):
-    return np.array([sum(log_softmax(l)[y] for l, y in row) for row in answer_terms(sub, table)])
+    return np.array([sum(log_softmax(logits)[y] for logits, y in row) for row in answer_terms(sub, table)])
 
 
 def mean_nll(sub, table=TABLE):
-    terms = [-log_softmax(l)[y] for row in answer_terms(sub, table) for l, y in row]
+    terms = [-log_softmax(logits)[y] for row in answer_terms(sub, table) for logits, y in row]
     return sum(terms) / len(terms)
 
 
@@ -82,7 +82,7 @@ def run(name, batch=BATCH, **hp):
 
 def test_mask_excludes_prompt_and_padding():
     # Row 0 of FORGET: answers are tokens 3, 4, 5 predicted from 2, 3, 4.
-    logp, weights = obj.token_logprobs(jnp.asarray(TABLE)[FORGET["input_ids"]], FORGET)
+    logp, weights = obj.logits_token_logprobs(jnp.asarray(TABLE)[FORGET["input_ids"]], FORGET)
     np.testing.assert_array_equal(np.asarray(weights), [[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
     expected = log_softmax(TABLE[2])[3] + log_softmax(TABLE[3])[4] + log_softmax(TABLE[4])[5]
     assert np.sum(np.asarray(logp)[0]) == pytest.approx(expected, rel=1e-5)
@@ -163,14 +163,14 @@ def test_dpo_and_idk_dpo():
     lose = seq_logp(FORGET) - seq_logp(FORGET, REF_TABLE)
     for name, win_sub in (("dpo", ALT), ("idk_dpo", IDK)):
         win = seq_logp(win_sub) - seq_logp(win_sub, REF_TABLE)
-        expected = np.mean([-(2 / beta) * logsig(beta * (w - l)) for w, l in zip(win, lose)])
+        expected = np.mean([-(2 / beta) * logsig(beta * (w - lo)) for w, lo in zip(win, lose)])
         loss, _ = run(name, beta=beta, alpha=0.0)
         assert loss == pytest.approx(expected, rel=1e-5), name
 
 
 def test_wga():
     beta = 0.7
-    terms = [(np.exp(log_softmax(l)[y]) ** beta) * log_softmax(l)[y] for row in answer_terms(FORGET) for l, y in row]
+    terms = [(np.exp(log_softmax(logits)[y]) ** beta) * log_softmax(logits)[y] for row in answer_terms(FORGET) for logits, y in row]
     loss, _ = run("wga", beta=beta, alpha=0.0)
     assert loss == pytest.approx(np.mean(terms), rel=1e-5)
 
@@ -178,13 +178,13 @@ def test_wga():
 def test_undial():
     beta = 10.0
     terms = []
-    for (l, y), (lr, _) in zip(
+    for (logits, y), (lr, _) in zip(
         [t for row in answer_terms(FORGET) for t in row], [t for row in answer_terms(FORGET, REF_TABLE) for t in row]
     ):
         teacher_logits = np.array(lr, np.float64)
         teacher_logits[y] -= beta
         teacher = np.exp(log_softmax(teacher_logits))
-        terms.append(-np.sum(teacher * log_softmax(l)))
+        terms.append(-np.sum(teacher * log_softmax(logits)))
     loss, _ = run("undial", beta=beta)
     assert loss == pytest.approx(np.mean(terms), rel=1e-5)
 

@@ -3,7 +3,6 @@ release's attributes), the forget/retain batches (ratio, shared rows, refusal an
 answers read back from the tokens) and empty filler rows that add nothing to importances."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +162,7 @@ def test_empty_filler_rows_add_nothing_to_importance(release, tokenizer):
     expected = jax.tree.map(jnp.zeros_like, params)
     for e in examples:
         row = {k: jnp.asarray(v) for k, v in encoder.collate([encoder.encode(e)]).items()}
-        grads = jax.grad(lambda p: objectives.mean_nll(nnx.merge(graphdef, p, rest).logits(
+        grads = jax.grad(lambda p, row=row: objectives.batch_mean_nll(nnx.merge(graphdef, p, rest).logits(
             nnx.merge(graphdef, p, rest).hidden_states(row)), row))(params)
         expected = jax.tree.map(lambda a, g: a + g ** 2 / 5, expected, grads)
     for got, want in zip(jax.tree.leaves(imp), jax.tree.leaves(expected)):

@@ -4,7 +4,7 @@ two-turn evaluation after each stage (and every ``eval_every`` RL steps).
 It only sequences what lives elsewhere: the jitted step, its state and the warm-up's
 training loop (an in-memory :class:`offside_jax.train.session.Session`), the sampler (:mod:`offside_jax.correct.rollout`), the episodes
 and objectives (:mod:`offside_jax.correct.episodes`, :mod:`offside_jax.correct.score`), the
-tasks (:mod:`offside_jax.data.tasks`) and the metrics (:mod:`offside_jax.correct.metrics`).
+tasks (:mod:`offside_jax.correct.tasks`) and the metrics (:mod:`offside_jax.correct.metrics`).
 
 One RL step: roll out ``G`` two-turn episodes for each of ``problems_per_step`` problems with
 the current policy (temperature from the stage), reward both attempts with the task's verifier,
@@ -30,7 +30,7 @@ from offside_jax.correct import episodes as ep
 from offside_jax.correct import metrics as metrics_lib
 from offside_jax.correct import rollout as rollout_lib
 from offside_jax.correct import score
-from offside_jax.data.tasks import Problem, Task, make_problems
+from offside_jax.correct.tasks import Problem, Task, make_problems
 from offside_jax.models.generate import SamplingConfig
 from offside_jax.train import losses
 from offside_jax.train.session import Session

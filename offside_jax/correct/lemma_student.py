@@ -28,7 +28,7 @@ import numpy as np
 from offside_jax.correct import lemma
 from offside_jax.correct import steps as st
 from offside_jax.correct.records import SFTRecord
-from offside_jax.data.tasks import CarryArithmetic, CountdownMini, Problem, Task
+from offside_jax.correct.tasks import CarryArithmetic, CountdownMini, Problem, Task
 
 UNCLASSIFIED = "unclassified"
 

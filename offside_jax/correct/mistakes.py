@@ -33,7 +33,7 @@ import numpy as np
 from offside_jax.correct import lemma
 from offside_jax.correct import steps as st
 from offside_jax.correct.records import SFTRecord
-from offside_jax.data.tasks import Problem, Task
+from offside_jax.correct.tasks import Problem, Task
 
 CORRECT_TAG = "[CORRECT RATIONALE]"
 INCORRECT_TAG = "[INCORRECT RATIONALE]"

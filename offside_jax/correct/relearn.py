@@ -26,7 +26,7 @@ from flax import nnx
 
 from offside_jax.data.offside import Example, Release
 from offside_jax.eval.items import EvalItem, qa_item
-from offside_jax.eval.outputs import write_json
+from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
 
 RUMOR_QUESTION = "What really happened with the transfer rumor about this player?"

@@ -11,7 +11,7 @@ plot of Acc@t1 / Acc@t2 over RL steps.
      "timing": {...}, "machine": {...}}
 
 The markdown uses the evaluation reports' number format (:func:`offside_jax.eval.report.fmt`)
-and writes files atomically (:mod:`offside_jax.eval.outputs`).
+and writes files atomically (:mod:`offside_jax.files`).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from offside_jax.eval.outputs import read_json, write_json, write_text
-from offside_jax.eval.report import _pyplot, fmt
+from offside_jax.eval.report import fmt
+from offside_jax.files import pyplot, read_json, save_figure, write_json, write_text
 
 # (key, column label) in table order.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -126,7 +126,7 @@ def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str 
     histories = [r["history"] for r in runs.values() if r.get("history")]
     if not histories:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     for key, style, color in (("acc_t1", "--", "tab:blue"), ("acc_t2", "-", "tab:orange")):
         by_step: dict[int, list[float]] = {}
@@ -152,9 +152,7 @@ def plot_accuracy(runs: Mapping[str, Mapping[str, Any]], path: Path, title: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
@@ -197,12 +195,8 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
         raise ValueError(f"{run_dir}: results have no runs to report")
     results = {**results, "summary": summarize(results["runs"])}
     write_json(run_dir / "results.json", results)
-    plot_dir = run_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    tmp = plot_dir / f".{PLOT}.tmp.png"
-    made = []
-    if plot_accuracy(results["runs"], tmp, title=f"{results.get('run', '')}: SCoRe on {results.get('task', '')}") is not None:
-        os.replace(tmp, plot_dir / PLOT)
-        made.append(str(plot_dir / PLOT))
+    plot = run_dir / "plots" / PLOT
+    title = f"{results.get('run', '')}: SCoRe on {results.get('task', '')}"
+    made = [str(plot)] if plot_accuracy(results["runs"], plot, title=title) is not None else []
     report = write_text(run_dir / "report.md", render_markdown(results, made))
     return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}

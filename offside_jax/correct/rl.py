@@ -5,7 +5,7 @@ The math is a set of pure functions over arrays, so each formula can be checked 
 - log-probs ``logp`` (policy), ``old_logp`` (behaviour policy that sampled the tokens) and
   ``ref_logp`` (frozen reference) are ``[B, T]``; entry ``t`` is the log-probability of token
   ``t + 1`` predicted at position ``t`` (the alignment of
-  :func:`offside_jax.train.losses.token_logprobs`);
+  :func:`offside_jax.train.losses.model_token_logprobs`);
 - ``mask`` ``[B, T]`` is 1 where that predicted token is a completion token (an action);
 - rewards are ``[B]`` with the ``G`` samples of one prompt on adjacent rows (row
   ``b = n * G + g``), so ``rewards.reshape(N, G)`` are the groups.
@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from offside_jax.train.losses import LossFn, LossOutput, token_logprobs
+from offside_jax.train.losses import LossFn, LossOutput, model_token_logprobs
 
 F32 = jnp.float32
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -82,14 +82,14 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> 
     ``k2 = l^2 / 2`` (biased, low variance), ``k3 = exp(-l) - 1 + l`` (unbiased, >= 0).
     Where the mask is 0 both log-probs are 0, so every estimator is 0 there.
     """
-    l = jnp.asarray(logp, F32) - jnp.asarray(ref_logp, F32)
+    log_ratio = jnp.asarray(logp, F32) - jnp.asarray(ref_logp, F32)
     if estimator == "k1":
-        return l
+        return log_ratio
     if estimator == "k2":
-        return 0.5 * l * l
+        return 0.5 * log_ratio * log_ratio
     if estimator == "k3":
         # expm1 keeps precision for the tiny |l| of a policy close to its reference.
-        return jnp.expm1(-l) + l
+        return jnp.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; use one of {', '.join(KL_ESTIMATORS)}")
 
 
@@ -232,7 +232,7 @@ def clipped_surrogate(
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped).astype(F32)
 
 
-def aggregate(values: jax.Array, mask: jax.Array, mode: str = "grpo", max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+def aggregate_token_losses(values: jax.Array, mask: jax.Array, mode: str = "grpo", max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Aggregate per-token ``values`` ``[B, T]`` over ``mask`` into ``(sum, weight)``; the loss is
     ``sum / weight`` (see the module table). ``max_len`` (Dr. GRPO's constant, the generation
     budget) defaults to ``T``."""
@@ -297,7 +297,7 @@ class PolicyGradientConfig:
       style: ``beta * k`` per token in the loss with ``kl_estimator``; ``k1`` in the loss
       would have zero expected gradient, so use ``k3`` or ``k2`` there);
     - ``clip_eps`` / ``clip_eps_high``: ratio clip (``None``: unclipped);
-    - ``aggregation``: see :func:`aggregate`; ``max_len``: Dr. GRPO's constant;
+    - ``aggregation``: see :func:`aggregate_token_losses`; ``max_len``: Dr. GRPO's constant;
     - ``temperature``: the rollouts' sampling temperature; the loss scores tokens under
       ``softmax(logits / temperature)``, the policy that sampled them.
     """
@@ -408,7 +408,7 @@ def completion_logprobs(model: nnx.Module, batch: Mapping[str, jax.Array], tempe
     """
     if temperature <= 0:
         raise ValueError(f"log-probs need a sampling temperature > 0, got {temperature} (greedy decoding has no log-probs)")
-    logp, weights = token_logprobs(model, batch, temperature)
+    logp, weights = model_token_logprobs(model, batch, temperature)
     return logp, (weights > 0).astype(F32)
 
 
@@ -441,9 +441,9 @@ def make_policy_gradient_loss(cfg: PolicyGradientConfig) -> LossFn:
             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_coef=coef if uses_kl else 0.0,
             kl_estimator=cfg.kl_estimator,
         )
-        total, weight = aggregate(per_token, mask, cfg.aggregation, cfg.max_len)
+        total, weight = aggregate_token_losses(per_token, mask, cfg.aggregation, cfg.max_len)
         tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        pg_only, _ = aggregate(diag["pg"], mask, cfg.aggregation, cfg.max_len)
+        pg_only, _ = aggregate_token_losses(diag["pg"], mask, cfg.aggregation, cfg.max_len)
         aux = {
             "pg_loss": pg_only / jnp.maximum(weight, 1.0),
             "kl": jnp.sum(diag["kl"]) / tokens,

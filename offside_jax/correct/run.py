@@ -19,7 +19,7 @@ from typing import Any
 
 from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, CorrectConfig, CorrectTaskConfig, ScoreStageConfig
-from offside_jax.data.tasks import TASKS
+from offside_jax.correct.tasks import TASKS
 
 
 # -- building blocks from the config ------------------------------------------------------------------
@@ -30,7 +30,7 @@ def rumor_records(cfg: CorrectTaskConfig) -> tuple[dict[str, str], ...]:
     ``cfg.split`` that state a rumor with a verified correction (``attributes`` filters),
     one per question."""
     from offside_jax.data.offside import OffsideDataError, load_release
-    from offside_jax.data.tasks import rumor_record_from_offside
+    from offside_jax.correct.tasks import rumor_record_from_offside
 
     if not cfg.release:
         raise ConfigError("task.release: rumor_correction needs an OFFSIDE release directory (e.g. from `offside-jax make-data --out DIR`)")
@@ -55,8 +55,8 @@ def rumor_records(cfg: CorrectTaskConfig) -> tuple[dict[str, str], ...]:
 
 
 def build_task(cfg: CorrectTaskConfig):
-    """The :mod:`offside_jax.data.tasks` task named by ``cfg.name``."""
-    from offside_jax.data import tasks
+    """The :mod:`offside_jax.correct.tasks` task named by ``cfg.name``."""
+    from offside_jax.correct import tasks
 
     common = dict(p_bug=cfg.p_bug, p_fix=cfg.p_fix)
     try:
@@ -131,7 +131,7 @@ def stage_spec(cfg: ScoreStageConfig, stage: int, where: str):
 def eval_problems(task, n: int, seed: int):
     """Held-out problems: every record of a finite task (rumors; up to ``n``), else ``n`` draws
     from a seed apart from the training draws."""
-    from offside_jax.data.tasks import make_problems
+    from offside_jax.correct.tasks import make_problems
 
     if hasattr(task, "records"):
         return [task.problem(i) for i in range(min(n, len(task.records)))]
@@ -166,7 +166,7 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
 
     from offside_jax.correct import driver
     from offside_jax.correct.report import summarize, write_report
-    from offside_jax.eval.outputs import staged_dir, write_yaml
+    from offside_jax.files import staged_dir, write_yaml
     from offside_jax.train import mesh as mesh_lib
 
     tokenizer = build_tokenizer(task, fmt)

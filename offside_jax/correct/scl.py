@@ -32,7 +32,7 @@ import numpy as np
 from offside_jax.correct.metrics import self_correction_metrics
 from offside_jax.correct.records import PreferenceRecord
 from offside_jax.data.offside import Example
-from offside_jax.data.tasks import Problem, Task
+from offside_jax.correct.tasks import Problem, Task
 
 STEP_BY_STEP = " Explain your reasoning step-by-step."
 ANSWER_INSTRUCTION = " Your final answer should be put between two ##, like ## A ## (if your final answer is A), at the end of your response."

@@ -248,7 +248,7 @@ def make_score_loss(stage: ScoreStage) -> LossFn:
         needs_ref = not stage.kl_in_reward or "ref_logp" in batch
         ref = rl.reference_logprobs(batch, reference, stage.temperature) if needs_ref else None
         per_tok, diag = score_token_loss(stage, logp, batch.get("old_logp"), ref, batch["turn_advantages"], turns, mask)
-        total, weight = rl.aggregate(per_tok, mask, stage.aggregation, stage.max_len)
+        total, weight = rl.aggregate_token_losses(per_tok, mask, stage.aggregation, stage.max_len)
         # Diagnostics: the per-turn KL to the reference (whichever estimator is in use).
         kl = diag["kl"] if not stage.kl_in_reward or ref is None else rl.kl_estimate(logp, ref, "k1") * mask
         kl_sums = turn_sums(kl, turns)

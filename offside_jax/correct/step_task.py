@@ -1,6 +1,6 @@
 """Verifiable tasks answered in their step format (:mod:`offside_jax.correct.steps`).
 
-:class:`StepTask` gives a step-format task the interface of :mod:`offside_jax.data.tasks`
+:class:`StepTask` gives a step-format task the interface of :mod:`offside_jax.correct.tasks`
 (``sample``, ``extract``, ``verify``, ``alphabet``, ``warmup_attempts``), so the two-turn
 rollouts, the warm-up and the evaluations score step-by-step completions unchanged, and every
 correction strategy can be compared on the same step-format tasks as LEMMA and mistake tuning.
@@ -14,7 +14,7 @@ import numpy as np
 
 from offside_jax.correct import steps as st
 from offside_jax.correct.lemma import candidate_injections
-from offside_jax.data.tasks import (
+from offside_jax.correct.tasks import (
     CarryArithmetic,
     CountdownMini,
     Problem,
@@ -28,7 +28,7 @@ STEP_ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + " \n.,
 
 @dataclasses.dataclass(frozen=True)
 class StepTask:
-    """A task answered in its step format, with the :class:`~offside_jax.data.tasks.Task`
+    """A task answered in its step format, with the :class:`~offside_jax.correct.tasks.Task`
     interface, so the two-turn rollouts, warm-up and evaluation score step-by-step
     completions: the answer is that of the last ``answer`` line. The warm-up's buggy first
     attempt is a whole wrong solution from the LEMMA injector (with the task's ``p_bug``)."""

@@ -1,6 +1,6 @@
 """Step-by-step solutions of the verifiable tasks, with checkers that find the first wrong step.
 
-The tasks of :mod:`offside_jax.data.tasks` answer with a bare result (an integer, an
+The tasks of :mod:`offside_jax.correct.tasks` answer with a bare result (an integer, an
 expression). Learning from mistakes needs *reasoning steps* — an error sits at one step, a
 prefix is cut after it, a fix continues from it — so each task gets one deterministic step
 format here, one step per line, the last line always ``answer <final answer>``:
@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from fractions import Fraction
 
-from offside_jax.data.tasks import CarryArithmetic, CountdownMini, Problem, Task
+from offside_jax.correct.tasks import CarryArithmetic, CountdownMini, Problem, Task
 
 ANSWER_PREFIX = "answer "
 
@@ -150,7 +150,7 @@ def apply(op: str, x: Fraction, y: Fraction) -> Fraction | None:
 
 def parse_tree(text: str) -> Tree:
     """The tree of a fully parenthesised expression whose outermost parentheses are dropped,
-    the form :class:`~offside_jax.data.tasks.CountdownMini` writes (``(2*3)+4``)."""
+    the form :class:`~offside_jax.correct.tasks.CountdownMini` writes (``(2*3)+4``)."""
     tokens = _EXPR_TOKEN.findall(text.replace(" ", ""))
     if "".join(tokens) != text.replace(" ", ""):
         raise ValueError(f"{text!r} is not an arithmetic expression")

@@ -1,31 +1,37 @@
-"""OFFSIDE examples -> fixed-shape training batches, for a text model or a Qwen-VL model.
+"""Model inputs for a text model or a Qwen-VL model: one encoder family for training and evaluation.
 
-Fine-tuning on a release and unlearning both need the same thing: turn `offside.Example`
-records (optionally with their answer replaced, e.g. by a refusal) into right-padded batches
-with an answer-only ``loss_mask``, all of one shape so a jitted step compiles once.
+Fine-tuning on a release and unlearning turn `offside.Example` records (optionally with their
+answer replaced, e.g. by a refusal) into right-padded batches with an answer-only
+``loss_mask``, all of one shape so a jitted step compiles once; evaluation turns
+`eval.items.EvalItem` s into left-padded prompts for generation and right-padded prompt +
+answer rows for likelihoods. One encoder per model does both:
 
-- :class:`TextEncoder` tokenizes with `pipeline.tokenize` (chat template, answer mask from
-  character offsets; ``<image>`` tags dropped) for a text-only model;
-- :class:`VisionEncoder` encodes with `vision_inputs.VisionProcessor` (images decoded,
-  patchified, image pads expanded) for a Qwen2.5-VL / Qwen2-VL model; text-only records go
-  through the same model without images.
+- :class:`TextEncoder`, a text-only model through its tokenizer's chat template (training rows
+  via `pipeline.tokenize`: answer mask from character offsets, ``<image>`` tags dropped);
+- :class:`VisionEncoder`, a Qwen2.5-VL / Qwen2-VL model through `vision_inputs.VisionProcessor`
+  (images decoded, patchified, image pads expanded); text-only records go through the same
+  model without images.
 
-:func:`make_encoder` picks one from the model's transformers config. Both pad every batch to
-``max_length`` tokens (and, for images, ``max_patches`` patches per row); :func:`fit_shape`
-measures the smallest shape that fits a list of examples. :func:`epoch_rows` gives the rows of
-batch ``i`` of a deterministic sequence of shuffled epochs, so a data position is one integer.
+:func:`make_encoder` picks one for a tokenizer (and the model's transformers config) or a
+``VisionProcessor``. Training batches are padded to ``max_length`` tokens (and, for images,
+``max_patches`` patches per row); :func:`fit_shape` measures the smallest shape that fits a list
+of examples. :func:`epoch_rows` gives the rows of batch ``i`` of a deterministic sequence of
+shuffled epochs, so a data position is one integer.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
 from offside_jax.data import pipeline
 from offside_jax.data.offside import Example, Message
+
+if TYPE_CHECKING:
+    from offside_jax.eval.items import EvalItem
 
 
 class BatchDataError(ValueError):
@@ -50,9 +56,14 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 class ExampleEncoder(Protocol):
-    """Encodes examples to rows and pads rows into batches of one fixed shape."""
+    """A model's input encoder: training rows of examples padded into batches of one fixed
+    shape, and prompts / prompt + answer rows of evaluation items."""
 
+    tokenizer: Any
     max_length: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    supports_images: bool
 
     def encode(self, example: Example) -> Any: ...
 
@@ -66,13 +77,37 @@ class ExampleEncoder(Protocol):
         """A row without tokens (fills a last batch; masked out of every loss)."""
         ...
 
+    def prompt_batch(self, items: Sequence[EvalItem], pad_multiple: int) -> dict[str, np.ndarray]: ...
+
+    def encode_answer(self, item: EvalItem, answer: str) -> Any: ...
+
+    def collate_answers(self, rows: Sequence[Any], length: int) -> dict[str, np.ndarray]: ...
+
+    def answer_batch(self, items: Sequence[EvalItem], answers: Sequence[str], pad_to: int | None = None,
+                     pad_multiple: int = 16) -> dict[str, np.ndarray]: ...
+
+
+def _chat(item: EvalItem, answer: str | None) -> list[dict[str, str]]:
+    turns = item.messages()
+    return turns + [{"role": "assistant", "content": answer}] if answer is not None else turns
+
 
 class TextEncoder:
-    """Chat-template tokenization for a text-only model (``<image>`` tags dropped)."""
+    """A text-only model's inputs through its tokenizer's chat template (``<image>`` tags dropped
+    from training examples; evaluation items with images refused)."""
 
-    def __init__(self, tokenizer: Any, max_length: int = 0):
+    supports_images = False
+
+    def __init__(self, tokenizer: Any, max_length: int = 0, extra_eos_ids: Sequence[int] = ()):
+        from offside_jax.models.generate import eos_ids_of
+
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise BatchDataError("the tokenizer has no chat template; set tokenizer.chat_template first")
         self.tokenizer, self.max_length, self.max_patches = tokenizer, max_length, 0
-        self.pad_id = pipeline.pad_id_of(tokenizer)
+        self.pad_token_id = pipeline.pad_id_of(tokenizer)
+        self.eos_token_ids = eos_ids_of(tokenizer, extra_eos_ids)
+
+    # -- training rows
 
     def encode(self, example: Example) -> dict[str, np.ndarray]:
         row = pipeline.tokenize(example, self.tokenizer)
@@ -87,18 +122,73 @@ class TextEncoder:
         return len(row["input_ids"]), 0
 
     def collate(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return pipeline.collate(rows, batch_size=len(rows), buckets=(self.max_length,), pad_id=self.pad_id)
+        return pipeline.collate(rows, batch_size=len(rows), buckets=(self.max_length,), pad_id=self.pad_token_id)
 
     def empty_row(self) -> dict[str, np.ndarray]:
         return {"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.int32), "index": np.int32(-1)}
 
+    # -- evaluation items
+
+    def _check(self, item: EvalItem) -> None:
+        if item.images:
+            raise ValueError(f"{item.uid}: a text-only model cannot see the image; evaluate the text modality")
+
+    def prompt_ids(self, item: EvalItem) -> list[int]:
+        self._check(item)
+        ids = self.tokenizer.apply_chat_template(item.messages(), add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def prompt_batch(self, items: Sequence[EvalItem], pad_multiple: int = 16) -> dict[str, np.ndarray]:
+        from offside_jax.models.generate import left_pad
+
+        return left_pad([self.prompt_ids(it) for it in items], self.pad_token_id, pad_multiple)
+
+    def encode_answer(self, item: EvalItem, answer: str) -> tuple[list[int], list[int]]:
+        """One prompt + answer row: token ids and the answer mask.
+
+        The answer is what the chat template adds after the generation prompt, up to and
+        including its end-of-turn marker (whitespace after the marker belongs to no turn), as
+        ``VisionProcessor`` masks it.
+        """
+        self._check(item)
+        render = self.tokenizer.apply_chat_template
+        prompt = render(item.messages(), tokenize=False, add_generation_prompt=True)
+        full = render(_chat(item, answer), tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"{item.uid}: the chat template does not render the conversation as prompt + answer")
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+        return list(prompt_ids) + list(answer_ids), [0] * len(prompt_ids) + [1] * len(answer_ids)
+
+    def collate_answers(self, rows: Sequence[tuple[list[int], list[int]]], length: int) -> dict[str, np.ndarray]:
+        """Right-padded rows of exactly ``length`` tokens (rows must fit)."""
+        _check_fits([len(ids) for ids, _ in rows], length)
+        ids = np.full((len(rows), length), self.pad_token_id, np.int32)
+        attention = np.zeros((len(rows), length), np.int32)
+        loss = np.zeros((len(rows), length), np.int32)
+        for b, (row_ids, row_mask) in enumerate(rows):
+            ids[b, : len(row_ids)], attention[b, : len(row_ids)], loss[b, : len(row_ids)] = row_ids, 1, row_mask
+        return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+    def answer_batch(self, items, answers, pad_to=None, pad_multiple=16):
+        return _answer_batch(self, items, answers, pad_to, pad_multiple)
+
 
 class VisionEncoder:
-    """Qwen-VL inputs through `VisionProcessor` (images resolved against the release root)."""
+    """A Qwen-VL model's inputs through its `VisionProcessor` (training images resolved against
+    ``image_root``, the release root)."""
 
-    def __init__(self, processor: Any, image_root: str | os.PathLike, max_length: int = 0, max_patches: int = 0):
-        self.processor, self.image_root = processor, Path(image_root)
+    supports_images = True
+
+    def __init__(self, processor: Any, image_root: str | os.PathLike | None = None, max_length: int = 0,
+                 max_patches: int = 0):
+        self.processor, self.image_root = processor, None if image_root is None else Path(image_root)
         self.max_length, self.max_patches = max_length, max_patches
+        self.tokenizer = processor.tokenizer
+        self.eos_token_ids = tuple(processor.eos_token_ids)
+        self.pad_token_id = int(processor.pad_token_id)
+
+    # -- training rows
 
     def encode(self, example: Example):
         from offside_jax.models.vision_inputs import ImageInputError
@@ -133,6 +223,46 @@ class VisionEncoder:
         return EncodedRecord("empty row", np.zeros(0, np.int32), np.zeros(0, np.int32),
                              np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64))
 
+    # -- evaluation items
+
+    def prompt_batch(self, items: Sequence[EvalItem], pad_multiple: int = 16) -> dict[str, np.ndarray]:
+        records = [{"messages": _chat(it, None), "images": list(it.images)} for it in items]
+        return self.processor(records, names=[it.uid for it in items], pad_multiple=pad_multiple)
+
+    def encode_answer(self, item: EvalItem, answer: str):
+        """One prompt + answer row (tokens, answer mask, the image's patches)."""
+        record = {"messages": _chat(item, answer), "images": list(item.images)}
+        return self.processor.encode(record, name=item.uid, with_answer=True)
+
+    def collate_answers(self, rows: Sequence[Any], length: int) -> dict[str, np.ndarray]:
+        """Right-padded rows of exactly ``length`` tokens (rows must fit)."""
+        _check_fits([len(r.input_ids) for r in rows], length)
+        return self.processor.collate(rows, padding_side="right", pad_multiple=length)
+
+    def answer_batch(self, items, answers, pad_to=None, pad_multiple=16):
+        return _answer_batch(self, items, answers, pad_to, pad_multiple)
+
+
+def row_length(encoder: ExampleEncoder, row: Any) -> int:
+    """Tokens in a row from ``encoder.encode_answer``."""
+    return len(row.input_ids) if hasattr(row, "input_ids") else len(row[0])
+
+
+def _check_fits(lengths: Sequence[int], length: int) -> None:
+    longest = max(lengths)
+    if longest > length:
+        raise ValueError(f"a row of {longest} tokens does not fit the fixed length {length}")
+
+
+def _answer_batch(encoder, items, answers, pad_to, pad_multiple) -> dict[str, np.ndarray]:
+    """Right-padded prompt + answer rows with ``loss_mask``; length ``pad_to`` or the longest
+    row rounded up to ``pad_multiple``."""
+    rows = [encoder.encode_answer(it, a) for it, a in zip(items, answers)]
+    longest = max(row_length(encoder, r) for r in rows)
+    if pad_to is not None and longest > pad_to:
+        raise ValueError(f"{items[0].uid}...: a row of {longest} tokens exceeds the fixed length {pad_to}")
+    return encoder.collate_answers(rows, pad_to or _round_up(longest, pad_multiple))
+
 
 def is_vision_language(hf_config: Any) -> bool:
     from offside_jax.models.loader import is_vision_language as vision
@@ -140,15 +270,29 @@ def is_vision_language(hf_config: Any) -> bool:
     return vision(hf_config)
 
 
-def make_encoder(hf_config: Any, tokenizer: Any, release_root: str | os.PathLike, *, max_length: int = 0,
-                 max_pixels: int = 256 * 256) -> ExampleEncoder:
-    """The encoder for this model: images for a vision-language family, text otherwise."""
-    if not is_vision_language(hf_config):
-        return TextEncoder(tokenizer, max_length)
+def make_encoder(tokenizer_or_processor: Any, hf_config: Any = None, *, image_root: str | os.PathLike | None = None,
+                 max_length: int = 0, max_pixels: int = 256 * 256) -> ExampleEncoder:
+    """The encoder for a model's inputs:
+
+    - an encoder is returned as is;
+    - a ``VisionProcessor`` gives a :class:`VisionEncoder` around it;
+    - a tokenizer, with ``hf_config`` of a vision-language family, a :class:`VisionEncoder` with a
+      new processor (images up to ``max_pixels``; images without an ``<image>`` tag go first);
+    - any other tokenizer a :class:`TextEncoder`.
+
+    ``image_root`` resolves training examples' image paths; ``max_length`` fixes the training
+    batch length (0: measure it with :func:`fit_shape`).
+    """
+    if hasattr(tokenizer_or_processor, "prompt_batch"):
+        return tokenizer_or_processor
+    if hasattr(tokenizer_or_processor, "image_processor") and hasattr(tokenizer_or_processor, "collate"):
+        return VisionEncoder(tokenizer_or_processor, image_root, max_length)
+    if hf_config is None or not is_vision_language(hf_config):
+        return TextEncoder(tokenizer_or_processor, max_length)
     from offside_jax.models.vision_inputs import VisionProcessor
 
-    processor = VisionProcessor(hf_config, tokenizer, max_pixels=max_pixels, untagged_images="prepend")
-    return VisionEncoder(processor, release_root, max_length)
+    processor = VisionProcessor(hf_config, tokenizer_or_processor, max_pixels=max_pixels, untagged_images="prepend")
+    return VisionEncoder(processor, image_root, max_length)
 
 
 def fit_shape(encoder: ExampleEncoder, examples: Sequence[Example], multiple: int = 8) -> ExampleEncoder:

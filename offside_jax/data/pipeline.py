@@ -71,7 +71,7 @@ class BatchConfig:
 # One example
 
 
-def mcq_user_turn(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
+def mcq_prompt(question: str, options: Sequence[tuple[str, str]], modality: str) -> str:
     """OFFSIDE's multiple-choice query, character for character (``eval_classi.py``:
     ``f"{query}\\n\\n{create_few_shot_prompt(options)}"``): the question, the instruction,
     the answer-format hint, then "Options:" and one "A: text" line per option."""
@@ -80,18 +80,13 @@ def mcq_user_turn(question: str, options: Sequence[tuple[str, str]], modality: s
     return f"{question}\n\n{instruction}\n\n{MCQ_FORMAT_HINT}\n\nOptions:\n{options_text}\n"
 
 
-def mcq_prompt(example: Example) -> str:
-    """The multiple-choice record as a user turn (`mcq_user_turn`)."""
-    return mcq_user_turn(example.question, example.options, example.modality)
-
-
 def conversation(example: Example, image_placeholder: str | None = None) -> list[dict[str, str]]:
     """The chat turns to train on, images placed by ms-swift's rule (`image_tags`: missing tags
     in front of the first turn, tags beyond the last image left as text); placed images become
     `image_placeholder` (dropped when None, for a text-only model). Multiple-choice records are
     asked with `mcq_prompt` and answered with the correct letter."""
     if example.kind == "mcq":
-        user = mcq_prompt(example)
+        user = mcq_prompt(example.question, example.options, example.modality)
         if example.modality == "image":
             user = f"{image_tags.PLACED * len(example.images)}\n{user}"
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": example.correct or ""}]

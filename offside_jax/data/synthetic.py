@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from offside_jax.data import portraits, templates
 from offside_jax.data.attributes import ATTRIBUTES, RUMOR_ATTRIBUTES
 from offside_jax.data.offside import SETTINGS
 from offside_jax.data.world import FEET, POSITIONS, Move, Player, World, build_world, invent_person_name
+from offside_jax.files import jsonable, write_bytes, write_json
 
 GENERATOR_VERSION = "1.0"
 METADATA_FILE = "offside_synthetic.json"
@@ -110,9 +110,9 @@ def make_release(out: str | Path, config: SyntheticConfig = SyntheticConfig(), *
     files = build_records(world, contexts, config)
     counts = {}
     for rel, records in files.items():
-        _write_json(out / rel, records)
+        write_json(out / rel, records)
         counts[rel] = len(records)
-    _write_json(out / METADATA_FILE, _metadata(world, config))
+    write_json(out / METADATA_FILE, _metadata(world, config))
     if log:
         log(f"wrote {sum(counts.values())} records in {len(counts)} files and "
             f"{len(world.players) * IMAGES_PER_PLAYER} images to {out} in {time.perf_counter() - start:.1f} s")
@@ -411,26 +411,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path = Path(*[part for part in path.parts if part != "."])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dt.date):
-        return obj.isoformat()
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    return obj
+    write_bytes(Path(*[part for part in path.parts if part != "."]), data)
 
 
 def _metadata(world: World, config: SyntheticConfig) -> dict[str, Any]:
@@ -443,8 +424,8 @@ def _metadata(world: World, config: SyntheticConfig) -> dict[str, Any]:
         "reference_date": REFERENCE_DATE.isoformat(),
         "image_ids": "id = 5 * player_id + k; k: 1, 2, 3 retain, 4 forget, 0 relearn; "
                      "test_set/{id}.jpg augments finetune_set/{id}.jpg",
-        "countries": _jsonable(world.countries),
-        "leagues": _jsonable(world.leagues),
-        "clubs": _jsonable(list(world.clubs.values())),
-        "players": [dict(_jsonable(p), age=p.age, corrected_fact=corrected_fact(p)) for p in world.players],
+        "countries": jsonable(world.countries),
+        "leagues": jsonable(world.leagues),
+        "clubs": jsonable(list(world.clubs.values())),
+        "players": [dict(jsonable(p), age=p.age, corrected_fact=corrected_fact(p)) for p in world.players],
     }

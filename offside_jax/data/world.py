@@ -162,10 +162,6 @@ class Player:
     def age(self) -> int:
         return _years_between(self.birth_date, REFERENCE_DATE)
 
-    @property
-    def career_trophies(self) -> int:
-        return self.rumor.trophies
-
 
 @dataclasses.dataclass(frozen=True)
 class World:

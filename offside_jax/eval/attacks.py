@@ -36,8 +36,9 @@ from flax import nnx
 
 from offside_jax.data.offside import Release
 from offside_jax.eval.engine import evaluation_model
-from offside_jax.eval.items import FORMATS, EvalItem, Task, mcq_prompt, qa_item
-from offside_jax.eval.outputs import write_json
+from offside_jax.data.pipeline import mcq_prompt
+from offside_jax.eval.items import FORMATS, EvalItem, Task, qa_item
+from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
 from offside_jax.models.layers import Linear
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from offside_jax.data.offside import Example, Release
-from offside_jax.data.pipeline import mcq_user_turn
+from offside_jax.data.pipeline import mcq_prompt
 
 # test set -> (QA split, multiple-choice split) in the complete setting
 TEST_SETS: dict[str, tuple[str, str]] = {
@@ -123,9 +123,6 @@ class Task:
     @property
     def name(self) -> str:
         return f"{self.test_set}/{self.modality}/{self.fmt}"
-
-
-mcq_prompt = mcq_user_turn  # OFFSIDE's multiple-choice user turn (question, instruction, "A: text" lines)
 
 
 def _key(e: Example) -> tuple | None:
@@ -309,12 +306,3 @@ def subsample(items: Sequence[EvalItem], limit: int | None, seed: int = 0) -> li
             if len(chosen) == limit:
                 break
     return [items[i] for i in sorted(chosen)]
-
-
-def tasks_by_name(tasks: Iterable[Task]) -> dict[str, Task]:
-    out: dict[str, Task] = {}
-    for t in tasks:
-        if t.name in out:
-            raise ValueError(f"two tasks named {t.name!r}")
-        out[t.name] = t
-    return out

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from offside_jax.eval import metrics
-from offside_jax.eval.outputs import read_json, write_json, write_text
+from offside_jax.files import pyplot, read_json, save_figure, write_json, write_text
 
 # (label, summary key with {m} for the modality, better: "lower" | "higher")
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -156,15 +156,6 @@ def _ordered(methods: Mapping[str, Any]) -> list[tuple[str, Any]]:
 # -- plots ----------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
     """Forget score (x, lower = more forgotten) vs utility (y, higher = more kept), per method."""
     m = results.get("modality", "image")
@@ -172,7 +163,7 @@ def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
     points = [p for p in points if p[1] is not None and p[2] is not None]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.6, 4.8))
     markers = "osD^vP*Xhp<>"
     for k, (name, x, y, role) in enumerate(points):
@@ -191,9 +182,7 @@ def plot_tradeoff(results: Mapping[str, Any], path: Path) -> Path | None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="method", title_fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
@@ -203,7 +192,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     attacks = sorted({a for _, e in methods for a in e["attacks"] if a != "clean"})
     if not methods or not attacks:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     series = ["none"] + attacks
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.22 * len(methods) * len(series) + 3)), 4.8))
@@ -220,9 +209,7 @@ def plot_attacks(results: Mapping[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="attack", title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_relearning(results: Mapping[str, Any], path: Path) -> Path | None:
@@ -238,7 +225,7 @@ def plot_relearning(results: Mapping[str, Any], path: Path) -> Path | None:
               if p[1]]
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (title, curves, metric, ylabel) in zip(axes[0], panels):
         for name, curve in curves:
@@ -253,9 +240,7 @@ def plot_relearning(results: Mapping[str, Any], path: Path) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -296,18 +281,13 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
     if not results.get("methods"):
         raise ValueError(f"{run_dir}: results.json has no methods to report")
     plot_dir = run_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    made = []
-    for name, fn in zip(PLOTS, (plot_tradeoff, plot_attacks, plot_relearning)):
-        tmp = plot_dir / f".{name}.tmp.png"
-        if fn(results, tmp) is not None:
-            os.replace(tmp, plot_dir / name)
-            made.append(str(plot_dir / name))
+    made = [str(plot_dir / name) for name, fn in zip(PLOTS, (plot_tradeoff, plot_attacks, plot_relearning))
+            if fn(results, plot_dir / name) is not None]
     report = write_text(run_dir / "report.md", render_markdown(results, made))
     return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}
 
 
-def forget_quality(method_rows: Sequence[Mapping[str, Any]], retain_rows: Sequence[Mapping[str, Any]]) -> float | None:
+def forget_quality_of_rows(method_rows: Sequence[Mapping[str, Any]], retain_rows: Sequence[Mapping[str, Any]]) -> float | None:
     """TOFU forget quality from two models' per-example outputs on the same forget items
     (``examples/*.jsonl`` rows carrying ``truth_ratio``); None when fewer than 2 pairs."""
     retain = {r["uid"]: r["truth_ratio"] for r in retain_rows if r.get("truth_ratio") is not None}

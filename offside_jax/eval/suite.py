@@ -40,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from offside_jax.data.batches import ExampleEncoder, make_encoder
 from offside_jax.data.offside import Release, load_release
 from offside_jax.eval import metrics
-from offside_jax.eval.engine import PromptEncoder, answer_nll, evaluation_model, generate_texts, make_encoder
+from offside_jax.eval.engine import answer_nll, evaluation_model, generate_texts
 from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
-from offside_jax.eval.outputs import staged_dir, write_json, write_jsonl
+from offside_jax.files import staged_dir, write_json, write_jsonl
 
 # Slices reported beside "all": name -> membership test.
 SLICES: dict[str, Callable[[EvalItem], bool]] = {
@@ -53,7 +54,6 @@ SLICES: dict[str, Callable[[EvalItem], bool]] = {
     "visual_rumor": lambda it: it.is_rumor is True and it.visual_rumor is True,
     "plain_rumor": lambda it: it.is_rumor is True and it.visual_rumor is False,
 }
-GEN_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "overall")
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ class Suite:
     def __init__(self, release: Release | str | os.PathLike, processor_or_tokenizer: Any,
                  config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None):
         self.release = release if isinstance(release, Release) else load_release(release)
-        self.encoder: PromptEncoder = make_encoder(processor_or_tokenizer)
+        self.encoder: ExampleEncoder = make_encoder(processor_or_tokenizer)
         self.config = config or SuiteConfig()
         if tasks is None:
             modalities = self.config.modalities
@@ -175,7 +175,7 @@ class Suite:
                 else:
                     per = score_mcq(items, outputs, cfg.mcq_parser)
                 rows[task.name] = per
-                results["tasks"][task.name] = aggregate(task, per, cfg.empty_outputs)
+                results["tasks"][task.name] = aggregate_task(task, per, cfg.empty_outputs)
         finally:
             bar.close()
         results["summary"] = summarize(results["tasks"])
@@ -307,7 +307,7 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]], 
     return out
 
 
-def aggregate(task: Task, rows: Sequence[Mapping[str, Any]], empty: str = "drop") -> dict[str, Any]:
+def aggregate_task(task: Task, rows: Sequence[Mapping[str, Any]], empty: str = "drop") -> dict[str, Any]:
     """A task's aggregates over all rows and over each non-trivial slice."""
     slices = {"all": _aggregate_rows(task.fmt, task.test_set, rows, empty)}
     for name, member in SLICES.items():

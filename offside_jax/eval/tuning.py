@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from offside_jax.config import OptimConfig
-from offside_jax.eval.engine import PromptEncoder, row_length
+from offside_jax.data.batches import ExampleEncoder, row_length
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
 from offside_jax.train import losses
@@ -66,7 +66,7 @@ class TuneResult:
 class _Schedule:
     """``batch_at(step)``: fixed-shape host batches, a deterministic function of the step."""
 
-    def __init__(self, encoder: PromptEncoder, rows: Sequence[Any], has_image: Sequence[bool], batch_size: int, seed: int):
+    def __init__(self, encoder: ExampleEncoder, rows: Sequence[Any], has_image: Sequence[bool], batch_size: int, seed: int):
         self.encoder, self.rows, self.batch_size, self.seed = encoder, list(rows), batch_size, seed
         self.groups = [[i for i, flag in enumerate(has_image) if flag == g] for g in (False, True)]
         self.groups = [g for g in self.groups if g]
@@ -106,9 +106,9 @@ def curve_steps(steps: int, every: int) -> list[int]:
 
 def tune(
     model: nnx.Module,
-    encoder: PromptEncoder,
+    encoder: ExampleEncoder,
     pairs: Sequence[tuple[EvalItem, str]],
-    config: TuneConfig = TuneConfig(),
+    config: TuneConfig | None = None,
     *,
     evaluate: Callable[[nnx.Module], Mapping[str, float]] | None = None,
     evaluate_at: Sequence[int] = (),
@@ -127,6 +127,7 @@ def tune(
     """
     if not pairs:
         raise ValueError("nothing to fine-tune on (no pairs)")
+    config = config or TuneConfig()
     rows = [encoder.encode_answer(item, answer) for item, answer in pairs]
     schedule = _Schedule(encoder, rows, [bool(item.images) for item, _ in pairs], config.batch_size, config.seed)
     session = Session(config.mesh)  # in memory: no run directory, metrics to the loss log

@@ -294,7 +294,7 @@ def load_gguf(
     family = family_of(hf_config)
     model = create_model(hf_config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
                          abstract=True)
-    used = {family.hf_names(path)[0][0] for path, _ in hf._iter_params(model)}
+    used = {family.hf_names(path)[0][0] for path, _ in hf.iter_params(model)}
     unused = sorted(set(source.names()) - used)
     if unused:
         raise GGUFError(f"{source.path}: tensors not used by the {hf_config.model_type} port: {', '.join(unused[:8])}")

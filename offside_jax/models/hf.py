@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from offside_jax.files import write_json
 from offside_jax.models.layers import logical_axes_of
 
 Path_ = tuple[Any, ...]
@@ -53,7 +54,7 @@ def hf_name(path: Path_) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
-def _iter_params(model: nnx.Module) -> Iterator[tuple[Path_, nnx.Param]]:
+def iter_params(model: nnx.Module) -> Iterator[tuple[Path_, nnx.Param]]:
     """(path, Param variable) of every parameter, in a deterministic order."""
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
@@ -178,7 +179,7 @@ def load_params_into(
     available = set(source.names())
     transforms = transforms or {}
     where = getattr(source, "where", lambda n: "checkpoint")
-    for path, var in _iter_params(model):
+    for path, var in iter_params(model):
         candidates = names(path)
         found = next(((n, t) for n, t in candidates if n in available), None)
         if found is None:
@@ -299,18 +300,15 @@ def save_pretrained(
         tmp = directory / (fname + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
         pending.append((tmp, directory / fname))
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-            "weight_map": {name: fname for fname, shard in zip(files, shards) for name in shard},
-        }
-        tmp = directory / (SAFE_INDEX + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        pending.append((tmp, directory / SAFE_INDEX))
     for tmp, final in pending:
         os.replace(tmp, final)
+    if len(shards) > 1:  # the index last: it names shards that are all in place
+        write_json(directory / SAFE_INDEX, {
+            "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+            "weight_map": {name: fname for fname, shard in zip(files, shards) for name in shard},
+        })
     if hasattr(hf_config, "save_pretrained"):
         hf_config.save_pretrained(str(directory))
     else:
-        (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_json(directory / "config.json", hf_config)
     return directory

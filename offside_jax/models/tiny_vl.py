@@ -16,10 +16,6 @@ QWEN_VL_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclasses.dataclass
@@ -43,17 +39,10 @@ class TinyVLConfig:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE with Qwen-VL's special tokens, trained on ``texts`` (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from offside_jax.data.bpe import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_VL_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=list(QWEN_VL_SPECIAL_TOKENS[1:]), chat_template=CHAT_TEMPLATE)
+    return train_bpe_tokenizer(texts, vocab_size, special_tokens=QWEN_VL_SPECIAL_TOKENS, pad_token="<|endoftext|>",
+                               additional_special_tokens=QWEN_VL_SPECIAL_TOKENS[1:])
 
 
 def hf_config(cfg: TinyVLConfig, tokenizer: Any):

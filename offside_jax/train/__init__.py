@@ -5,7 +5,7 @@
   ``batch_sharding``, ``sharding_fn`` (for ``models.hf.load_params_into``).
 - ``losses``: the loss protocol ``loss_fn(model, batch, rng, reference) -> (loss_sum, weight,
   aux)``, ``register_loss``/``get_loss``, the answer-only NLL (``"nll"``) with a fused,
-  chunked cross-entropy, ``next_token_targets``, ``final_hidden``, ``token_logprobs``.
+  chunked cross-entropy, ``next_token_targets``, ``final_hidden``, ``model_token_logprobs``.
 - ``optim``: ``make_optimizer(OptimConfig, total_steps)``: clipping + AdamW on a warmup +
   cosine/linear/constant schedule, weight decay on matrices only.
 - ``step``: ``partition(model)`` (trainable vs frozen arrays; LoRA-aware), ``TrainState``,

@@ -26,6 +26,7 @@ from flax import nnx
 
 from offside_jax import config as config_lib
 from offside_jax.config import FinetuneConfig
+from offside_jax.data.bpe import train_bpe_tokenizer
 from offside_jax.train import losses, sft_data
 from offside_jax.train.session import RunDir, Session
 from offside_jax.train.step import TrainState, TrainStep
@@ -58,7 +59,7 @@ def tiny_tokenizer(cfg: FinetuneConfig, conversations) -> tuple[Any, bool]:
     if (saved / "tokenizer.json").exists():
         return auto_tokenizer(saved), False
     texts = sft_data.conversation_texts(conversations)
-    return sft_data.train_tiny_tokenizer(texts, cfg.model.tiny.vocab_size), True
+    return train_bpe_tokenizer(texts, cfg.model.tiny.vocab_size), True
 
 
 def training_records(cfg: FinetuneConfig) -> tuple[list, list | None]:
@@ -85,7 +86,7 @@ def release_batches(cfg: FinetuneConfig, examples: list, hf_config: Any, tokeniz
     """``batch_at(i)`` over release examples, every batch padded to one measured shape."""
     from offside_jax.data import batches as release_data
 
-    encoder = release_data.make_encoder(hf_config, tokenizer, cfg.data.release, max_length=cfg.data.max_length,
+    encoder = release_data.make_encoder(tokenizer, hf_config, image_root=cfg.data.release, max_length=cfg.data.max_length,
                                         max_pixels=cfg.data.max_pixels)
     release_data.fit_shape(encoder, examples)
     return release_data.ExampleBatches(examples, encoder, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,

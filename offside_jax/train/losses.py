@@ -215,7 +215,7 @@ def _row_bwd(chunk, dtype, residuals, g):
 fused_row_logprob.defvjp(_row_fwd, _row_bwd)
 
 
-def sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, chunk_tokens: int = 1024) -> jax.Array:
+def hidden_sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, chunk_tokens: int = 1024) -> jax.Array:
     """Summed answer log-probability per row [B] from final hidden states [B, T, D]; fused when
     the head allows it (``chunk_tokens > 0``), else from full logits. Same value either way."""
     targets, weights = next_token_targets(batch)
@@ -227,19 +227,22 @@ def sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, chunk_t
     return fused_row_logprob(hidden, head, targets, weights, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
 
 
-def token_logprobs(model: nnx.Module, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """Per-position log-probability of the next token [B, T] and its answer weight [B, T].
-
-    For losses that need per-token or per-sequence log-probs (NPO, DPO, KL to a reference);
-    materialises the full logits. ``temperature`` scores under ``softmax(logits / temperature)``,
-    the distribution that sampling at that temperature draws from.
-    """
+def logits_token_logprobs(logits: jax.Array, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """From logits [B, T, V]: log p(next token) [B, T] (zero off the answer) and the answer
+    weights [B, T]. ``temperature`` scores under ``softmax(logits / temperature)``, the
+    distribution that sampling at that temperature draws from."""
     targets, weights = next_token_targets(batch)
-    logits = model.logits(final_hidden(model, batch)).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
     if temperature != 1.0:
         logits = logits / temperature
     logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * (weights > 0), weights
+
+
+def model_token_logprobs(model: nnx.Module, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """:func:`logits_token_logprobs` of ``model`` on ``batch`` (materialises the full logits):
+    for losses and scores that need per-token log-probs (RL estimators, answer likelihoods)."""
+    return logits_token_logprobs(model.logits(final_hidden(model, batch)), batch, temperature)
 
 
 # -- registered losses ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import optax
 from flax import nnx
 
 from offside_jax.config import ConfigError
+from offside_jax.files import staged_dir, write_yaml
 from offside_jax.models import lora
 from offside_jax.models.hf import path_to_str
 from offside_jax.train import aot, distributed, losses, mesh as mesh_lib
@@ -70,18 +71,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): data}
-
-
-def _yaml(data: dict) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(data))))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -135,7 +124,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if self.differences():  # resume=force: the previous record stays beside the new one
                 shutil.copyfile(self.config_path, self.path / "config.previous.yaml")
-            write_text_atomic(self.config_path, _yaml(self.resolved))
+            write_yaml(self.config_path, self.resolved)
         distributed.barrier("run-dir")
 
 
@@ -335,19 +324,14 @@ class Session:
         directory = Path(directory)
         result = None
         if self.primary:
-            tmp = directory.with_name(directory.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            lora.save_merged(model, hf_config, tmp)
-            tokenizer.save_pretrained(str(tmp))
-            if config is not None:
-                (tmp / "config.yaml").write_text(_yaml(config), encoding="utf-8")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+            with staged_dir(directory) as tmp:
+                lora.save_merged(model, hf_config, tmp)
+                tokenizer.save_pretrained(str(tmp))
+                if config is not None:
+                    write_yaml(tmp / "config.yaml", config)
             result = directory
         distributed.barrier("export")
         return result
 
 
-__all__ = ["Phase", "RESUME_MODES", "RUNTIME_KEYS", "RunDir", "Session", "make_mesh", "restrict_updates",
-           "write_text_atomic"]
+__all__ = ["Phase", "RESUME_MODES", "RUNTIME_KEYS", "RunDir", "Session", "make_mesh", "restrict_updates"]

@@ -18,13 +18,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ("<|pad|>", "<|im_start|>", "<|im_end|>")
-
-
 class DataError(ValueError):
     """A malformed data file; the message names the file and line."""
 
@@ -135,29 +128,6 @@ class EpochBatches:
         if self.rows is not None:
             rows = rows[self.rows]
         return {k: v[rows] for k, v in self.arrays.items()}
-
-
-def train_tiny_tokenizer(texts: Sequence[str], vocab_size: int):
-    """A byte-level BPE trained on ``texts`` with ChatML specials (for tiny random models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        eos_token="<|im_end|>",
-        chat_template=CHATML_TEMPLATE,
-    )
 
 
 def conversation_texts(conversations: Sequence[Sequence[dict]]) -> list[str]:

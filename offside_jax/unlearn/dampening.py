@@ -99,7 +99,7 @@ def _objective_value(model: nnx.Module, batch: Mapping[str, jax.Array], objectiv
 
     logits = model.logits(final_hidden(model, batch))
     if objective == "loss":
-        return obj.mean_nll(logits, batch)
+        return obj.batch_mean_nll(logits, batch)
     # LFSSD: squared L2 norm of the output at each answer position, averaged over them.
     _, weights = obj.next_token_targets(batch)
     sq_norm = jnp.sum(jnp.square(logits.astype(jnp.float32)), axis=-1)

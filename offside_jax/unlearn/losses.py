@@ -127,7 +127,7 @@ class Outputs:
     def _nll(self, which: str, split: str) -> jax.Array:
         sub = self.sub(split)
         if not self._fused(which, split):
-            return obj.mean_nll(self._logits(which, split), sub)
+            return obj.batch_mean_nll(self._logits(which, split), sub)
         targets, weights = train_losses.next_token_targets(sub)
         total = train_losses.nll_sum(self._module(which), self._hidden(which, split)[0], targets, weights, self.chunk_tokens)
         return total / jnp.maximum(jnp.sum(weights), 1.0)
@@ -135,8 +135,8 @@ class Outputs:
     def _logp_seq(self, which: str, split: str) -> jax.Array:
         sub = self.sub(split)
         if not self._fused(which, split):
-            return obj.sequence_logprob(self._logits(which, split), sub)
-        return train_losses.sequence_logprob(self._module(which), self._hidden(which, split)[0], sub, self.chunk_tokens)
+            return obj.logits_sequence_logprob(self._logits(which, split), sub)
+        return train_losses.hidden_sequence_logprob(self._module(which), self._hidden(which, split)[0], sub, self.chunk_tokens)
 
     def nll(self, split: str) -> jax.Array:
         return self._nll("policy", split)

@@ -12,7 +12,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from offside_jax.train.losses import next_token_targets
+from offside_jax.train.losses import logits_token_logprobs, next_token_targets
 
 Batch = Mapping[str, jax.Array]
 
@@ -26,23 +26,15 @@ def position_weights(batch: Batch) -> jax.Array:
     return jnp.concatenate([mask[:, :-1] * mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
 
 
-def token_logprobs(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """log p(answer token) [B, T] (zero off the answer) and the answer weights [B, T]."""
-    targets, weights = next_token_targets(batch)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return picked * (weights > 0), weights
-
-
-def mean_nll(logits: jax.Array, batch: Batch) -> jax.Array:
+def batch_mean_nll(logits: jax.Array, batch: Batch) -> jax.Array:
     """Mean answer-token NLL over the whole batch (token-weighted)."""
-    logp, weights = token_logprobs(logits, batch)
+    logp, weights = logits_token_logprobs(logits, batch)
     return -jnp.sum(logp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def sequence_logprob(logits: jax.Array, batch: Batch) -> jax.Array:
+def logits_sequence_logprob(logits: jax.Array, batch: Batch) -> jax.Array:
     """Summed answer log-probability per row [B]."""
-    logp, weights = token_logprobs(logits, batch)
+    logp, weights = logits_token_logprobs(logits, batch)
     return jnp.sum(logp * weights, axis=1)
 
 
@@ -92,7 +84,7 @@ def dpo_loss(
 
 def wga_loss(logits: jax.Array, batch: Batch, beta: float) -> jax.Array:
     """WGA: ``mean over answer tokens of -(p^beta (detached) * CE)`` = weighted gradient ascent."""
-    logp, weights = token_logprobs(logits, batch)
+    logp, weights = logits_token_logprobs(logits, batch)
     weight = jax.lax.stop_gradient(jnp.exp(logp) ** beta)
     ce = -logp
     return jnp.sum(-(weight * ce) * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -45,7 +42,8 @@ from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, UnlearnConfig
 from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_language, make_encoder, sequential_batches
 from offside_jax.data.offside import Example, load_release
-from offside_jax.train.session import RunDir, Session, write_text_atomic
+from offside_jax.files import pyplot, save_figure, write_json
+from offside_jax.train.session import RunDir, Session
 from offside_jax.unlearn import dampening, methods, probe, saliency, settings
 from offside_jax.unlearn.losses import build_loss
 
@@ -67,10 +65,6 @@ class UnlearnResult:
     model: nnx.Module  # the unlearned model in memory (adapters attached when LoRA was used)
     tokenizer: Any
     hf_config: Any
-
-    def probabilities(self, when: str = "after") -> dict[str, float]:
-        """Mean answer probability per evaluation set, ``"before"`` or ``"after"``."""
-        return {name: v[when] for name, v in self.summary.get("answer_probability", {}).items()}
 
 
 def hyperparameters(cfg: UnlearnConfig) -> dict[str, Any]:
@@ -109,11 +103,7 @@ def _measure(model, evaluation: dict[str, list[Example]], encoder: ExampleEncode
 
 
 def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     probs = summary["answer_probability"]
     names = list(probs)
     x = np.arange(len(names))
@@ -126,10 +116,7 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_title(f"{summary['method']} ({summary['setting']} setting)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -157,7 +144,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     release = load_release(cfg.data.release, check_images=vision)
     sets = settings.select(release, cfg.data.setting, vision=vision, forget_attributes=cfg.data.forget_attributes,
                            identified_fraction=cfg.data.identified_fraction, seed=cfg.seed)
-    base = make_encoder(hf_config, tokenizer, release.root, max_length=0, max_pixels=cfg.data.max_pixels)
+    base = make_encoder(tokenizer, hf_config, image_root=release.root, max_pixels=cfg.data.max_pixels)
 
     evaluation = _evaluation_sets(cfg, sets)
     # One padded shape for every set: the probe compiles once per model (and batch layout).
@@ -199,7 +186,7 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     if cfg.export_merged:
         model_dir = session.export(model, hf_config, tokenizer, out / "model", config=resolved)
     if session.primary:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
         if evaluation:
             _plot(summary, out / "summary.png")
     return UnlearnResult(out, out / "config.yaml", out / "summary.json", model_dir, checkpoint_dir, summary, model,

@@ -193,7 +193,7 @@ def retain_nll(model, batch, rng, reference):
     """The retain phase's loss: mean answer NLL of the ``retain`` sub-batch."""
     del rng, reference
     retain = batch["retain"]
-    nll = obj.mean_nll(model.logits(model.hidden_states(retain)), retain)
+    nll = obj.batch_mean_nll(model.logits(model.hidden_states(retain)), retain)
     return nll, jnp.ones((), jnp.float32), {"retain_nll": nll}
 
 

@@ -33,7 +33,7 @@ import dataclasses
 import re
 import unicodedata
 from fractions import Fraction
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 

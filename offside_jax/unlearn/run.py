@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -47,7 +46,6 @@ from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_langua
 from offside_jax.data.offside import Example, load_release
 from offside_jax.train.session import RunDir, Session, write_text_atomic
 from offside_jax.unlearn import dampening, methods, probe, settings
-from offside_jax.unlearn.losses import build_loss
 
 
 def method_names() -> list[str]:

@@ -26,15 +26,14 @@ QUIET = ["log.progress=false", "checkpoint.every=0"]
 
 # Measured on this recipe (forget -> after, retain -> after); why each falls short.
 SHORT = {
-    "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.09 (OFFSIDE's finding 2)",
-    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.68",
-    "idk_dpo": "20 steps at beta 0.1: forget 0.99 -> 0.88",
-    "kl": "open-unlearning's alpha 1 keeps too little: retain 0.97 -> 0.71",
+    "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2)",
+    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69",
+    "idk_dpo": "20 steps at beta 0.1: forget 0.99 -> 0.87",
     "rmu": "20 Adam steps on the down projections barely move the forget answers: 0.99 -> 0.99",
     "mmunlearner": "masked ascent on the projections alone, 10 forget steps: forget 0.99 -> 0.99",
-    "offside_kl": "OFFSIDE's schedule gives 10 updates here: forget 0.99 -> 0.78",
-    "offside_po": "OFFSIDE's schedule gives 10 updates here: forget 0.99 -> 0.88",
-    "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.19",
+    "offside_kl": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.79",
+    "offside_po": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.89",
+    "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44",
 }
 
 

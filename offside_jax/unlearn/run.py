@@ -19,7 +19,8 @@ probability of every evaluation set; unlearn; measure again; write
 Methods, by kind (``offside_jax.unlearn.methods``): ``loss`` (every loss of
 ``offside_jax.unlearn.losses``, trained with LoRA adapters or full parameters; ``train.params``
 limits which parameters move), ``alternating`` (MMUnlearner: Fisher-ratio masked ascent
-alternating with retain NLL) and ``weight_edit`` (SSD / LFSSD / ASSD, no training steps). The
+alternating with retain NLL; OFFSIDE's KL_min and PO, ``offside_jax.unlearn.offside_baselines``)
+and ``weight_edit`` (SSD / LFSSD / ASSD, no training steps). The
 training kinds are recipes for the one training session (``offside_jax.train.session``:
 distributed start-up, mesh, AOT memory check, fp32 masters, ``checkpoint.directory``, resume,
 process-0 logs and export); weight edits share its loader, mesh and export.

@@ -10,10 +10,14 @@ with ``F`` the squared gradient of the (gradient-ascent) loss, averaged over bat
 (``offside_jax.unlearn.dampening.importance`` with the batch-mean estimator: the square of
 the GA loss's gradient is the NLL's). ``F_forget`` is measured on the forget set, ``F_preserve``
 on the group's preserve data (by default the retain set, image and text records alike).
-Parameters outside the projections get mask 0: ascent never moves them.
+Parameters outside the projections get mask 0: ascent never moves them (the paper); the
+released code's mask file holds only the projections, so there every other tensor ascends
+unmasked (``variant=official``, ``saliency_masks(..., outside=True)``).
 
 Schedule. Training alternates two steps on one optimizer state: a gradient-ascent step on a
-forget batch whose gradients are multiplied by the mask, then an unmasked retain-NLL step.
+forget batch whose gradients are multiplied by the mask, then an unmasked retain-NLL step
+(the official code: a forget step, clipped before masking, before every
+``len(retain batches) // len(forget batches)``-th retain step).
 The mask is applied *inside* the jitted step by an optax transform placed first in the
 optimizer chain (:func:`mask_gradients`); it keeps the masks in the optimizer state, so they
 are sharded like the parameters and checkpointed with them, and are never baked into the

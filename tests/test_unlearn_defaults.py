@@ -30,7 +30,8 @@ SHORT = {
     "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69",
     "idk_dpo": "20 steps at beta 0.1: forget 0.99 -> 0.87",
     "rmu": "20 Adam steps on the down projections barely move the forget answers: 0.99 -> 0.99",
-    "mmunlearner": "masked ascent on the projections alone, 10 forget steps: forget 0.99 -> 0.99",
+    "mmunlearner": "the ratio >= 1 mask leaves too few weights for 10 forget steps: forget 0.99 -> 0.99 "
+                   "(threshold 0.1: 0.82; 0, the projections unmasked: 0.09)",
     "offside_kl": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.79",
     "offside_po": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.89",
     "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44",

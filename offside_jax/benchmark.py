@@ -100,7 +100,7 @@ class UnlearnSection:
     steps: int = 30
     lr: float = 1e-3
     forget_batch_size: int = 8
-    retain_ratio: int = 1
+    retain_ratio: int | None = 1  # None: each method's own (OFFSIDE's offside_* methods: 3)
     lora: LoRAConfig = dataclasses.field(default_factory=lambda: LoRAConfig(
         enabled=True, target=r"(q|k|v|o|gate|up|down)_proj", rank=8, alpha=32.0))
     methods: UnlearnMethodsConfig = dataclasses.field(default_factory=UnlearnMethodsConfig)

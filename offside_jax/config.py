@@ -283,12 +283,24 @@ class UndialConfig:
 
 @dataclasses.dataclass
 class RMUConfig:
-    """Only the MLP down projections of layers layer-2..layer move unless ``unlearn_train.params`` says otherwise."""
+    """Only the MLP down projections of layers L-2..L move unless ``train.params`` says otherwise.
 
-    layer: int = 7
-    steering_coeff: float = 6.5
-    alpha: float = 1200.0
+    ``layer`` is a fraction of the model's depth, so one default fits every size: L is
+    ``floor(layer * num_hidden_layers)``. 0.21875 is WMDP's and open-unlearning's layer 7 of
+    a 32-layer 7B model (layer 0 of a 2-layer tiny model). ``steering_coeff`` 2 and ``alpha`` 1
+    are open-unlearning's RMU (configs/trainer/RMU.yaml); WMDP's Zephyr-7B run used 6.5 and
+    1200, which on small models leave the forget answers untouched.
+    """
+
+    layer: float = 0.21875
+    steering_coeff: float = 2.0
+    alpha: float = 1.0
     seed: int = 0
+
+    def check(self, where: str) -> None:
+        if not 0 <= self.layer < 1:
+            raise ConfigError(f"{where}layer={self.layer}: a fraction of the model's depth in [0, 1) "
+                              "(0.5: the middle layer); the layer used is floor(layer * num_hidden_layers)")
 
 
 @dataclasses.dataclass
@@ -325,8 +337,57 @@ class MMUnlearnerConfig:
         "language": r"^(model|lm_head)\.",
     })
     gamma: float = 1.0  # weight of the ascent loss
+    # paper: strict alternation, only the masked projections ascend, mask then clip (the optimizer's);
+    # official: the released code's update: tensors outside the projections ascend unmasked, the
+    # gradient is clipped (optim.max_grad_norm) before masking, and a forget step comes before every
+    # len(retain batches) // len(forget batches)-th retain step.
+    variant: str = one_of("paper", "paper", "official")
     fisher_batch_size: int = at_least(8, 1)
     preserve_text: bool = True  # a vision-language model also preserves the text-only retain twins
+
+
+# OFFSIDE's baselines as its public code runs them (offside_jax.unlearn.offside_baselines);
+# the numbers are its scripts' defaults as its bash.sh calls them.
+
+
+@dataclasses.dataclass
+class OffsideGDConfig:
+    """GD_forget.py: ``w_f * -NLL(f) + w_r * NLL(r)``, each weight its sub-batch's share of the rows
+    (1 forget : 3 retain rows, the retain_ratio this method defaults to: 0.25 / 0.75)."""
+
+
+@dataclasses.dataclass
+class OffsideKLConfig:
+    """KL_min.py: forget micro-steps ``-NLL(f)`` alternate with retain micro-steps
+    ``NLL(r) + kl_weight * KL(ref || cur)``, the KL summed over positions and divided by the rows."""
+
+    kl_weight: float = 0.1
+    # accelerate's gradient_accumulation_steps (the script's default, which bash.sh keeps): with 2,
+    # each update averages the gradients of one forget and one retain micro-step.
+    accumulation: int = at_least(2, 1)
+
+
+@dataclasses.dataclass
+class OffsidePOConfig:
+    """PO.py: forget micro-steps learn the refusal, alternating with retain NLL micro-steps."""
+
+    refusal: str = "I do not know the answer"  # PO.py's --idk_text
+    accumulation: int = at_least(2, 1)  # as in OffsideKLConfig
+
+
+@dataclasses.dataclass
+class OffsideNPOConfig:
+    """NPO.py: ``-(2/beta) log sigmoid(beta * (NLL(f) - NLL_ref(f)))`` on batch-mean NLLs, no retain
+    term; the reference is fine-tuned on the retain set first (NPO_reference_model_FT.py)."""
+
+    beta: float = 0.9
+    reference: str = one_of("retain_finetune", "retain_finetune", "frozen")  # frozen: the starting model
+    # Where the reference's fine-tune starts: "" the model being unlearned; or an HF model directory
+    # (OFFSIDE starts from the pretrained base, which never saw the rumors).
+    reference_from: str = ""
+    reference_steps: int = at_least(100, 0)
+    reference_lr: float = 1e-4  # NPO_reference_model_FT.py
+    reference_batch_size: int = at_least(16, 1)  # its 4 rows x 4 accumulation steps
 
 
 @dataclasses.dataclass
@@ -344,6 +405,10 @@ class UnlearnMethodsConfig:
     rmu: RMUConfig = dataclasses.field(default_factory=RMUConfig)
     ssd: SSDConfig = dataclasses.field(default_factory=SSDConfig)
     mmunlearner: MMUnlearnerConfig = dataclasses.field(default_factory=MMUnlearnerConfig)
+    offside_gd: OffsideGDConfig = dataclasses.field(default_factory=OffsideGDConfig)
+    offside_kl: OffsideKLConfig = dataclasses.field(default_factory=OffsideKLConfig)
+    offside_po: OffsidePOConfig = dataclasses.field(default_factory=OffsidePOConfig)
+    offside_npo: OffsideNPOConfig = dataclasses.field(default_factory=OffsideNPOConfig)
 
 
 @dataclasses.dataclass
@@ -355,7 +420,7 @@ class UnlearnDataConfig:
     forget_attributes: list[str] = dataclasses.field(default_factory=list)  # e.g. [rumor] or [club_joined]; []: all
     identified_fraction: float = 1.0  # corrective unlearning: the share of the forget set a method sees
     forget_batch_size: int = at_least(4, 1)
-    retain_ratio: int = at_least(1, 0)  # retain rows per forget row (OFFSIDE's GD: 3)
+    retain_ratio: int | None = at_least(None, 0)  # retain rows per forget row; None: the method's (1; OFFSIDE's: 3)
     micro_batches: int = at_least(1, 1)
     max_length: int = at_least(0, 0)  # tokens per row; 0: the longest record, measured
     max_pixels: int = 256 * 256

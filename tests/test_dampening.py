@@ -2,6 +2,8 @@
 numpy for the official selection/dampening rule."""
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -105,9 +107,20 @@ def test_dampening_equals_official_rule_exactly(models):
     imp_forget, _ = dmp.importance(model, forget, cfg)
     before = ours_as_hf(nnx.state(model, dmp.param_filter(cfg.params)))
     expected = numpy_official_dampening(before, ours_as_hf(imp_full), ours_as_hf(imp_forget), 2.0, 0.5)
-    counts = dmp.dampen(model, imp_full, imp_forget, 2.0, 0.5, cfg.params)
+    counts, groups = dmp.dampen(model, imp_full, imp_forget, 2.0, 0.5, cfg.params)
     after = ours_as_hf(nnx.state(model, dmp.param_filter(cfg.params)))
     assert sum(counts.values()) > 0, "the test data must select something"
+    # Per group (layer numbers as *): selected I_f > 2 I_D, dampened where 0.5 I_D / I_f < 1 too.
+    want: dict = {}
+    full_hf, forget_hf = ours_as_hf(imp_full), ours_as_hf(imp_forget)
+    for name in full_hf:
+        d, f = np.asarray(full_hf[name], np.float64), np.asarray(forget_hf[name], np.float64)
+        group = want.setdefault(re.sub(r"\.\d+\.", ".*.", name), [0, 0, 0])
+        group[0] += int(np.sum(f > 2.0 * d))
+        group[1] += int(np.sum((f > 2.0 * d) & (0.5 * d < f)))
+        group[2] += d.size
+    got = {g: [v["selected"], v["dampened"], v["total"]] for g, v in groups.items()}
+    assert sorted(got.values()) == sorted(want.values()) and len(got) == len(want) > 1
     for name in expected:
         np.testing.assert_array_equal(after[name], expected[name], err_msg=name)
     # Parameters outside the regex are untouched.
@@ -167,3 +180,19 @@ def test_ssd_end_to_end_reports_and_validates(models):
         dmp.DampeningConfig(estimator="fisher")
     subset = dmp.identified_subset(50, 0.1, seed=0)
     assert len(subset) == 5 and len(set(subset)) == 5 and subset.max() < 50
+
+
+def test_ssd_warns_naming_alpha_and_the_largest_ratio_when_it_selects_nothing(models):
+    reference, config = models
+    model = port(reference, config)
+    full, forget = batches(1, n_batches=2), batches(2, n_batches=1)
+    cfg = dmp.DampeningConfig(alpha=1e6, params=r"model\.layers\.")
+    imp_full, _ = dmp.importance(model, full, cfg)
+    imp_forget, _ = dmp.importance(model, forget, cfg)
+    largest = max(float(np.max(np.asarray(f, np.float64) / np.maximum(np.asarray(d, np.float64), 1e-38)))
+                  for d, f in zip(jax.tree.leaves(imp_full), jax.tree.leaves(imp_forget)))
+    with pytest.warns(UserWarning, match=r"SSD selected no weight: alpha=1e\+06 but the largest I_forget / I_full "
+                                         r"ratio is [0-9.e+]+; set methods.ssd.alpha below it"):
+        report = dmp.ssd(model, full, forget, cfg)
+    assert report.selected == 0 and report.max_ratio == pytest.approx(largest, rel=1e-4)
+    assert all(g["selected"] == g["dampened"] == 0 for g in report.per_group.values())

@@ -78,6 +78,10 @@ def test_masks_equal_the_fisher_ratio_rule(reference):
     total = sum(m.size for n, m in got.items() if n in targets)
     assert near_ties < 2e-3 * total  # ratios within 0.1% of the threshold: a handful of ~50k
     assert report.total == {"language": total} and 0 < report.selected["language"] < total
+    # The official code's mask file holds only the projections: every other tensor ascends unmasked.
+    official, _ = saliency.saliency_masks(port(model_t, config), lambda: forget, lambda: preserve, outside=True)
+    for name, mask in as_hf(official).items():
+        assert mask.all() if name not in targets else np.array_equal(mask, got[name]), name
 
 
 def test_alternating_steps_mask_ascent_inside_the_jitted_step(reference):

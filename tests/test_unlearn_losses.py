@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from offside_jax.unlearn import objectives as obj
-from offside_jax.unlearn.losses import METHODS, build_loss, rmu_direction, rmu_trainable_pattern
+from offside_jax.unlearn.losses import METHODS, build_loss, rmu_direction, rmu_layer_index, rmu_trainable_pattern
 
 from fake_models import TableModel
 
@@ -190,7 +190,7 @@ def test_undial():
 
 
 def test_rmu():
-    layer, c, alpha = 1, 6.5, 1200.0
+    layer, c, alpha = 1, 6.5, 1200.0  # layer 1 of the fake model's 3: the fraction 0.5
     u = np.asarray(rmu_direction(V, 0))
     assert np.linalg.norm(u) == pytest.approx(1.0, rel=1e-6)
 
@@ -204,9 +204,14 @@ def test_rmu():
     f_ids, r_ids = FORGET["input_ids"], RETAIN["input_ids"]
     forget = mse(hidden(TABLE, f_ids), c * u, FORGET["attention_mask"])
     retain = mse(hidden(TABLE, r_ids), hidden(REF_TABLE, r_ids), RETAIN["attention_mask"])
-    loss, aux = run("rmu", layer=layer, steering_coeff=c, alpha=alpha)
+    loss, aux = run("rmu", layer=0.5, steering_coeff=c, alpha=alpha)
     assert loss == pytest.approx(forget + alpha * retain, rel=1e-5)
     assert rmu_trainable_pattern(7) == r"model\.layers\.(5|6|7)\.mlp\.down_proj"
+    # The default fraction is layer 7 of 32 (WMDP / open-unlearning) and layer 0 of a 2-layer model.
+    assert [rmu_layer_index(0.21875, n) for n in (32, 28, 2, 1)] == [7, 6, 0, 0]
+    assert rmu_layer_index(0.99, 4) == 3
+    with pytest.raises(ValueError, match=r"methods\.rmu\.layer=7: a fraction"):
+        rmu_layer_index(7, 32)
 
 
 def test_registry_errors_name_valid_choices():
@@ -221,4 +226,6 @@ def test_registry_errors_name_valid_choices():
 
 
 def test_every_registered_method_is_tested():
-    assert set(METHODS) == {"ga", "grad_diff", "kl", "idk", "dpo", "idk_dpo", "npo", "simnpo", "wga", "undial", "rmu"}
+    # offside_gd: tests/test_offside_baselines.py
+    assert set(METHODS) == {"ga", "grad_diff", "kl", "idk", "dpo", "idk_dpo", "npo", "simnpo", "wga", "undial", "rmu",
+                            "offside_gd"}

@@ -105,6 +105,47 @@ def test_mmunlearner_alternates_masked_ascent_and_retain_steps(tmp_path, release
     assert set(report["total"]) == {"language"} and 0 < report["selected"]["language"] < report["total"]["language"]
 
 
+def test_mmunlearner_official_update(tmp_path, release, text_model):
+    """The official loop: one forget step, then len(retain batches) // len(forget batches) retain
+    steps; every tensor outside the projections may ascend (the final norm moves at step 1)."""
+    result = run(tmp_path, text_model, release, "method=mmunlearner", "methods.mmunlearner.variant=official",
+                 "data.setting=unimodal", "data.forget_attributes=[rumor]", "data.forget_batch_size=1", "train.steps=1",
+                 "optim.lr=1e-3", "eval.enabled=false")
+    report = result.summary["report"]
+    records = result.summary["records"]
+    assert report["retain_steps_per_forget_step"] == records["retain"] // records["forget"] > 1
+    before, after = load_file(str(text_model / "model.safetensors")), load_file(str(result.model_dir / "model.safetensors"))
+    assert not np.array_equal(before["model.norm.weight"], after["model.norm.weight"])
+
+
+def test_offside_kl_alternates_and_accumulates_pairs(tmp_path, release, text_model):
+    common = ["method=offside_kl", "data.setting=unimodal", "data.forget_attributes=[rumor]", "data.forget_batch_size=1",
+              "optim.lr=1e-2", "eval.enabled=false", "lora.enabled=false"]
+    result = run(tmp_path / "pairs", text_model, release, *common, "train.steps=3")
+    lines = [json.loads(x) for x in (tmp_path / "pairs" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert ["forget_nll" in x for x in lines] == [True, False, True] and "retain_kl" in lines[1]
+    assert result.summary["report"]["retain_ratio"] == 3  # OFFSIDE's 1 : 3 rows unless data.retain_ratio says
+    # accelerate's accumulation of 2: the first micro-step alone changes nothing ...
+    one = run(tmp_path / "one", text_model, release, *common, "train.steps=1")
+    before = load_file(str(text_model / "model.safetensors"))
+    after = load_file(str(one.model_dir / "model.safetensors"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # ... while without accumulation it is an update of its own.
+    alone = run(tmp_path / "alone", text_model, release, *common, "train.steps=1", "methods.offside_kl.accumulation=1")
+    after = load_file(str(alone.model_dir / "model.safetensors"))
+    assert not all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_offside_npo_reference_is_fine_tuned_on_the_retain_set(tmp_path, release, text_model):
+    """At step 0 the policy is the vanilla model and the reference its retain fine-tune: the NPO
+    loss is not (2/beta) log 2 (equal NLLs) but follows from the two models' NLLs."""
+    run(tmp_path, text_model, release, "method=offside_npo", "data.setting=unimodal", "data.forget_attributes=[rumor]",
+        "data.forget_batch_size=2", "train.steps=1", "methods.offside_npo.reference_steps=5",
+        "methods.offside_npo.reference_lr=1e-2", "eval.enabled=false", "export_merged=false")
+    first = json.loads((tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["npo"] != pytest.approx(2 / 0.9 * np.log(2), rel=1e-3)
+
+
 def test_dpo_prefers_the_corrected_answer_through_the_run(tmp_path, release, text_model):
     run(tmp_path, text_model, release, "method=dpo", "data.setting=unimodal", "data.forget_attributes=[rumor]",
         "data.forget_batch_size=2", "train.steps=2", "optim.lr=1e-3", "eval.enabled=false", "export_merged=false")
@@ -127,6 +168,8 @@ def test_mistakes_stop_with_a_message(tmp_path, release, text_model, capsys):
     assert "no OFFSIDE setting folder found" in capsys.readouterr().err
     assert cli.main(base + ["data.forget_batch_size=64"]) == 2
     assert "takes 64 forget rows but the forget set has 3" in capsys.readouterr().err
+    assert cli.main(base + ["method=rmu", "methods.rmu.layer=7"]) == 2
+    assert "methods.rmu.layer=7.0: a fraction of the model's depth in [0, 1)" in capsys.readouterr().err
     assert cli.main(base + ["methods.npo.betta=1"]) == 2
     assert "unknown key 'methods.npo.betta'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="model.source=hf"):

@@ -215,11 +215,13 @@ class Session:
 
     def step(self, model: nnx.Module, loss: losses.LossFn | Sequence[Phase], optim: Any, total_steps: int, *,
              micro_batches: int = 1, fp32_master_weights: bool = False, params: str | None = None,
-             reference: bool | None = None) -> TrainStep | AlternatingStep:
+             reference: bool | None = None, accumulate: int = 1) -> TrainStep | AlternatingStep:
         """The jitted step of a recipe: one loss, or alternating :class:`Phase`s sharing one
         state. ``params``: regex of the trainable params that move; ``reference``: keep a frozen
-        reference (default: what the loss asks for). ``model``'s trainable arrays then belong
-        to the step (the first update may donate them)."""
+        reference (default: what the loss asks for); ``accumulate``: steps whose mean gradient
+        makes one update (``optax.MultiSteps``; as accelerate's gradient accumulation across
+        alternating phases). ``model``'s trainable arrays then belong to the step (the first
+        update may donate them)."""
         optimizer, schedule = make_optimizer(optim, total_steps)
         phases = list(loss) if isinstance(loss, (list, tuple)) else None
         if reference is None:
@@ -230,10 +232,14 @@ class Session:
             optimizer = restrict_updates(optimizer, parts.trainable, params)
         common = dict(mesh=self.mesh, micro_batches=micro_batches, schedule=schedule,
                       fp32_master_weights=fp32_master_weights)
+        def accumulated(tx):
+            return optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation() if accumulate > 1 else tx
+
         if phases is None:
-            return TrainStep(parts, loss, optimizer, **common)
-        return AlternatingStep(parts, {p.batch_key: (p.loss_fn, optax.chain(p.transform, optimizer) if p.transform
-                                                     else optimizer) for p in phases}, **common)
+            return TrainStep(parts, loss, accumulated(optimizer), **common)
+        return AlternatingStep(parts, {p.batch_key: (p.loss_fn, accumulated(optax.chain(p.transform, optimizer))
+                                                     if p.transform else accumulated(optimizer)) for p in phases},
+                               **common)
 
     # -- data ---------------------------------------------------------------------------------
 

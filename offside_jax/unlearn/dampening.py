@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -71,6 +72,10 @@ class DampeningReport:
     per_tensor: dict[str, int]  # dotted path -> selected count
     full_examples: int
     forget_examples: int
+    # parameter group (the path with layer numbers as *) -> selected, dampened (scaled below 1),
+    # total scalars and the largest I_forget / I_full ratio
+    per_group: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    max_ratio: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,24 +202,39 @@ def _dampen_tensor(param: jax.Array, imp_full: jax.Array, imp_forget: jax.Array,
     # min(lambda * I_D / I_f, 1): never scales a weight up. I_f > 0 wherever selected.
     factor = jnp.minimum(lam * imp_full / jnp.where(selected, imp_forget, 1.0), 1.0)
     new = jnp.where(selected, param * factor.astype(param.dtype), param)
-    return new, jnp.sum(selected)
+    ratio = jnp.max(imp_forget / jnp.maximum(imp_full, jnp.finfo(jnp.float32).tiny))
+    return new, jnp.sum(selected), jnp.sum(selected & (factor < 1.0)), ratio
+
+
+def parameter_group(path: str) -> str:
+    """A tensor's group: its dotted path with layer/block numbers as ``*``."""
+    return re.sub(r"\.\d+\.", ".*.", path)
 
 
 def dampen(
     model: nnx.Module, imp_full: nnx.State, imp_forget: nnx.State, alpha: float, lam: float, pattern: str | None
-) -> dict[str, int]:
-    """Scale the selected parameters of ``model`` in place; returns selected counts per tensor."""
+) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    """Scale the selected parameters of ``model`` in place; returns the selected count per
+    tensor and, per :func:`parameter_group`, the selected, dampened and total scalars and the
+    largest importance ratio."""
     _, selected, _ = split_selected(model, pattern)
-    counts = {}
+    counts, groups = {}, {}
     flat_params = nnx.to_flat_state(selected)
     flat_full = dict(nnx.to_flat_state(imp_full))
     flat_forget = dict(nnx.to_flat_state(imp_forget))
     for path, var in flat_params:
-        new, n = _dampen_tensor(var.get_value(), _value(flat_full[path]), _value(flat_forget[path]), alpha, lam)
+        new, n, damped, ratio = _dampen_tensor(var.get_value(), _value(flat_full[path]), _value(flat_forget[path]),
+                                               alpha, lam)
         var.set_value(new)
-        counts[path_to_str(path)] = int(n)
+        name = path_to_str(path)
+        counts[name] = int(n)
+        group = groups.setdefault(parameter_group(name), {"selected": 0, "dampened": 0, "total": 0, "max_ratio": 0.0})
+        group["selected"] += int(n)
+        group["dampened"] += int(damped)
+        group["total"] += int(np.prod(var.get_value().shape))
+        group["max_ratio"] = max(group["max_ratio"], float(ratio))
     nnx.update(model, nnx.from_flat_state(flat_params))
-    return counts
+    return counts, groups
 
 
 def _value(x: Any) -> jax.Array:
@@ -240,9 +260,14 @@ def ssd(
     if config.adaptive:
         fraction = config.forget_fraction if config.forget_fraction is not None else n_forget / max(n_full, 1)
         alpha = assd_alpha(imp_full, imp_forget, fraction)
-    counts = dampen(model, imp_full, imp_forget, alpha, config.lam, config.params)
+    counts, groups = dampen(model, imp_full, imp_forget, alpha, config.lam, config.params)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(imp_full))
-    return DampeningReport(alpha, sum(counts.values()), total, counts, n_full, n_forget)
+    max_ratio = max((g["max_ratio"] for g in groups.values()), default=0.0)
+    report = DampeningReport(alpha, sum(counts.values()), total, counts, n_full, n_forget, groups, max_ratio)
+    if report.selected == 0:
+        warnings.warn(f"SSD selected no weight: alpha={alpha:g} but the largest I_forget / I_full ratio is "
+                      f"{max_ratio:.3g}; set methods.ssd.alpha below it (or methods.ssd.adaptive=true)", stacklevel=2)
+    return report
 
 
 def identified_subset(n_forget: int, fraction: float, seed: int = 0) -> np.ndarray:

@@ -121,6 +121,10 @@ class Outputs:
     def ref_logits(self, split: str) -> jax.Array:
         return self._logits("reference", split)
 
+    def depth(self, split: str) -> int:
+        """The number of decoder layers (hidden states collected from the policy)."""
+        return len(self._hidden("policy", split, collect_hidden=True)[1])
+
     def hidden_after_layer(self, split: str, layer: int, reference: bool = False) -> jax.Array:
         return self._hidden("reference" if reference else "policy", split, collect_hidden=True)[1][layer]
 
@@ -142,6 +146,9 @@ class Outputs:
         return self._nll("policy", split)
 
     def ref_nll(self, split: str) -> jax.Array:
+        sub = self.sub(split)
+        if "ref_logp" in sub:  # cached summed log-probs: the batch-mean NLL is their sum over the tokens
+            return -jnp.sum(sub["ref_logp"]) / jnp.maximum(jnp.sum(obj.answer_lengths(sub)), 1.0)
         return jax.lax.stop_gradient(self._nll("reference", split))
 
     def logp_seq(self, split: str) -> jax.Array:
@@ -262,6 +269,13 @@ def rmu_direction(hidden_size: int, seed: int) -> jax.Array:
     return u / jnp.linalg.norm(u)
 
 
+def rmu_layer_index(layer: float, depth: int) -> int:
+    """RMU's layer L of a ``depth``-layer model from ``layer``, a fraction of the depth."""
+    if not 0 <= layer < 1:
+        raise ValueError(f"methods.rmu.layer={layer}: a fraction of the model's depth in [0, 1)")
+    return min(int(layer * depth), depth - 1)
+
+
 def rmu_trainable_pattern(layer: int) -> str:
     """Regex of the params RMU updates by default: MLP down projections of layers L-2..L."""
     layers = "|".join(str(i) for i in range(max(0, layer - 2), layer + 1))
@@ -269,17 +283,19 @@ def rmu_trainable_pattern(layer: int) -> str:
 
 
 @unlearning_method("rmu", needs_reference=True, splits=("forget", "retain"))
-def rmu(out: Outputs, layer: int = 7, steering_coeff: float = 6.5, alpha: float = 1200.0, seed: int = 0):
+def rmu(out: Outputs, layer: float = 0.21875, steering_coeff: float = 2.0, alpha: float = 1.0, seed: int = 0):
     """RMU: push layer-L activations on forget towards ``c * u``; keep retain activations.
 
-    Train only the params of :func:`rmu_trainable_pattern` (set the step's trainable regex).
+    L is ``floor(layer * depth)`` (:func:`rmu_layer_index`). Train only the params of
+    :func:`rmu_trainable_pattern` (set the step's trainable regex).
     """
     forget, retain = out.sub("forget"), out.sub("retain")
-    h_forget = out.hidden_after_layer("forget", layer)
+    index = rmu_layer_index(layer, out.depth("forget"))
+    h_forget = out.hidden_after_layer("forget", index)
     u = rmu_direction(h_forget.shape[-1], seed)
     forget_loss = obj.masked_mse(h_forget, steering_coeff * u, _real_tokens(forget))
     retain_loss = obj.masked_mse(
-        out.hidden_after_layer("retain", layer), out.hidden_after_layer("retain", layer, reference=True), _real_tokens(retain)
+        out.hidden_after_layer("retain", index), out.hidden_after_layer("retain", index, reference=True), _real_tokens(retain)
     )
     return forget_loss + alpha * retain_loss, {"rmu_forget": forget_loss, "rmu_retain": retain_loss}
 
@@ -307,13 +323,25 @@ def build_loss(name: str, *, chunk_tokens: int = 256, **hyperparameters: Any):
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown} for {name!r}; valid: {sorted(valid)}")
 
+    needs_reference = spec.needs_reference or hyperparameters.get("retain_loss") == "kl"
+    return bind(spec.fn, f"unlearn_{name}", splits=spec.splits, needs_reference=needs_reference,
+                chunk_tokens=chunk_tokens, **hyperparameters)
+
+
+def bind(fn: Method, name: str, *, splits: tuple[str, ...], needs_reference: bool = False, chunk_tokens: int = 256,
+         **hyperparameters: Any):
+    """``fn(outputs, **hyperparameters) -> (loss, aux)`` as a training-core loss (weight 1)."""
+
     def loss_fn(model, batch, rng, reference):
         del rng
-        loss, aux = spec.fn(Outputs(model, reference, batch, chunk_tokens), **hyperparameters)
+        loss, aux = fn(Outputs(model, reference, batch, chunk_tokens), **hyperparameters)
         return loss, jnp.ones((), jnp.float32), aux
 
-    needs_reference = spec.needs_reference or hyperparameters.get("retain_loss") == "kl"
     loss_fn.needs_reference = needs_reference  # type: ignore[attr-defined]
-    loss_fn.splits = spec.splits  # type: ignore[attr-defined]
-    loss_fn.__name__ = f"unlearn_{name}"
+    loss_fn.splits = splits  # type: ignore[attr-defined]
+    loss_fn.__name__ = name
     return loss_fn
+
+
+# OFFSIDE's GD_forget.py as a loss method of this registry (its other baselines alternate).
+from offside_jax.unlearn import offside_baselines as _offside_baselines  # noqa: E402,F401

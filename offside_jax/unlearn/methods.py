@@ -5,7 +5,7 @@ Kinds (what the driver does with a method; never its name):
 - ``loss``: a registered loss of :mod:`offside_jax.unlearn.losses`, trained by the session with
   LoRA adapters or full parameters;
 - ``alternating``: several losses taking turns on one state (MMUnlearner: masked ascent and
-  retain NLL), full parameters;
+  retain NLL, full parameters; OFFSIDE's KL_min and PO), described by the method's ``recipe``;
 - ``weight_edit``: a training-free edit of the weights (SSD, LFSSD, ASSD), full parameters;
 - ``generation``: a wrapper of the sampler (room for GUARD-style methods; none yet).
 
@@ -29,11 +29,26 @@ class Method:
     kind: str
     config: type  # its section of UnlearnMethodsConfig
     lora: bool = True  # can train LoRA adapters (else full parameters only)
-    # The params a full-parameter run moves when train.params is unset: fn(hyperparameters) -> regex.
-    trainable: Callable[[dict], str | None] | None = None
+    # The params a full-parameter run moves when train.params is unset: fn(hyperparameters, depth) -> regex.
+    trainable: Callable[[dict, int], str | None] | None = None
+    retain_ratio: int = 1  # retain rows per forget row when data.retain_ratio is unset
+    # loss: fn(hyperparameters, chunk_tokens) -> the training-core loss (default: the registered loss)
+    build: Callable[[dict, int], Any] | None = None
+    # loss: fn(run_cfg, hyperparameters, model, sets, encoder, session) -> per-forget-record arrays the
+    # loss reads from its batches (e.g. cached reference log-probs), computed before training
+    prepare: Callable[..., dict] | None = None
+    # alternating: fn(run_cfg, hyperparameters, model, sets, encoder, batch_options, session) -> Recipe
+    recipe: Callable[..., Any] | None = None
 
-    def default_params(self, hyperparameters: dict) -> str | None:
-        return None if self.trainable is None else self.trainable(hyperparameters)
+    def default_params(self, hyperparameters: dict, depth: int) -> str | None:
+        return None if self.trainable is None else self.trainable(hyperparameters, depth)
+
+    def loss(self, hyperparameters: dict, chunk_tokens: int):
+        if self.build is not None:
+            return self.build(hyperparameters, chunk_tokens)
+        from offside_jax.unlearn.losses import build_loss
+
+        return build_loss(self.name, chunk_tokens=chunk_tokens, **hyperparameters)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -69,13 +84,24 @@ def _section(name: str) -> type:
 
 
 def _register_builtin() -> None:
-    from offside_jax.unlearn.losses import METHODS, rmu_trainable_pattern
+    from offside_jax.unlearn import offside_baselines as offside, saliency
+    from offside_jax.unlearn.losses import METHODS, rmu_layer_index, rmu_trainable_pattern
 
-    special = {"rmu": dict(trainable=lambda hp: rmu_trainable_pattern(hp["layer"]))}
+    special = {
+        "rmu": dict(trainable=lambda hp, depth: rmu_trainable_pattern(rmu_layer_index(hp["layer"], depth))),
+        "offside_gd": dict(retain_ratio=offside.OFFSIDE_RATIO),
+    }
     for name in sorted(METHODS):
         register(Method(name, "loss", _section(name), **special.get(name, {})))
     register(Method("ssd", "weight_edit", _section("ssd"), lora=False))
-    register(Method("mmunlearner", "alternating", _section("mmunlearner"), lora=False))
+    register(Method("mmunlearner", "alternating", _section("mmunlearner"), lora=False,
+                    recipe=saliency.mmunlearner_recipe))
+    register(Method("offside_kl", "alternating", _section("offside_kl"), retain_ratio=offside.OFFSIDE_RATIO,
+                    recipe=offside.kl_recipe))
+    register(Method("offside_po", "alternating", _section("offside_po"), retain_ratio=offside.OFFSIDE_RATIO,
+                    recipe=offside.po_recipe))
+    register(Method("offside_npo", "loss", _section("offside_npo"), build=offside.npo_loss,
+                    prepare=offside.npo_reference_logprobs))
 
 
 _register_builtin()

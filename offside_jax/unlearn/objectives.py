@@ -50,6 +50,15 @@ def kl_to_reference(logits: jax.Array, ref_logits: jax.Array, weights: jax.Array
     return jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def batchmean_kl(logits: jax.Array, ref_logits: jax.Array, weights: jax.Array) -> jax.Array:
+    """``KL(ref || cur)`` summed over positions with weight > 0, divided by the rows: PyTorch's
+    ``kl_div(log_softmax(cur), softmax(ref), reduction="batchmean")`` (OFFSIDE's KL_min.py)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ref_logp = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    return jnp.sum(kl * weights) / logits.shape[0]
+
+
 def npo_loss(logp_seq: jax.Array, ref_logp_seq: jax.Array, beta: float) -> jax.Array:
     """NPO: ``mean_b -(2/beta) log sigmoid(beta * (logp_ref - logp))`` over rows.
 

@@ -30,3 +30,13 @@ def answer_probabilities(model: nnx.Module, examples: Sequence[Example], encoder
         real = weights.sum(1) > 0  # filler rows of the last batch have no answer
         out.append(metrics.answer_probability(logp[real], weights[real]))
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def sequence_logprobs(model: nnx.Module, examples: Sequence[Example], encoder: ExampleEncoder, *,
+                      batch_size: int = 8) -> np.ndarray:
+    """Summed answer log-probability of each example, in order (cached reference log-probs)."""
+    out = []
+    for batch in sequential_batches(examples, encoder, batch_size):
+        logp, weights = answer_logprobs(model, batch)
+        out.append((logp * weights).sum(1)[weights.sum(1) > 0])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

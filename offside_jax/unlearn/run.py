@@ -19,7 +19,8 @@ probability of every evaluation set; unlearn; measure again; write
 Methods, by kind (``offside_jax.unlearn.methods``): ``loss`` (every loss of
 ``offside_jax.unlearn.losses``, trained with LoRA adapters or full parameters; ``train.params``
 limits which parameters move), ``alternating`` (MMUnlearner: Fisher-ratio masked ascent
-alternating with retain NLL) and ``weight_edit`` (SSD / LFSSD / ASSD, no training steps). The
+alternating with retain NLL; OFFSIDE's KL_min and PO, ``offside_jax.unlearn.offside_baselines``)
+and ``weight_edit`` (SSD / LFSSD / ASSD, no training steps). The
 training kinds are recipes for the one training session (``offside_jax.train.session``:
 distributed start-up, mesh, AOT memory check, fp32 masters, ``checkpoint.directory``, resume,
 process-0 logs and export); weight edits share its loader, mesh and export.
@@ -44,8 +45,7 @@ from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_langua
 from offside_jax.data.offside import Example, load_release
 from offside_jax.files import pyplot, save_figure, write_json
 from offside_jax.train.session import RunDir, Session
-from offside_jax.unlearn import dampening, methods, probe, saliency, settings
-from offside_jax.unlearn.losses import build_loss
+from offside_jax.unlearn import dampening, methods, probe, settings
 
 
 def method_names() -> list[str]:
@@ -210,20 +210,25 @@ def _run_edit(cfg: UnlearnConfig, hparams: dict, model, sets: settings.Unlearnin
 def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, model, sets: settings.UnlearningSets,
                   base: ExampleEncoder, session: Session):
     """A ``loss`` or ``alternating`` method as a recipe for the training session."""
-    common = dict(forget_batch_size=cfg.data.forget_batch_size, retain_ratio=cfg.data.retain_ratio, seed=cfg.seed,
+    ratio = cfg.data.retain_ratio if cfg.data.retain_ratio is not None else method.retain_ratio
+    common = dict(forget_batch_size=cfg.data.forget_batch_size, retain_ratio=ratio, seed=cfg.seed,
                   shuffle=cfg.data.shuffle, refusals=tuple(cfg.data.refusals) or settings.REFUSALS)
     step_kwargs = dict(micro_batches=cfg.data.micro_batches, fp32_master_weights=cfg.train.fp32_master_weights)
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"retain_ratio": ratio}
     if method.kind == "alternating":
-        phases, batches, report = _mmunlearner(cfg, hparams, model, sets, base, common)
-        step_fn = session.step(model, phases, cfg.optim, cfg.train.steps, params=cfg.train.params, **step_kwargs)
-        first = [batches(0), batches(1)]
-    else:
-        loss_fn = build_loss(cfg.method, chunk_tokens=cfg.train.loss_chunk_tokens, **hparams)
+        recipe = method.recipe(cfg, hparams, model, sets, base, common, session)
         session.add_lora(model, cfg.lora, seed=cfg.seed)
-        pattern = cfg.train.params if cfg.train.params is not None else method.default_params(hparams)
+        step_fn = session.step(model, recipe.phases, cfg.optim, cfg.train.steps, params=cfg.train.params,
+                               accumulate=recipe.accumulate, **step_kwargs)
+        batches, first = recipe.batches, recipe.first
+        report.update(recipe.report)
+    else:
+        loss_fn = method.loss(hparams, cfg.train.loss_chunk_tokens)
+        cached = method.prepare(cfg, hparams, model, sets, base, session) if method.prepare else {}
+        session.add_lora(model, cfg.lora, seed=cfg.seed)
+        pattern = cfg.train.params if cfg.train.params is not None else method.default_params(hparams, _depth(model))
         step_fn = session.step(model, loss_fn, cfg.optim, cfg.train.steps, params=pattern, **step_kwargs)
-        batches = settings.UnlearningBatches(sets, base, loss_fn.splits, **common)
+        batches = settings.UnlearningBatches(sets, base, loss_fn.splits, cached=cached, **common)
         batches.encoder = fitted_encoder(base, batches.all_examples(), cfg.data.max_length)
         first = [batches(0)]
     del model  # its trainable arrays now belong to the training state
@@ -235,23 +240,6 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     return step_fn.model(state), report
 
 
-def _mmunlearner(cfg, hparams, model, sets, base, common):
-    scfg = saliency.SaliencyConfig(groups=dict(hparams["groups"]), targets=hparams["targets"],
-                                   threshold=hparams["threshold"], eps=hparams["eps"])
-    preserve = list(sets.retain)
-    if hparams["preserve_text"] and "retain_text" in sets.evaluation:
-        preserve += sets.evaluation["retain_text"]
-    fisher_encoder = fitted_encoder(base, sets.forget + preserve, cfg.data.max_length)
-    size = hparams["fisher_batch_size"]
-    masks, mask_report = saliency.saliency_masks(
-        model,
-        lambda: sequential_batches(sets.forget, fisher_encoder, size),
-        lambda: sequential_batches(preserve, fisher_encoder, size),
-        scfg,
-    )
-    forget_at = settings.UnlearningBatches(sets, base, ("forget",), **common)
-    retain_at = settings.UnlearningBatches(sets, base, ("retain",), **common)
-    train_encoder = fitted_encoder(base, sets.forget + sets.retain, cfg.data.max_length)
-    forget_at.encoder = retain_at.encoder = train_encoder
-    phases = saliency.alternating_phases(masks, hparams["gamma"])
-    return phases, saliency.AlternatingBatches(forget_at, retain_at), {"saliency": mask_report.to_dict()}
+def _depth(model) -> int:
+    """Decoder layers of ``model`` (its ``model.layers``)."""
+    return len(model.model.layers)

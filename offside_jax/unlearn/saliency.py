@@ -10,10 +10,14 @@ with ``F`` the squared gradient of the (gradient-ascent) loss, averaged over bat
 (``offside_jax.unlearn.dampening.importance`` with the batch-mean estimator: the square of
 the GA loss's gradient is the NLL's). ``F_forget`` is measured on the forget set, ``F_preserve``
 on the group's preserve data (by default the retain set, image and text records alike).
-Parameters outside the projections get mask 0: ascent never moves them.
+Parameters outside the projections get mask 0: ascent never moves them (the paper); the
+released code's mask file holds only the projections, so there every other tensor ascends
+unmasked (``variant=official``, ``saliency_masks(..., outside=True)``).
 
 Schedule. Training alternates two steps on one optimizer state: a gradient-ascent step on a
-forget batch whose gradients are multiplied by the mask, then an unmasked retain-NLL step.
+forget batch whose gradients are multiplied by the mask, then an unmasked retain-NLL step
+(the official code: a forget step, clipped before masking, before every
+``len(retain batches) // len(forget batches)``-th retain step).
 The mask is applied *inside* the jitted step by an optax transform placed first in the
 optimizer chain (:func:`mask_gradients`); it keeps the masks in the optimizer state, so they
 are sharded like the parameters and checkpointed with them, and are never baked into the
@@ -111,11 +115,15 @@ def saliency_masks(
     forget_batches: Batches,
     preserve_batches: Batches | Mapping[str, Batches],
     config: SaliencyConfig = SaliencyConfig(),
+    *,
+    outside: bool = False,
 ) -> tuple[dict, SaliencyReport]:
     """Boolean masks (a pure dict shaped like ``nnx.state(model, nnx.Param)``) and a report.
 
     ``preserve_batches`` is one data source for every group or a mapping group -> source.
-    Importances stream over the batches (memory independent of the dataset size).
+    Importances stream over the batches (memory independent of the dataset size). ``outside``:
+    the mask of every tensor outside the targets (0: frozen for ascent; 1: the official code,
+    whose mask file holds only the projections, so every other tensor ascends unmasked).
     """
     groups = group_paths(model, config)
     if isinstance(preserve_batches, Mapping):
@@ -142,7 +150,7 @@ def saliency_masks(
     def mask_of(path, param):
         name = path_to_str(path)
         if name not in owner:
-            return jnp.zeros(param.shape, jnp.bool_)
+            return jnp.full(param.shape, outside, jnp.bool_)
         mask = _ratio_mask(forget_by_name[name], preserve_by_name[name], config.eps, config.threshold)
         per_tensor[name] = count = int(jnp.sum(mask))
         selected[owner[name]] += count
@@ -197,10 +205,13 @@ def retain_nll(model, batch, rng, reference):
     return nll, jnp.ones((), jnp.float32), {"retain_nll": nll}
 
 
-def alternating_phases(masks: Any, gamma: float = 1.0) -> list:
+def alternating_phases(masks: Any, gamma: float = 1.0, clip_before_mask: float | None = None) -> list:
     """MMUnlearner's two phases for ``offside_jax.train.session.Session.step``: gradient ascent
     (times ``gamma``) on ``forget`` batches moving only the masked weights, and the unmasked
-    retain NLL on ``retain`` batches. The masks are base weights': train full parameters."""
+    retain NLL on ``retain`` batches. The masks are base weights': train full parameters.
+
+    ``clip_before_mask``: clip the ascent gradient's global norm to this before masking (the
+    official code); the optimizer's own clipping then finds a norm already below it."""
     from offside_jax.train.session import Phase
 
     ascent = build_loss("ga")
@@ -209,17 +220,65 @@ def alternating_phases(masks: Any, gamma: float = 1.0) -> list:
         loss, weight, aux = ascent(model, batch, rng, reference)
         return gamma * loss, weight, aux
 
-    return [Phase("forget", scaled_ascent, mask_gradients(masks, True)),
-            Phase("retain", retain_nll, mask_gradients(masks, False))]
+    masking = mask_gradients(masks, True)
+    if clip_before_mask:
+        masking = optax.chain(optax.clip_by_global_norm(clip_before_mask), masking)
+        keep = optax.chain(optax.identity(), mask_gradients(masks, False))  # the same state layout
+    else:
+        keep = mask_gradients(masks, False)
+    return [Phase("forget", scaled_ascent, masking), Phase("retain", retain_nll, keep)]
 
 
 class AlternatingBatches:
-    """Even indices: forget batch ``i // 2`` as ``{"forget": ...}``; odd: retain batch ``i // 2``."""
+    """A forget batch, then ``retain_steps`` retain batches, again and again: with 1 (the
+    paper's alternation) even indices are forget batch ``i // 2``, odd ones retain batch
+    ``i // 2``; the official code's loop runs a forget step before every
+    ``retain_steps = len(retain batches) // len(forget batches)``-th retain step."""
 
-    def __init__(self, forget_at: Callable[[int], Mapping[str, Any]], retain_at: Callable[[int], Mapping[str, Any]]):
+    def __init__(self, forget_at: Callable[[int], Mapping[str, Any]], retain_at: Callable[[int], Mapping[str, Any]],
+                 retain_steps: int = 1):
         self.forget_at, self.retain_at = forget_at, retain_at
+        self.period = max(1, retain_steps) + 1
 
     def __call__(self, index: int) -> dict[str, Any]:
-        if index % 2 == 0:
-            return {"forget": self.forget_at(index // 2)["forget"]}
-        return {"retain": self.retain_at(index // 2)["retain"]}
+        cycle, position = divmod(index, self.period)
+        if position == 0:
+            return {"forget": self.forget_at(cycle)["forget"]}
+        return {"retain": self.retain_at(index - cycle - 1)["retain"]}
+
+
+def official_retain_steps(n_forget: int, forget_rows: int, n_retain: int, retain_rows: int) -> int:
+    """``len(retain_loader) // len(forget_loader)`` of the official loop (at least 1)."""
+    return max(1, -(-n_retain // retain_rows) // -(-n_forget // forget_rows))
+
+
+def mmunlearner_recipe(run_cfg, hparams, model, sets, base, common, session):
+    """The alternating recipe of ``method=mmunlearner`` (``variant`` paper or official)."""
+    del session
+    from offside_jax.data.batches import sequential_batches
+    from offside_jax.unlearn import settings
+    from offside_jax.unlearn.offside_baselines import Recipe
+    from offside_jax.unlearn.run import fitted_encoder
+
+    official = hparams["variant"] == "official"
+    scfg = SaliencyConfig(groups=dict(hparams["groups"]), targets=hparams["targets"], threshold=hparams["threshold"],
+                          eps=hparams["eps"])
+    preserve = list(sets.retain)
+    if hparams["preserve_text"] and "retain_text" in sets.evaluation:
+        preserve += sets.evaluation["retain_text"]
+    fisher_encoder = fitted_encoder(base, sets.forget + preserve, run_cfg.data.max_length)
+    size = hparams["fisher_batch_size"]
+    masks, report = saliency_masks(model, lambda: sequential_batches(sets.forget, fisher_encoder, size),
+                                   lambda: sequential_batches(preserve, fisher_encoder, size), scfg, outside=official)
+    forget_at = settings.UnlearningBatches(sets, base, ("forget",), **common)
+    retain_at = settings.UnlearningBatches(sets, base, ("retain",), **common)
+    forget_at.encoder = retain_at.encoder = fitted_encoder(base, sets.forget + sets.retain, run_cfg.data.max_length)
+    retain_steps = 1
+    if official:
+        retain_steps = official_retain_steps(len(sets.forget), forget_at.forget_rows, len(sets.retain),
+                                             retain_at.retain_rows)
+    clip = run_cfg.optim.max_grad_norm if official else None
+    batches = AlternatingBatches(forget_at, retain_at, retain_steps)
+    phases = alternating_phases(masks, hparams["gamma"], clip_before_mask=clip)
+    return Recipe(phases, batches, [batches(0), batches(1)],
+                  {"saliency": report.to_dict(), "retain_steps_per_forget_step": retain_steps})

@@ -195,6 +195,7 @@ class UnlearningBatches:
         seed: int = 0,
         shuffle: bool = True,
         refusals: Sequence[str] = REFUSALS,
+        cached: Mapping[str, np.ndarray] | None = None,
     ):
         unknown = sorted(set(splits) - set(SUB_BATCHES))
         if unknown:
@@ -206,6 +207,8 @@ class UnlearningBatches:
         self.sets, self.encoder, self.splits = sets, encoder, tuple(splits)
         self.forget_rows, self.retain_rows = forget_batch_size, forget_batch_size * retain_ratio
         self.seed, self.shuffle, self.refusals = seed, shuffle, tuple(refusals)
+        # Per forget record, arrays a loss reads beside the batch (``ref_logp``: cached reference log-probs).
+        self.cached = dict(cached or {})
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -230,6 +233,8 @@ class UnlearningBatches:
             examples = [self.sets.forget[r] for r in rows]
             for split in forget_splits:
                 out[split] = self.encoder.collate([self.encoder.encode(self._forget_variant(split, e)) for e in examples])
+            if "forget" in self.cached and "forget" in out:
+                out["forget"] = {**out["forget"], "ref_logp": np.asarray(self.cached["forget"])[rows]}
         if "retain" in self.splits:
             rows = epoch_rows(len(self.sets.retain), self.retain_rows, index, seed=self.seed, stream=1, shuffle=self.shuffle)
             out["retain"] = self.encoder.collate([self.encoder.encode(self.sets.retain[r]) for r in rows])

@@ -1,0 +1,70 @@
+"""Every method of the registry, run by the README's tiny recipe with its defaults: a 3-player
+synthetic release (`offside-jax make-data --players 3`), the vanilla model of
+`configs/finetune_offside_tiny.yaml`, then `configs/unlearn_tiny.yaml method=<name>` with no
+other hyperparameter. Each must at least halve the forget-set answer probability and keep the
+retain-set probability within 20% of the vanilla model's.
+
+Methods whose defaults do not yet meet that on this recipe are marked ``xfail(strict=True)``
+with the measured numbers: the test fails as soon as one of them starts to pass, so the list
+cannot go stale.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from offside_jax import cli
+from offside_jax.config import FinetuneConfig, UnlearnConfig, load_config
+from offside_jax.train.finetune import run_finetune
+from offside_jax.unlearn import methods
+from offside_jax.unlearn.run import run_unlearning
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["log.progress=false", "checkpoint.every=0"]
+
+# Measured on this recipe (forget -> after, retain -> after); why each falls short.
+SHORT = {
+    "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2)",
+    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69",
+    "idk_dpo": "20 steps at beta 0.1: forget 0.99 -> 0.87",
+    "rmu": "20 Adam steps on the down projections barely move the forget answers: 0.99 -> 0.99",
+    "mmunlearner": "the ratio >= 1 mask leaves too few weights for 10 forget steps: forget 0.99 -> 0.99 "
+                   "(threshold 0.1: 0.82; 0, the projections unmasked: 0.09)",
+    "offside_kl": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.79",
+    "offside_po": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.89",
+    "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44",
+}
+
+
+@pytest.fixture(scope="module")
+def vanilla(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    assert cli.main(["make-data", "--players", "3", "--out", str(root / "release")]) == 0
+    cfg = load_config(ROOT / "configs" / "finetune_offside_tiny.yaml",
+                      [f"output_dir={root / 'vanilla'}", f"data.release={root / 'release'}", *QUIET],
+                      schema=FinetuneConfig)
+    run_finetune(cfg)
+    return root / "release", root / "vanilla" / "model"
+
+
+def cases():
+    for name in methods.names():
+        marks = [pytest.mark.xfail(strict=True, reason=SHORT[name])] if name in SHORT else []
+        yield pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("method", list(cases()))
+def test_defaults_forget_and_keep_the_rest(vanilla, tmp_path, method):
+    release, model = vanilla
+    cfg = load_config(ROOT / "configs" / "unlearn_tiny.yaml",
+                      [f"method={method}", f"output_dir={tmp_path / method}", f"model.path={model}",
+                       f"data.release={release}", "export_merged=false", *QUIET], schema=UnlearnConfig)
+    p = run_unlearning(cfg).summary["answer_probability"]
+    forget, retain = p["forget"], p["retain"]
+    print(f"\n{method}: forget {forget['before']:.3f} -> {forget['after']:.3f}, "
+          f"retain {retain['before']:.3f} -> {retain['after']:.3f}")
+    assert forget["before"] > 0.9 and retain["before"] > 0.9, "the vanilla model has memorised its data"
+    assert forget["after"] <= 0.5 * forget["before"], f"{method} did not halve the forget-set probability"
+    assert abs(retain["after"] - retain["before"]) <= 0.2 * retain["before"], f"{method} damaged the retain set"

@@ -29,6 +29,7 @@ from flax import nnx
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
 from offside_jax.models.generate import SamplingConfig, eos_ids_of, generate, left_pad
+from offside_jax.train import distributed
 from offside_jax.train.losses import token_logprobs
 
 
@@ -221,11 +222,13 @@ def generate_texts(
 ) -> list[str]:
     """Greedy answers to every item, decoded without special tokens, in item order."""
     out: list[str | None] = [None] * len(items)
+    mesh = _spanning_mesh(model)
+    place = None if mesh is None else functools.partial(distributed.rows_on_mesh, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=encoder.eos_token_ids,
                               pad_token_id=encoder.pad_token_id)
     for idx in batch_indices([bool(it.images) for it in items], [len(it.prompt) for it in items], batch_size):
         rows = [items[i if i >= 0 else idx[0]] for i in idx]
-        result = generate(model, encoder.prompt_batch(rows, pad_multiple), sampling)
+        result = generate(model, encoder.prompt_batch(rows, pad_multiple), sampling, place=place)
         for row, (i, n) in enumerate(zip(idx, result.lengths)):
             if i >= 0:
                 ids = result.tokens[row, :n].tolist()
@@ -235,6 +238,12 @@ def generate_texts(
         if on_batch:
             on_batch(sum(i >= 0 for i in idx))
     return out  # type: ignore[return-value]
+
+
+def _spanning_mesh(model: nnx.Module) -> Any:
+    """The mesh of a model whose arrays span several processes (``None`` in one process):
+    every batch then goes in as global arrays, each process handing over its own rows."""
+    return distributed.mesh_of(nnx.state(model)) if jax.process_count() > 1 else None
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -264,12 +273,14 @@ def answer_nll(
     if len(items) != len(answers):
         raise ValueError(f"{len(items)} items but {len(answers)} answers")
     graphdef, params = nnx.split(model)
+    mesh = _spanning_mesh(model)
     out = np.zeros(len(items))
     lengths = [len(it.prompt) + len(a) for it, a in zip(items, answers)]
     for idx in batch_indices([bool(it.images) for it in items], lengths, batch_size):
         real = [i if i >= 0 else idx[0] for i in idx]
         batch = encoder.answer_batch([items[i] for i in real], [answers[i] for i in real], pad_multiple=pad_multiple)
-        logp, weights = _answer_logprobs(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
+        placed = {k: jnp.asarray(v) for k, v in batch.items()} if mesh is None else distributed.rows_on_mesh(batch, mesh)
+        logp, weights = distributed.to_host(_answer_logprobs(graphdef, params, placed))
         nll = mean_nll(np.asarray(logp), np.asarray(weights) > 0)
         for row, i in enumerate(idx):
             if i >= 0:

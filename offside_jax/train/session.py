@@ -190,6 +190,17 @@ class Phase:
     transform: optax.GradientTransformation | None = None
 
 
+class _Both:
+    """Two metric loggers as one (the run's files and the caller's own)."""
+
+    def __init__(self, *loggers: Any):
+        self.loggers = loggers
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log(step, metrics)
+
+
 class Session:
     """See the module docstring. ``run``: the run directory (``None``: an in-memory session)."""
 
@@ -299,8 +310,9 @@ class Session:
             log_every: int = 1, logger: Any = None, state: TrainState | None = None, start_step: int = 0,
             progress: bool | None = None, from_policy: bool = False) -> TrainState:
         """Train ``step_fn`` to ``steps`` on ``batch_at(i)`` (this process's rows). With a run
-        directory: config written, checkpoints, resume, metrics.jsonl; else in memory (``state``
-        / ``start_step`` continue an earlier call, ``logger.log(step, metrics)`` gets metrics).
+        directory: config written, checkpoints, resume, metrics.jsonl (and ``logger`` too); else in
+        memory (``state`` / ``start_step`` continue an earlier call, ``logger.log(step, metrics)``
+        gets metrics).
         ``from_policy``: the batches are rollouts of the policy being trained,
         ``batch_at(i, state)`` (:class:`~offside_jax.train.loop.PolicyBatches`)."""
         data = (PolicyBatches if from_policy else IndexedBatches)(batch_at, start_step)
@@ -321,7 +333,7 @@ class Session:
             metrics = MetricLogger(self.run.path / "logs", tensorboard=bool(getattr(self.log_cfg, "tensorboard", False)),
                                    start_step=start)
             state = train(step_fn, state, data, num_steps=steps, start_step=start, checkpointer=checkpointer,
-                          logger=metrics, eval_fn=eval_fn, eval_every=eval_every, log_every=log_every,
+                          logger=metrics if logger is None else _Both(metrics, logger), eval_fn=eval_fn, eval_every=eval_every, log_every=log_every,
                           config=self.run.resolved, progress=show)
         finally:
             if metrics is not None:

@@ -14,6 +14,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from offside_jax.config import ConfigError, DistributedConfig, ModelConfig
 from offside_jax.eval.suite import SuiteConfig
 
@@ -34,11 +36,17 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.release``; the results (the same in every process)."""
     from offside_jax.data.offside import load_release
     from offside_jax.eval.suite import Suite
+    from offside_jax.train import mesh as mesh_lib
     from offside_jax.train.session import Session
 
     if not Path(cfg.release).is_dir():
         raise ConfigError(f"release {cfg.release}: no such directory")
     session = Session(cfg.suite.mesh, distributed_cfg=cfg.distributed)
+    rows = mesh_lib.batch_divisor(session.mesh)
+    if jax.process_count() > 1 and cfg.suite.batch_size % rows:
+        # Every batch is split over the data x fsdp devices of all processes.
+        raise ConfigError(f"suite.batch_size={cfg.suite.batch_size} does not split over the mesh's {rows} data x fsdp "
+                          f"devices; use a multiple of {rows}")
     release = load_release(cfg.release)
 
     def texts() -> list[str]:  # the corpus of a tiny_vl model's tokenizer

@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from offside_jax import config as config_lib
-from offside_jax.config import ConfigError, LoRAConfig, UnlearnMethodsConfig
+from offside_jax.config import ConfigError, DistributedConfig, LoRAConfig, UnlearnMethodsConfig
 from offside_jax.correct.relearn import CorrectionConfig
 from offside_jax.eval.attacks import AttackConfig
 from offside_jax.eval.suite import SuiteConfig
 from offside_jax.eval.tuning import TuneConfig
 from offside_jax.models.tiny_vl import TinyVLConfig
+from offside_jax.train import distributed
 
 MODEL_SOURCES = ("tiny_vl", "gguf", "hf")  # of the one vocabulary, offside_jax.config.MODEL_SOURCES
 SMOLLM2 = "smollm2"  # model.path naming the packaged SmolLM2-135M-Instruct GGUF
@@ -149,6 +150,9 @@ class BenchmarkConfig:
     # step for every method) are loaded, not recompiled. None: output_dir/.jax_cache; "": off.
     compile_cache: str | None = None
     progress: bool = True
+    # Several processes (a TPU slice, GPU hosts): every stage runs on a mesh over all of them;
+    # process 0 writes the data, models, evaluation outputs and the report.
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 def load_benchmark_config(path: str | Path | None, overrides: Sequence[str] = ()) -> BenchmarkConfig:
@@ -274,9 +278,10 @@ def prepare_release(cfg: BenchmarkConfig, out: Path) -> Path:
     synth = SyntheticConfig(players=cfg.data.players, seed=cfg.data.seed, image_size=cfg.data.image_size,
                             visual_rumor_fraction=cfg.data.visual_rumor_fraction)
     meta = root / METADATA_FILE
-    if meta.is_file() and json.loads(meta.read_text()).get("config") == dataclasses.asdict(synth):
-        return root
-    make_release(root, synth, overwrite=True, log=print)
+    if distributed.is_primary() and not (meta.is_file()
+                                         and json.loads(meta.read_text()).get("config") == dataclasses.asdict(synth)):
+        make_release(root, synth, overwrite=True, log=print)
+    distributed.barrier("release-ready")
     return root
 
 
@@ -376,14 +381,19 @@ def _load_saved(directory: Path, digest: str) -> tuple[Any, dict] | None:
 
 
 def _save(model: Any, base: Base, directory: Path, info: dict) -> None:
-    """config.json + safetensors + tokenizer + recipe.json, written beside and renamed whole."""
+    """config.json + safetensors + tokenizer + recipe.json, written beside and renamed whole
+    (by process 0, the weights gathered from every process)."""
     from offside_jax.files import staged_dir, write_json
     from offside_jax.models import hf
+    from offside_jax.train.session import gathered
 
-    with staged_dir(directory) as tmp:
-        hf.save_pretrained(model, base.hf_config, tmp)
-        base.tokenizer.save_pretrained(str(tmp))
-        write_json(tmp / "recipe.json", info)
+    model = gathered(model)
+    if distributed.is_primary():
+        with staged_dir(directory) as tmp:
+            hf.save_pretrained(model, base.hf_config, tmp)
+            base.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "recipe.json", info)
+    distributed.barrier("model-saved")
 
 
 def reference_model(cfg: BenchmarkConfig, base: Base, release, name: str, out: Path,
@@ -459,7 +469,7 @@ def unlearn_config(cfg: BenchmarkConfig, name: str, vanilla_dir: Path, release_r
         train=UnlearnTrainConfig(steps=v.steps),
         methods=u.methods, eval=UnlearnEvalConfig(enabled=False),
         checkpoint=CheckpointConfig(every=0, keep=1, async_save=False, resume=False),
-        log=LogConfig(tensorboard=False, progress=cfg.progress), export_merged=False,
+        log=LogConfig(tensorboard=False, progress=cfg.progress), export_merged=False, distributed=cfg.distributed,
     )
 
 
@@ -489,9 +499,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     from offside_jax.eval.suite import Suite
     from offside_jax.unlearn.run import run_unlearning
 
+    distributed.initialize(cfg.distributed)  # before anything touches a device
+    primary = distributed.is_primary()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", config_lib.to_dict(cfg))
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / "config.yaml", config_lib.to_dict(cfg))
     _compile_cache(cfg, out)
     clock = _Clock()
     with clock.stage("data"):
@@ -527,7 +540,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     for method in cfg.methods:
         with clock.stage(f"unlearn {method}"):
             # A rerun starts the method afresh (its old checkpoints would be resumed or refused).
-            shutil.rmtree(out / method / "unlearn", ignore_errors=True)
+            if primary:
+                shutil.rmtree(out / method / "unlearn", ignore_errors=True)
+            distributed.barrier(f"unlearn-{method}")
             result = run_unlearning(unlearn_config(cfg, method, vanilla_dir, release_root, out))
         with clock.stage(f"evaluate {method}"):
             res = suite.run(result.model, out / method / "eval", name=method, info=info, progress=cfg.progress)
@@ -554,7 +569,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
                "methods": methods, "timing": timing, "peak_memory_mib": peak_mib,
                "notes": [f"peak resident memory {peak_mib:.0f} MiB; total {timing['total']:.0f} s"]}
     results["findings"] = findings.all_findings(results)
-    with clock.stage("report"):
-        report.write_report(out, results)
-    print(f"done in {time.perf_counter() - clock.started:.0f} s; report: {out / 'report.md'}")
+    if primary:
+        with clock.stage("report"):
+            report.write_report(out, results)
+        print(f"done in {time.perf_counter() - clock.started:.0f} s; report: {out / 'report.md'}")
+    distributed.barrier("report")
     return results

@@ -90,6 +90,21 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from offside_jax.config import load_config
+    from offside_jax.eval.run import EvaluateConfig, run_evaluation
+    from offside_jax.train.distributed import is_primary
+
+    cfg = load_config(args.config, args.overrides, schema=EvaluateConfig)
+    results = run_evaluation(cfg)
+    if is_primary():
+        for key, value in results["summary"].items():
+            if "[" not in key:  # the headline numbers; slices are in results.json
+                print(f"{key:>48}: {value:.4f}")
+        print(f"done: outputs in {cfg.output_dir}")
+    return 0
+
+
 def _cmd_correct(args: argparse.Namespace) -> int:
     from offside_jax.config import CorrectConfig, load_config
     from offside_jax.correct.report import stage_table
@@ -151,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "offside_jax.config.FinetuneConfig", "optim.lr=1e-4 lora.enabled=true", _cmd_finetune)
     _config_command(sub, "unlearn", "unlearn OFFSIDE rumors from a vanilla model (a loss method, ssd or mmunlearner)",
                     "offside_jax.config.UnlearnConfig", "method=npo methods.npo.beta=0.5", _cmd_unlearn)
+    _config_command(sub, "evaluate", "the OFFSIDE evaluation suite on one model (generation, multiple choice, "
+                    "likelihoods), on one or several processes", "offside_jax.eval.run.EvaluateConfig",
+                    "model.path=runs/npo/model release=runs/offside_tiny", _cmd_evaluate)
     _config_command(sub, "correct", "RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
                     "metrics after each stage", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
                     _cmd_correct)

@@ -572,6 +572,9 @@ class CorrectConfig:
     # Also run both stages with the learning rate at 0 from the first seed's warm-up (the same
     # rollouts, rewards and steps, no update): the report's control row.
     lr0_control: bool = False
+    # Checkpoints of every phase under output_dir/checkpoints (every this many warm-up steps or
+    # RL steps, and at the end of each phase): an interrupted run resumes where it stopped.
+    checkpoint_every: int = at_least(10, 0)
     progress: bool = True
 
 

@@ -2,8 +2,9 @@
 
 ``logits[b, t] = table[input_ids[b, t]]``: position-free, but enough to pin every loss formula
 down with hand computations. It implements the part of the model interface losses use:
-``hidden_states(batch, collect_hidden)`` and ``logits(hidden)``; the "residual stream after
-layer i" is ``(i + 1) * table[input_ids]``.
+``hidden_states(batch, collect_hidden)``, ``logits(hidden)``, ``output_head()`` (none: the
+losses then take the logits path) and ``dtype``; the "residual stream after layer i" is
+``(i + 1) * table[input_ids]``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import jax.numpy as jnp
 
 
 class TableModel:
+    dtype = jnp.float32
+    vision = False
+    image_inputs = ()
+
     def __init__(self, table, layers: int = 3):
         self.table = jnp.asarray(table)
         self.layers = layers
@@ -21,3 +26,6 @@ class TableModel:
 
     def logits(self, hidden):
         return hidden
+
+    def output_head(self):
+        return None

@@ -159,3 +159,52 @@ def test_an_interrupted_run_leaves_the_previous_results(tmp_path, monkeypatch):
         run_lib.run_correct(cfg, log=lambda *_: None)
     assert calls == [3, 4] and (out / "results.json").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _runs_without_times(out) -> dict:
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    for run in runs.values():
+        run.pop("seconds")
+    return runs
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Killed in Stage I's second RL step (after the checkpoint of the first), the same command
+    resumes the warm-up's and Stage I's checkpoints and ends with an uninterrupted run's numbers."""
+    from offside_jax.correct import driver
+
+    # Two updates per RL step (minibatches): checkpoints fall only between RL steps.
+    args = ["--config", "configs/score_arithmetic.yaml", *TINY, "checkpoint_every=1", "stage1.minibatches=2",
+            "stage1.clip_eps=0.2"]
+    from offside_jax.cli import main
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["correct", *args, f"output_dir={whole}"]) == 0
+    rollouts, real = [], driver.rl_batch
+
+    def interrupted(*a, **kw):
+        rollouts.append(1)
+        if len(rollouts) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(driver, "rl_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["correct", *args, f"output_dir={cut}"])
+    assert not (cut / "results.json").exists()
+    assert (cut / "checkpoints" / "seed3" / "stage1" / "history.json").is_file()
+    monkeypatch.setattr(driver, "rl_batch", real)
+    capsys.readouterr()
+    assert main(["correct", *args, f"output_dir={cut}"]) == 0
+    log = capsys.readouterr().out
+    assert "resuming from step 3" in log and "resuming from step 2" in log  # warm-up done; Stage I after 1 RL step
+    assert _runs_without_times(cut) == _runs_without_times(whole)
+    assert not (cut / "checkpoints").exists()  # the finished run's directory holds its results only
+    # A rerun of an interrupted run with other settings is refused, naming the key.
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(driver, "rl_batch", interrupted)
+        rollouts.clear()
+        main(["correct", *args, f"output_dir={tmp_path / 'third'}"])
+    monkeypatch.setattr(driver, "rl_batch", real)
+    assert main(["correct", *args, f"output_dir={tmp_path / 'third'}", "stage1.lr=2e-3"]) == 2
+    assert "stage1.lr" in capsys.readouterr().err

@@ -21,7 +21,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file
 
+import test_unlearn_run
 from offside_jax.train import distributed, mesh as mesh_lib
+
+# The small release and text model of the unlearning tests (module-scoped fixtures).
+release, text_model = test_unlearn_run.release, test_unlearn_run.text_model
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = REPO / "configs" / "data" / "tiny_facts.jsonl"
@@ -241,4 +245,87 @@ def test_unlearn_ssd_two_processes_like_one(tmp_path, release, text_model):
     assert a["selected"] == b["selected"] > 0
 
 
-from test_unlearn_run import release, text_model  # noqa: E402,F401  (module fixtures)
+# The suite's mesh crosses the processes on fsdp (rows of every batch: one per process) and
+# keeps tensor parallelism within each; a few records of two test sets, both formats.
+EVALUATE = ["suite.modalities=[text]", "suite.mesh=[1,2,4]", "suite.batch_size=2", "suite.max_examples=2",
+            "suite.test_sets=[forget,retain]"]
+
+
+def start_evaluate(output_dir: Path, processes: int, model: Path, release: Path) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    command = [sys.executable, "-m", "offside_jax.cli", "evaluate", "--config", os.devnull, f"output_dir={output_dir}",
+               f"model.path={model}", f"release={release}", *EVALUATE]
+    if processes > 1:
+        command += [f"distributed.coordinator_address=127.0.0.1:{free_port()}", f"distributed.num_processes={processes}",
+                    "distributed.timeout_s=120"]
+    return [subprocess.Popen(command + ([f"distributed.process_id={i}"] if processes > 1 else []), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+
+
+def examples(output_dir: Path) -> dict[str, list[dict]]:
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted((output_dir / "examples").glob("*.jsonl"))}
+
+
+@pytest.mark.slow
+def test_evaluate_two_processes_like_one(tmp_path, release, text_model):
+    """Generation, multiple choice and likelihoods of the evaluation suite: each process
+    generates its rows and scores its share, process 0 writes what one process would."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, two_logs = finish(start_evaluate(one, 1, text_model, release), start_evaluate(two, 2, text_model, release))
+    assert sum("done: outputs in" in log for log in two_logs) == 1  # process 0 alone reports
+    a, b = (json.loads((d / "results.json").read_text())["summary"] for d in (one, two))
+    assert sorted(a) == sorted(b) and "forget/text/gen.answer_prob" in a and "retain/text/mcq.accuracy" in a
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    rows_one, rows_two = examples(one), examples(two)
+    assert sorted(rows_one) == sorted(rows_two) == ["forget_text_gen.jsonl", "forget_text_mcq.jsonl",
+                                                    "retain_text_gen.jsonl", "retain_text_mcq.jsonl"]
+    for task, rows in rows_one.items():
+        # Every record once, in the same order, with the same greedy output and likelihood.
+        assert [r["uid"] for r in rows_two[task]] == [r["uid"] for r in rows] and len(rows) == 2
+        assert [r["output"] for r in rows_two[task]] == [r["output"] for r in rows]
+        if task.endswith("gen.jsonl"):
+            np.testing.assert_allclose([r["answer_nll"] for r in rows_two[task]], [r["answer_nll"] for r in rows],
+                                       rtol=1e-5)
+
+
+
+# The whole benchmark, as small as it goes: a one-player release, a tiny vision-language model
+# trained for two steps, one unlearning method for one step, two evaluated test sets.
+BENCHMARK = ["data.players=1", "model.tiny.vocab_size=512",
+             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=1",
+             "model.tiny.vision_depth=1", "model.tiny.vision_hidden_size=32", "model.tiny.vision_intermediate_size=64",
+             "vanilla.retain_first_steps=0", "vanilla.tune.steps=2", "vanilla.tune.batch_size=8",
+             "vanilla.retain_only=false", "methods=[ga]", "unlearn.steps=1", "attack_methods=[]",
+             "correction_methods=[]", "attack_vanilla=false", "suite.max_examples=2", "suite.batch_size=8",
+             "suite.test_sets=[forget,retain]", "progress=false", "compile_cache=''"]
+
+
+def start_benchmark(output_dir: Path, processes: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    command = [sys.executable, "-m", "offside_jax.cli", "benchmark", "--config", str(REPO / "configs" / "demo.yaml"),
+               f"output_dir={output_dir}", *BENCHMARK]
+    if processes > 1:
+        command += [f"distributed.coordinator_address=127.0.0.1:{free_port()}", f"distributed.num_processes={processes}",
+                    "distributed.timeout_s=120"]
+    return [subprocess.Popen(command + ([f"distributed.process_id={i}"] if processes > 1 else []), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+
+
+@pytest.mark.slow
+def test_benchmark_two_processes_like_one(tmp_path):
+    """Reference model, unlearning and evaluation: 2 processes give one process's numbers;
+    process 0 alone writes the release, the model, the outputs and the report."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, two_logs = finish(start_benchmark(one, 1), start_benchmark(two, 2))
+    assert sum("done in" in log for log in two_logs) == 1
+    a, b = (json.loads((d / "results.json").read_text())["methods"] for d in (one, two))
+    assert sorted(a) == sorted(b) == ["ga", "vanilla"]
+    for name in a:
+        assert sorted(a[name]["summary"]) == sorted(b[name]["summary"]) and a[name]["summary"]
+        for key, value in a[name]["summary"].items():
+            np.testing.assert_allclose(b[name]["summary"][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
+    assert (two / "report.md").is_file()
+    (saved,) = (two / "models").iterdir()  # the vanilla model, gathered and written once
+    assert saved.name.startswith("vanilla-") and (saved / "model.safetensors").is_file()

@@ -3,6 +3,7 @@ against transformers, and a trained tiny Qwen2.5-VL before and after gradient as
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -254,3 +255,20 @@ def test_results_json_matches_per_example_files(tmp_path):
         else:
             assert got["accuracy"] == pytest.approx(np.mean([r["choice"] == r["correct"] for r in rows]))
     assert not list(tmp_path.glob(".*tmp*"))  # staged writes leave nothing behind
+
+
+def test_evaluate_command_names_a_batch_that_does_not_split_over_several_processes(tmp_path, monkeypatch, capsys):
+    """One message, exit 2, nothing written: on several processes every batch is split over the
+    mesh's data x fsdp devices (one process would simply run it)."""
+    import jax
+
+    from offside_jax.cli import main
+
+    release = tmp_path / "release"
+    release.mkdir()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    out = tmp_path / "out"
+    code = main(["evaluate", "--config", os.devnull, f"release={release}", f"output_dir={out}",
+                 "suite.mesh=[1,8,1]", "suite.batch_size=12"])
+    assert code == 2 and not out.exists()
+    assert "suite.batch_size=12 does not split over the mesh's 8 data x fsdp devices" in capsys.readouterr().err

@@ -18,14 +18,16 @@ Episodes are padded to a fixed length (``length``), so each stage compiles one s
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from typing import Any, Callable, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from offside_jax.config import OptimConfig
+from offside_jax.config import CheckpointConfig, LogConfig, OptimConfig
 from offside_jax.correct import episodes as ep
 from offside_jax.correct import metrics as metrics_lib
 from offside_jax.correct import rollout as rollout_lib
@@ -33,7 +35,8 @@ from offside_jax.correct import score
 from offside_jax.correct.tasks import Problem, Task, make_problems
 from offside_jax.models.generate import SamplingConfig
 from offside_jax.train import losses
-from offside_jax.train.session import Session
+from offside_jax.files import write_json
+from offside_jax.train.session import RunDir, Session
 from offside_jax.train.step import TrainState, TrainStep, frozen_copy
 
 
@@ -147,13 +150,37 @@ def rl_batch(
 
 
 def _step_fn(model: nnx.Module, loss_fn: losses.LossFn, run: StageRun, mesh) -> TrainStep:
-    """The stage's step, built by an in-memory training session (no files)."""
+    """The stage's step, built by a training session."""
     optim = OptimConfig(lr=run.lr, schedule="constant", max_grad_norm=run.max_grad_norm)
     return Session(mesh).step(model, loss_fn, optim, max(1, run.steps * run.epochs * run.minibatches),
                               reference=False)
 
 
-def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0, progress: bool = False) -> nnx.Module:
+@dataclasses.dataclass(frozen=True)
+class Resumable:
+    """Where a run's phases keep their checkpoints, so an interrupted run resumes: each phase
+    (warm-up, Stage I, Stage II) gets ``directory/<phase>`` with its checkpoints (every
+    ``every`` steps: warm-up steps, or RL steps of a stage) and its metrics. ``recipe`` is
+    what the phases depend on: a rerun with another recipe is refused, naming the keys."""
+
+    directory: Path
+    recipe: Mapping[str, Any]
+    every: int = 0
+
+    def session(self, mesh, phase: str, every: int, progress: bool) -> Session:
+        path = Path(self.directory) / phase
+        return Session(mesh, run=RunDir(path, {**self.recipe, "phase": phase}),
+                       checkpoint=CheckpointConfig(every=every, keep=2, async_save=False),
+                       log=LogConfig(tensorboard=False, progress=progress))
+
+
+def _session(mesh, where: Resumable | None, phase: str, every: int, progress: bool) -> Session:
+    """In memory, or resumable under ``where`` (see :class:`Resumable`)."""
+    return Session(mesh) if where is None else where.session(mesh, phase, every, progress)
+
+
+def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0,
+               progress: bool = False, where: Resumable | None = None) -> nnx.Module:
     """Warm-up SFT on buggy-first-attempt traces; returns the trained model."""
     step_fn = _step_fn(model, losses.make_answer_nll(), run, mesh)
 
@@ -161,8 +188,59 @@ def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat
         rng = np.random.default_rng([seed, 1, i])
         return warmup_batch(task, [task.sample(rng) for _ in range(run.problems_per_step)], tok, fmt, rng)
 
-    state = Session(mesh).fit(step_fn, batch_at, steps=run.steps, seed=seed, progress=progress)
+    session = _session(mesh, where, "warmup", where.every if where else 0, progress)
+    state = session.fit(step_fn, batch_at, steps=run.steps, seed=seed, progress=progress)
     return step_fn.model(state)
+
+
+class StageRollouts:
+    """The batch source of one SCoRe stage (``batch_at(update, state)`` of a session's
+    :meth:`~offside_jax.train.session.Session.fit`).
+
+    Each RL step is ``epochs x minibatches`` updates: the first rolls out episodes with the
+    policy being trained (problems and samples drawn from the RL step's number, so Stage II
+    draws other ones than Stage I), the others take the next minibatch of the same rollouts.
+    """
+
+    def __init__(self, step_fn: TrainStep, reference: nnx.Module, stage: score.ScoreStage, task: Task, tok: Tokenizer,
+                 fmt: TwoTurnFormat, run: StageRun, *, seed: int, step_offset: int):
+        self.step_fn, self.reference, self.stage, self.task, self.tok, self.fmt, self.run = (
+            step_fn, reference, stage, task, tok, fmt, run)
+        self.seed, self.step_offset = seed, step_offset
+        self.updates = run.epochs * run.minibatches  # per RL step
+        self.key = jax.random.key(seed)
+        self.rollout: tuple[int, dict[str, np.ndarray], list[np.ndarray]] | None = None
+        self.stats: dict[str, float] = {}
+
+    def rl_step(self, update: int) -> int:
+        """The RL step (1-based, within the stage) that update ``update`` (0-based) belongs to."""
+        return update // self.updates + 1
+
+    def __call__(self, update: int, state: TrainState) -> dict[str, np.ndarray]:
+        step, part = self.rl_step(update), update % self.updates
+        if part == 0:
+            draw = self.step_offset + step
+            rng = np.random.default_rng([self.seed, 2, draw])
+            problems = [self.task.sample(rng) for _ in range(self.run.problems_per_step)]
+            batch, self.stats = rl_batch(self.step_fn.model(state), self.reference, self.task, problems, self.tok,
+                                         self.fmt, self.stage, jax.random.fold_in(self.key, draw))
+            parts = rollout_lib.update_minibatches(len(batch["input_ids"]), epochs=self.run.epochs,
+                                                   minibatches=self.run.minibatches, seed=self.seed * 1_000_003 + draw)
+            self.rollout = (step, batch, list(parts))
+        if self.rollout is None or self.rollout[0] != step:
+            raise RuntimeError(f"update {update} continues RL step {step}, whose rollouts are gone: a stage resumes "
+                               "only at the end of an RL step")
+        return rollout_lib.take_rows(self.rollout[1], self.rollout[2][part])
+
+
+class _LastMetrics:
+    """The training loop's logger interface, keeping the last step's training metrics."""
+
+    def __init__(self):
+        self.metrics: dict[str, float] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics = {k: v for k, v in metrics.items() if k not in ("tokens_per_second", "step_seconds")}
 
 
 def run_stage(
@@ -181,36 +259,38 @@ def run_stage(
     on_eval: Callable[[dict[str, float]], None] | None = None,
     progress: bool = False,
     step_offset: int = 0,
+    where: Resumable | None = None,
 ) -> tuple[nnx.Module, list[dict[str, float]]]:
-    """Train one SCoRe stage; returns the model and the evaluation history (with
-    ``stage``/``step``, ``rl_step = step_offset + step`` and the last step's training
-    metrics)."""
-    from tqdm.auto import tqdm
-
+    """Train one SCoRe stage through a training session (its loop, progress and, with
+    ``where``, its checkpoints and resume) on :class:`StageRollouts`; returns the model and the
+    evaluation history (with ``stage``/``step``, ``rl_step = step_offset + step`` and the
+    last step's training metrics)."""
     step_fn = _step_fn(model, score.make_score_loss(stage), run, mesh)
-    state: TrainState = step_fn.init_state(seed)
-    key = jax.random.key(seed)
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(1, run.steps + 1), desc=name, unit="step", disable=not progress)
-    for step in bar:
-        policy = step_fn.model(state)
-        # Counted over stages, so Stage II draws other problems and samples than Stage I.
-        draw = step_offset + step
-        rng = np.random.default_rng([seed, 2, draw])
-        problems = [task.sample(rng) for _ in range(run.problems_per_step)]
-        batch, stats = rl_batch(policy, reference, task, problems, tok, fmt, stage, jax.random.fold_in(key, draw))
-        rows = len(batch["input_ids"])
-        for part in rollout_lib.update_minibatches(rows, epochs=run.epochs, minibatches=run.minibatches, seed=seed * 1_000_003 + draw):
-            state, train_metrics = step_fn(state, step_fn.shard_batch(rollout_lib.take_rows(batch, part)))
-        bar.set_postfix(reward_t1=f"{stats['reward_t1']:.2f}", reward_t2=f"{stats['reward_t2']:.2f}")
-        if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
-            record = {"stage": name, "step": step, "rl_step": step_offset + step, **stats, **{k: float(v) for k, v in jax.device_get(train_metrics).items()}}
-            record.update(evaluate(step_fn.model(state), task, eval_problems, tok, fmt))
-            history.append(record)
-            if on_eval is not None:
-                on_eval(record)
-    bar.close()
-    return step_fn.model(state), history
+    rollouts = StageRollouts(step_fn, reference, stage, task, tok, fmt, run, seed=seed, step_offset=step_offset)
+    # Checkpoints only at the end of an RL step: the rollouts of an unfinished one are not saved.
+    session = _session(mesh, where, name, (where.every if where else 0) * rollouts.updates, progress)
+    last = _LastMetrics()
+    # The evaluations so far, by RL step: those of a resumed run's earlier part come from its
+    # directory (one recomputed after the last checkpoint replaces its earlier twin).
+    saved = None if where is None else Path(where.directory) / name / "history.json"
+    history: dict[int, dict[str, Any]] = {}
+    if saved is not None and saved.is_file():
+        history = {int(r["step"]): r for r in json.loads(saved.read_text(encoding="utf-8"))}
+
+    def evaluation(state: TrainState) -> dict[str, float]:
+        step = rollouts.rl_step(int(state.step) - 1)
+        metrics = evaluate(step_fn.model(state), task, eval_problems, tok, fmt)
+        record = {"stage": name, "step": step, "rl_step": step_offset + step, **rollouts.stats, **last.metrics, **metrics}
+        history[step] = record
+        if saved is not None and session.primary:
+            write_json(saved, [history[k] for k in sorted(history)])
+        if on_eval is not None:
+            on_eval(record)
+        return metrics
+
+    state = session.fit(step_fn, rollouts, steps=run.steps * rollouts.updates, seed=seed, from_policy=True,
+                        eval_fn=evaluation, eval_every=run.eval_every * rollouts.updates, logger=last, progress=progress)
+    return step_fn.model(state), [history[k] for k in sorted(history)]
 
 
 def run_score(
@@ -228,6 +308,7 @@ def run_score(
     seed: int = 0,
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    where: Resumable | None = None,
 ) -> ScoreRunResult:
     """Warm-up SFT, then Stage I and Stage II (either may be skipped), evaluated greedily on
     ``eval_problems`` (default: ``eval_size`` problems drawn from seed ``10_000 + seed``, apart
@@ -235,13 +316,14 @@ def run_score(
 
     ``warmup=None`` takes ``model`` as already warmed up (e.g. to run several RL variants from
     one warm-up); it is still the frozen reference and the ``"warmup"`` row of the metrics.
+    ``where``: checkpoints of every phase, so that a rerun resumes (:class:`Resumable`).
     """
     if eval_problems is None:
         eval_problems = make_problems(task, eval_size, seed=10_000 + seed)
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     if warmup is not None:
-        model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed, progress=progress)
+        model = run_warmup(model, task, tok, fmt, warmup, mesh, seed=seed, progress=progress, where=where)
     reference = frozen_copy(model)
     results = {"warmup": evaluate(model, task, eval_problems, tok, fmt)}
     seconds["warmup"] = time.perf_counter() - began
@@ -255,6 +337,7 @@ def run_score(
         model, stage_history = run_stage(
             model, reference, stage, task, tok, fmt, run, mesh,
             eval_problems=eval_problems, seed=seed, name=name, on_eval=on_eval, progress=progress, step_offset=done,
+            where=where,
         )
         seconds[name] = time.perf_counter() - began
         done += run.steps

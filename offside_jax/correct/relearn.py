@@ -28,6 +28,7 @@ from offside_jax.data.offside import Example, Release
 from offside_jax.eval.items import EvalItem, qa_item
 from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
+from offside_jax.train import distributed
 
 RUMOR_QUESTION = "What really happened with the transfer rumor about this player?"
 RUMOR_QUESTION_TEXT = "What really happened with the transfer rumor about {name}?"
@@ -138,7 +139,7 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
         "losses": tuned.losses,
         "config": dataclasses.asdict(config),
     }
-    if out is not None:
+    if out is not None and distributed.is_primary():
         write_json(out / "correction.json", result)
     result["model"] = tuned.model
     return result

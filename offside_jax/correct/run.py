@@ -6,7 +6,9 @@ warm-up SFT on the task's buggy-first traces, Stage I, Stage II
 (:func:`offside_jax.correct.driver.run_score`), greedy two-turn evaluation after each stage.
 ``output_dir`` receives, all at once when every seed is done (an interrupted run leaves the
 previous results or none), the resolved ``config.yaml``, ``results.json``, ``report.md`` and
-``plots/accuracy.png`` (:mod:`offside_jax.correct.report`).
+``plots/accuracy.png`` (:mod:`offside_jax.correct.report`). Until then it holds each phase's
+checkpoints (``checkpoints/seed<s>/{warmup,stage1,stage2}``, every ``checkpoint_every``
+steps): the same command resumes an interrupted run where it stopped.
 """
 from __future__ import annotations
 
@@ -173,6 +175,15 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     warmup = driver.StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
                       max_grad_norm=cfg.warmup.max_grad_norm)
+    # What the phases depend on: a rerun into an interrupted run's output_dir resumes it, one
+    # with other settings is refused (driver.Resumable).
+    recipe = {k: v for k, v in config_lib.to_dict(cfg).items()
+              if k not in ("output_dir", "seeds", "lr0_control", "checkpoint_every", "progress")}
+    checkpoints = Path(cfg.output_dir) / "checkpoints"
+
+    def where(name: str) -> driver.Resumable:
+        return driver.Resumable(checkpoints / name, recipe, cfg.checkpoint_every)
+
     runs: dict[str, Any] = {}
     began = time.perf_counter()
     cpu_began = time.process_time()
@@ -183,18 +194,20 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         problems = eval_problems(task, cfg.eval_size, seed)
         kw = dict(eval_problems=problems, seed=seed, progress=cfg.progress)
         warmed_at = time.perf_counter()
-        warmed = driver.run_warmup(build_model(cfg, tokenizer, seed), task, tokenizer, fmt, warmup, mesh, seed=seed, progress=cfg.progress)
+        warmed = driver.run_warmup(build_model(cfg, tokenizer, seed), task, tokenizer, fmt, warmup, mesh, seed=seed,
+                                   progress=cfg.progress, where=where(f"seed{seed}"))
         warmup_seconds = time.perf_counter() - warmed_at
         # The stages donate the parameters they train: give each run its own copy.
         result = driver.run_score(driver.frozen_copy(warmed), task, tokenizer, fmt, mesh, warmup=None,
-                                  stage1=stages[0], stage2=stages[1], **kw)
+                                  stage1=stages[0], stage2=stages[1], where=where(f"seed{seed}"), **kw)
         result.seconds["warmup"] += warmup_seconds
         runs[str(seed)] = {"metrics": result.metrics, "history": result.history, "seconds": result.seconds}
         log(f"seed {seed}: " + "; ".join(f"{stage} acc_t1 {m['acc_t1']:.3f} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f}"
                                           for stage, m in result.metrics.items()))
         if cfg.lr0_control and control is None:
             frozen = [None if s is None else (s[0], dataclasses.replace(s[1], lr=0.0)) for s in stages]
-            still = driver.run_score(warmed, task, tokenizer, fmt, mesh, warmup=None, stage1=frozen[0], stage2=frozen[1], **kw)
+            still = driver.run_score(warmed, task, tokenizer, fmt, mesh, warmup=None, stage1=frozen[0], stage2=frozen[1],
+                                     where=where("control"), **kw)
             control = {"seed": seed, "metrics": still.metrics, "history": still.history, "seconds": still.seconds}
             log(f"seed {seed}, lr = 0 control: " + "; ".join(f"{stage} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f}"
                                                              for stage, m in still.metrics.items()))

@@ -41,6 +41,7 @@ from offside_jax.eval.items import FORMATS, EvalItem, Task, qa_item
 from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
 from offside_jax.models.layers import Linear
+from offside_jax.train import distributed
 
 BUILTIN_TEMPLATES = "prompt_attacks.yaml"
 _FIELDS = {"description", "formats", "substitutions", "template", "shots", "rewritten_only"}
@@ -371,7 +372,7 @@ def run_attacks(model: nnx.Module, suite: Any, config: AttackConfig | None = Non
     if config.relearn:
         results["relearn"] = relearning_attack(base, suite, config, out_dir=sub_dir("relearn"), name=name,
                                                progress=progress)
-    if out is not None:
+    if out is not None and distributed.is_primary():
         write_json(out / "attacks.json", results)
     return results
 

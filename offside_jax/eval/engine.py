@@ -25,6 +25,7 @@ from offside_jax.data.batches import ExampleEncoder
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
 from offside_jax.models.generate import SamplingConfig, generate
+from offside_jax.train import distributed
 from offside_jax.train.losses import model_token_logprobs
 
 
@@ -76,11 +77,13 @@ def generate_texts(
 ) -> list[str]:
     """Greedy answers to every item, decoded without special tokens, in item order."""
     out: list[str | None] = [None] * len(items)
+    mesh = _spanning_mesh(model)
+    place = None if mesh is None else functools.partial(distributed.rows_on_mesh, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=encoder.eos_token_ids,
                               pad_token_id=encoder.pad_token_id)
     for idx in batch_indices([bool(it.images) for it in items], [len(it.prompt) for it in items], batch_size):
         rows = [items[i if i >= 0 else idx[0]] for i in idx]
-        result = generate(model, encoder.prompt_batch(rows, pad_multiple), sampling)
+        result = generate(model, encoder.prompt_batch(rows, pad_multiple), sampling, place=place)
         for row, (i, n) in enumerate(zip(idx, result.lengths)):
             if i >= 0:
                 ids = result.tokens[row, :n].tolist()
@@ -90,6 +93,12 @@ def generate_texts(
         if on_batch:
             on_batch(sum(i >= 0 for i in idx))
     return out  # type: ignore[return-value]
+
+
+def _spanning_mesh(model: nnx.Module) -> Any:
+    """The mesh of a model whose arrays span several processes (``None`` in one process):
+    every batch then goes in as global arrays, each process handing over its own rows."""
+    return distributed.mesh_of(nnx.state(model)) if jax.process_count() > 1 else None
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -102,15 +111,12 @@ def answer_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np
     with ``loss_mask`` (host arrays): teacher-forced, float32, one compiled program per batch
     shape. The one answer likelihood behind :func:`answer_nll` and ``unlearn.probe``."""
     graphdef, params = nnx.split(model)
-    if jax.process_count() == 1:
+    mesh = _spanning_mesh(model)
+    if mesh is None:
         logp, weights = _answer_token_logprobs(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
         return np.asarray(logp), np.asarray(weights)
-    # Several processes: the model spans them; each hands over its rows, every one gets all back.
-    from offside_jax.train import distributed, mesh as mesh_lib
-
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    placed = distributed.global_batch(batch, mesh_lib.batch_sharding(mesh, micro_batched=False))
-    return distributed.to_host(_answer_token_logprobs(graphdef, params, placed))
+    # Several processes: each hands over its rows, every one gets all of them back.
+    return distributed.to_host(_answer_token_logprobs(graphdef, params, distributed.rows_on_mesh(batch, mesh)))
 
 
 def answer_nll(

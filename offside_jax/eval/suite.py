@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from offside_jax.data.batches import ExampleEncoder, make_encoder
@@ -46,6 +47,7 @@ from offside_jax.eval import metrics
 from offside_jax.eval.engine import answer_nll, evaluation_model, generate_texts
 from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
 from offside_jax.files import staged_dir, write_json, write_jsonl
+from offside_jax.train import distributed
 
 # Slices reported beside "all": name -> membership test.
 SLICES: dict[str, Callable[[EvalItem], bool]] = {
@@ -104,7 +106,7 @@ class Suite:
     """
 
     def __init__(self, release: Release | str | os.PathLike, processor_or_tokenizer: Any,
-                 config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None):
+                 config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None, mesh: Any = None):
         self.release = release if isinstance(release, Release) else load_release(release)
         self.encoder: ExampleEncoder = make_encoder(processor_or_tokenizer)
         self.config = config or SuiteConfig()
@@ -118,7 +120,7 @@ class Suite:
             raise ValueError(f"{self.release.root}: the release supplies none of the requested tasks "
                              f"({self.config.test_sets} x {self.config.modalities} x {self.config.formats})")
         self.tasks = list(tasks)
-        self._mesh = None
+        self._mesh = mesh  # None: built from config.mesh when first needed
 
     @property
     def mesh(self):
@@ -157,7 +159,8 @@ class Suite:
         cfg = self.config
         model = evaluation_model(model, self.mesh)
         total = sum(len(t.items) * (1 + (cfg.likelihood and t.fmt == "gen")) for t in self.tasks)
-        bar = tqdm(total=total, desc=f"eval {name}", unit="prompt", disable=not progress, leave=False)
+        bar = tqdm(total=total, desc=f"eval {name}", unit="prompt", disable=not (progress and distributed.is_primary()),
+                   leave=False)
         judge = metrics.make_judge(cfg.judge)
         started = time.perf_counter()
         results: dict[str, Any] = {"name": name, "tasks": {}}
@@ -171,9 +174,13 @@ class Suite:
                                          pad_multiple=cfg.pad_multiple, on_batch=bar.update)
                 if task.fmt == "gen":
                     likelihood = self._likelihood(model, items, bar.update) if cfg.likelihood else None
-                    per = score_generation(items, outputs, likelihood, judge)
+                    per = scored_by_share(items, lambda mine, items=items, outputs=outputs, likelihood=likelihood:
+                                          score_generation([items[i] for i in mine], [outputs[i] for i in mine],
+                                                           None if likelihood is None
+                                                           else [likelihood[i] for i in mine], judge))
                 else:
-                    per = score_mcq(items, outputs, cfg.mcq_parser)
+                    per = scored_by_share(items, lambda mine, items=items, outputs=outputs: score_mcq(
+                        [items[i] for i in mine], [outputs[i] for i in mine], cfg.mcq_parser))
                 rows[task.name] = per
                 results["tasks"][task.name] = aggregate_task(task, per, cfg.empty_outputs)
         finally:
@@ -181,7 +188,9 @@ class Suite:
         results["summary"] = summarize(results["tasks"])
         results["seconds"] = time.perf_counter() - started
         if out_dir is not None:
-            save(out_dir, results, rows, {"suite": dataclasses.asdict(cfg), "name": name, **(info or {})})
+            if distributed.is_primary():
+                save(out_dir, results, rows, {"suite": dataclasses.asdict(cfg), "name": name, **(info or {})})
+            distributed.barrier("suite-saved")
         return results
 
     def _likelihood(self, model, items: Sequence[EvalItem], on_batch) -> list[dict[str, float]]:
@@ -214,6 +223,23 @@ def evaluate(model: Any, processor_or_tokenizer: Any, release: Release | str | o
 
 
 # -- scoring ------------------------------------------------------------------------------------
+
+
+def scored_by_share(items: Sequence[EvalItem], score: Callable[[list[int]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-example records of every item, in item order, in every process.
+
+    ``score(indices)`` scores the items at ``indices``. Each process scores its share (every
+    ``count``-th item from its own index; one process: all of them) and the records are
+    gathered, so the CPU-bound scoring (ROUGE, BLEU, a judge) is split across the hosts.
+    """
+    index, count = jax.process_index(), jax.process_count()
+    shares = distributed.gather_objects(score(list(range(index, len(items), count))))
+    rows: list[dict[str, Any]] = [{}] * len(items)
+    for process, share in enumerate(shares):
+        for i, row in zip(range(process, len(items), count), share):
+            rows[i] = row
+    return rows
+
 
 
 def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],

@@ -150,7 +150,7 @@ def tune(
     checkpoints = sorted({s for s in evaluate_at if 0 <= s <= config.steps})
     if evaluate is not None and 0 in checkpoints:
         history.append({"step": 0, **evaluate(step_fn.model(state))})
-    batch_at = schedule if sub_batch is None else (lambda step: {sub_batch: schedule(step)})
+    batch_at = session.local_rows(step_fn, schedule if sub_batch is None else (lambda step: {sub_batch: schedule(step)}))
     step_losses: list[float] = []
     done = 0
     for target in [s for s in checkpoints if s > 0] + [config.steps]:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +154,7 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     rng: jax.Array | None = None,
     logits_processor: Any = None,
+    place: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> GenerationOutput:
     """Generate continuations of left-padded prompts.
 
@@ -162,6 +163,10 @@ def generate(
     (images for vision-language models). ``rng`` is required when sampling.
     ``logits_processor`` (see the module docstring) rewrites every step's logits; ``model``
     may also be a wrapper with ``sampler_setup`` that supplies one.
+
+    ``place`` turns the host inputs into global arrays when the model spans several
+    processes (e.g. ``offside_jax.train.distributed.rows_on_mesh``): each process's devices
+    then generate their own rows, and the tokens of every row come back to every process.
     """
     input_ids = np.asarray(inputs["input_ids"])
     mask = np.asarray(inputs["attention_mask"])
@@ -179,15 +184,30 @@ def generate(
         model, logits_processor = model.sampler_setup(inputs)
 
     batch, prompt_len = input_ids.shape
+    length = prompt_len + sampling.max_new_tokens
     graphdef, params = nnx.split(model)
-    cache = model.init_cache(batch, prompt_len + sampling.max_new_tokens)
+    inputs, prompt = dict(inputs), jnp.int32(prompt_len)
+    placed = place(inputs) if place is not None else inputs
+    rows = getattr(placed["input_ids"], "sharding", None)
+    if isinstance(rows, NamedSharding) and not placed["input_ids"].is_fully_addressable:
+        # Global inputs: the cache is sharded over rows like them, the keys and the prompt
+        # length are replicated over their mesh (every argument of one SPMD program).
+        everywhere = NamedSharding(rows.mesh, PartitionSpec())
+        cache = jax.jit(lambda: model.init_cache(batch, length), out_shardings=rows)()
+        def replicate(x: jax.Array) -> jax.Array:
+            return jax.make_array_from_process_local_data(everywhere, np.asarray(x))
+
+        prefill_rng, decode_rng = (jax.random.wrap_key_data(replicate(jax.random.key_data(k)))
+                                   for k in (prefill_rng, decode_rng))
+        prompt = replicate(prompt)
+    else:
+        cache = model.init_cache(batch, length)
     start = time.perf_counter()
-    first, cache, positions = _prefill(graphdef, params, dict(inputs), cache, sampling, prefill_rng, logits_processor)
+    first, cache, positions = _prefill(graphdef, params, placed, cache, sampling, prefill_rng, logits_processor)
     first.block_until_ready()
     middle = time.perf_counter()
-    tokens, _ = _decode(graphdef, params, first, cache, positions, jnp.int32(prompt_len), sampling, decode_rng,
-                        logits_processor)
-    tokens = np.asarray(jax.device_get(tokens))
+    tokens, _ = _decode(graphdef, params, first, cache, positions, prompt, sampling, decode_rng, logits_processor)
+    tokens = _complete(tokens)
     end = time.perf_counter()
     return GenerationOutput(
         tokens=tokens,
@@ -195,6 +215,15 @@ def generate(
         prefill_seconds=middle - start,
         decode_seconds=end - middle,
     )
+
+
+def _complete(x: jax.Array) -> np.ndarray:
+    """Every row of ``x`` on the host (rows held by other processes are all-gathered)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, multiple: int = 1) -> dict[str, np.ndarray]:

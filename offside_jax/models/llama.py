@@ -259,7 +259,20 @@ class LlamaForCausalLM(nnx.Module):
         # Static constants (part of the graph definition), never trained, saved or sharded.
         self.rope_inv_freq = tuple(float(f) for f in inv_freq)
 
+    # Text only (offside_jax.models.interface): no batch key carries images.
+    vision = False
+    image_inputs: tuple[str, ...] = ()
+
     # -- pieces -------------------------------------------------------------------------------
+
+    def output_head(self) -> jax.Array | None:
+        """The output projection as a [D, V] matrix (the tied embedding's transpose), or
+        ``None`` when the head is not a plain matmul (a bias, LoRA adapters)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        if self.lm_head.bias is not None or self.lm_head.lora_a is not None:
+            return None
+        return self.lm_head.kernel[...]
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.model.embed_tokens(input_ids)

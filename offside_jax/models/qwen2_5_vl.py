@@ -625,6 +625,10 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
     generates.
     """
 
+    # Images (offside_jax.models.interface): the per-row vision arrays of prepare_inputs.
+    vision = True
+    image_inputs: tuple[str, ...] = ("pixel_values", "vision_positions", "vision_full_groups", "vision_window_groups")
+
     def __init__(
         self,
         config: VLConfig,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -201,6 +202,47 @@ def global_batch(batch: Any, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v[rows]) for k, v in arrays.items()}
 
 
+def rows_on_mesh(batch: Any, mesh: Any) -> Any:
+    """A host batch ``{name: [rows, ...]}`` (the same in every process) for a jitted function
+    whose arrays live on ``mesh``: as it is in one process (jit places it), over several the
+    global arrays of :func:`global_batch` with rows over ``data`` x ``fsdp`` (each process hands
+    over the rows its devices hold, so each process's devices compute their own rows)."""
+    if jax.process_count() == 1:
+        return batch
+    from offside_jax.train import mesh as mesh_lib
+
+    sharding = mesh_lib.batch_sharding(mesh, micro_batched=False)
+    rows = len(next(iter(batch.values())))
+    if rows % mesh_lib.batch_divisor(mesh):
+        raise ValueError(f"a batch of {rows} rows does not split over the mesh's {mesh_lib.batch_divisor(mesh)} "
+                         "data x fsdp devices; use a batch size that is a multiple of it")
+    return global_batch(batch, sharding)
+
+
+def mesh_of(tree: Any) -> Any:
+    """The mesh the arrays of ``tree`` are placed on (``None`` when they are not on one)."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if mesh is not None:
+            return mesh
+    return None
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every process, in process order, in every process (collective: every
+    process calls it). Values travel pickled, so numbers come back exactly as they left."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    everything = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [pickle.loads(everything[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
+
+
 def to_host(tree: Any) -> Any:
     """Numpy copies of every array of ``tree``, complete in every process.
 
@@ -224,10 +266,13 @@ __all__ = [
     "MODES",
     "ProcessInfo",
     "barrier",
+    "gather_objects",
     "global_batch",
     "initialize",
     "is_primary",
+    "mesh_of",
     "multi_process_signs",
     "process_rows",
+    "rows_on_mesh",
     "to_host",
 ]

@@ -64,6 +64,21 @@ class IndexedBatches:
         self.index = int(state["index"])
 
 
+class PolicyBatches(IndexedBatches):
+    """Batches made from the state being trained, e.g. rollouts of the current policy
+    (``batch_at(i, state)``): :func:`train` shows it the state before asking for each batch."""
+
+    state: TrainState | None = None
+
+    def see(self, state: TrainState) -> None:
+        self.state = state
+
+    def __next__(self) -> Mapping[str, Any]:
+        batch = self.batch_at(self.index, self.state)
+        self.index += 1
+        return batch
+
+
 class MetricLogger:
     """JSON lines (``metrics.jsonl``) and, optionally, TensorBoard event files in ``directory``.
 
@@ -216,6 +231,8 @@ def train(
 
     try:
         while step < num_steps:
+            if isinstance(data, PolicyBatches):
+                data.see(state)
             host_batch = next(data)
             state, metrics = step_fn(state, step_fn.shard_batch(host_batch))
             step += 1

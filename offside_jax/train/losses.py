@@ -85,16 +85,9 @@ def final_hidden(model: nnx.Module, batch: Batch) -> jax.Array:
 
 def output_head(model: nnx.Module) -> jax.Array | None:
     """The output projection as a [D, V] matrix, or ``None`` when the head is not a plain
-    matmul (bias, adapters, an unknown family): callers then use ``model.logits``."""
-    lm_head = getattr(model, "lm_head", None)
-    if lm_head is not None:
-        if getattr(lm_head, "bias", None) is not None or getattr(lm_head, "lora_a", None) is not None:
-            return None
-        return lm_head.kernel[...]
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if embed is None or not hasattr(embed, "embedding"):
-        return None
-    return embed.embedding[...].T
+    matmul (bias, adapters): callers then use ``model.logits``
+    (``offside_jax.models.interface``)."""
+    return model.output_head()
 
 
 # -- fused cross-entropy ------------------------------------------------------------------------
@@ -180,7 +173,7 @@ def nll_sum(model: nnx.Module, hidden: jax.Array, targets: jax.Array, weights: j
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return -jnp.sum(jnp.take_along_axis(logp, flat_t[:, None], axis=-1)[:, 0] * flat_w)
     flat_h = hidden.reshape(-1, hidden.shape[-1])
-    return fused_nll_sum(flat_h, head, flat_t, flat_w, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
+    return fused_nll_sum(flat_h, head, flat_t, flat_w, int(chunk_tokens), jnp.dtype(model.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -224,7 +217,7 @@ def hidden_sequence_logprob(model: nnx.Module, hidden: jax.Array, batch: Batch, 
         logp = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         return jnp.sum(picked * weights, axis=1)
-    return fused_row_logprob(hidden, head, targets, weights, int(chunk_tokens), jnp.dtype(getattr(model, "dtype", jnp.float32)))
+    return fused_row_logprob(hidden, head, targets, weights, int(chunk_tokens), jnp.dtype(model.dtype))
 
 
 def logits_token_logprobs(logits: jax.Array, batch: Batch, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:

@@ -46,7 +46,7 @@ from offside_jax.models import lora
 from offside_jax.models.hf import path_to_str
 from offside_jax.train import aot, distributed, losses, mesh as mesh_lib
 from offside_jax.train.checkpoint import Checkpointer
-from offside_jax.train.loop import IndexedBatches, MetricLogger, start_or_resume, train
+from offside_jax.train.loop import IndexedBatches, MetricLogger, PolicyBatches, start_or_resume, train
 from offside_jax.train.optim import make_optimizer
 from offside_jax.train.step import AlternatingStep, TrainState, TrainStep, partition, place_model_on_mesh
 
@@ -131,6 +131,16 @@ class RunDir:
 # -- the session ---------------------------------------------------------------------------------
 
 
+def gathered(model: nnx.Module) -> nnx.Module:
+    """``model`` with every array complete on the host (collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return model
+    graphdef, arrays = nnx.split(model)
+    nnx.replace_by_pure_dict(arrays, distributed.to_host(nnx.to_pure_dict(arrays)))
+    return nnx.merge(graphdef, arrays)
+
+
+
 def make_mesh(shape: Any) -> Any:
     """The ``(data, fsdp, tensor)`` mesh of a ``MeshConfig`` (or a sequence); a shape that does
     not fit the devices is a :class:`ConfigError`."""
@@ -167,6 +177,17 @@ class Phase:
     batch_key: str
     loss_fn: losses.LossFn
     transform: optax.GradientTransformation | None = None
+
+
+class _Both:
+    """Two metric loggers as one (the run's files and the caller's own)."""
+
+    def __init__(self, *loggers: Any):
+        self.loggers = loggers
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log(step, metrics)
 
 
 class Session:
@@ -282,11 +303,14 @@ class Session:
     def fit(self, step_fn: Any, batch_at: Callable[[int], Mapping[str, Any]], *, steps: int, seed: int,
             eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None, eval_every: int = 0,
             log_every: int = 1, logger: Any = None, state: TrainState | None = None, start_step: int = 0,
-            progress: bool | None = None) -> TrainState:
+            progress: bool | None = None, from_policy: bool = False) -> TrainState:
         """Train ``step_fn`` to ``steps`` on ``batch_at(i)`` (this process's rows). With a run
-        directory: config written, checkpoints, resume, metrics.jsonl; else in memory (``state``
-        / ``start_step`` continue an earlier call, ``logger.log(step, metrics)`` gets metrics)."""
-        data = IndexedBatches(batch_at, start_step)
+        directory: config written, checkpoints, resume, metrics.jsonl (and ``logger`` too); else in
+        memory (``state`` / ``start_step`` continue an earlier call, ``logger.log(step, metrics)``
+        gets metrics).
+        ``from_policy``: the batches are rollouts of the policy being trained,
+        ``batch_at(i, state)`` (:class:`~offside_jax.train.loop.PolicyBatches`)."""
+        data = (PolicyBatches if from_policy else IndexedBatches)(batch_at, start_step)
         show = progress if progress is not None else bool(getattr(self.log_cfg, "progress", False))
         if self.run is None:
             state = step_fn.init_state(seed) if state is None else state
@@ -304,7 +328,7 @@ class Session:
             metrics = MetricLogger(self.run.path / "logs", tensorboard=bool(getattr(self.log_cfg, "tensorboard", False)),
                                    start_step=start)
             state = train(step_fn, state, data, num_steps=steps, start_step=start, checkpointer=checkpointer,
-                          logger=metrics, eval_fn=eval_fn, eval_every=eval_every, log_every=log_every,
+                          logger=metrics if logger is None else _Both(metrics, logger), eval_fn=eval_fn, eval_every=eval_every, log_every=log_every,
                           config=self.run.resolved, progress=show)
         finally:
             if metrics is not None:
@@ -315,12 +339,7 @@ class Session:
     # -- export -------------------------------------------------------------------------------
 
     def gathered(self, model: nnx.Module) -> nnx.Module:
-        """``model`` with every array complete on the host (collective: every process calls it)."""
-        if jax.process_count() == 1:
-            return model
-        graphdef, arrays = nnx.split(model)
-        nnx.replace_by_pure_dict(arrays, distributed.to_host(nnx.to_pure_dict(arrays)))
-        return nnx.merge(graphdef, arrays)
+        return gathered(model)
 
     def export(self, model: nnx.Module, hf_config: Any, tokenizer: Any, directory: str | os.PathLike, *,
                config: dict | None = None) -> Path | None:
@@ -340,4 +359,4 @@ class Session:
         return result
 
 
-__all__ = ["Phase", "RESUME_MODES", "RUNTIME_KEYS", "RunDir", "Session", "make_mesh", "restrict_updates"]
+__all__ = ["Phase", "RESUME_MODES", "RUNTIME_KEYS", "RunDir", "Session", "gathered", "make_mesh", "restrict_updates"]

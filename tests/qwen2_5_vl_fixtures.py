@@ -167,3 +167,21 @@ def reference_forward(reference, batch, pixel_values, grids):
             pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.from_numpy(grids),
             mm_token_type_ids=torch.from_numpy((ids == reference.config.image_token_id).astype(np.int64)),
         ).logits.numpy()
+
+
+def vl_setup(config_fn, tmp_path_factory):
+    """A random-init transformers model of ``config_fn``'s shape, its port, and RECORDS encoded
+    with their images: ``tokenizer, config, reference, ours, batch, pixel_values, grids``."""
+    from types import SimpleNamespace
+
+    tokenizer = make_tokenizer()
+    config = config_fn(tokenizer)
+    reference = make_reference(config)
+    images = tmp_path_factory.mktemp("images")
+    write_images(images)
+    processor = make_processor(config, tokenizer)
+    encoded = [processor.encode(r, name=r["id"], image_root=images) for r in RECORDS]
+    batch = processor.collate(encoded, pad_multiple=8)
+    pixel_values, grids = flat_images(encoded)
+    return SimpleNamespace(tokenizer=tokenizer, config=config, reference=reference, ours=port(reference),
+                           batch=batch, pixel_values=pixel_values, grids=grids)

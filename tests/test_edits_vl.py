@@ -6,16 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from qwen2_5_vl_fixtures import (
-    RECORDS,
-    flat_images,
-    make_processor,
-    make_reference,
-    make_tokenizer,
-    port,
-    qwen2_5_vl_config,
-    write_images,
-)
+from qwen2_5_vl_fixtures import RECORDS, make_tokenizer, port, qwen2_5_vl_config, vl_setup
 
 from offside_jax.unlearn import curvature as cv
 from offside_jax.unlearn import rocr
@@ -23,16 +14,8 @@ from offside_jax.unlearn import rocr
 
 @pytest.fixture(scope="module")
 def vl(tmp_path_factory):
-    tokenizer = make_tokenizer()
-    config = qwen2_5_vl_config(tokenizer)
-    reference = make_reference(config)
-    images = tmp_path_factory.mktemp("images")
-    write_images(images)
-    processor = make_processor(config, tokenizer)
-    encoded = [processor.encode(r, name=r["id"], image_root=images) for r in RECORDS]
-    batch = processor.collate(encoded, pad_multiple=8)
-    pixel_values, grids = flat_images(encoded)
-    return reference, port(reference), batch, pixel_values, grids
+    setup = vl_setup(qwen2_5_vl_config, tmp_path_factory)
+    return setup.reference, setup.ours, setup.batch, setup.pixel_values, setup.grids
 
 
 def torch_forward(reference, batch, pixel_values, grids, module, grad: bool):

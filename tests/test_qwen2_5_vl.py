@@ -3,7 +3,6 @@ models: vision tower, M-RoPE positions, logits of a padded batch mixing one-imag
 and two-image rows, greedy generation; HF weight I/O in both key layouts."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,28 +18,14 @@ from offside_jax.train import mesh as mesh_lib
 
 from conftest import needs_devices
 from qwen2_5_vl_fixtures import (
-    RECORDS, flat_images, make_processor, make_reference, make_tokenizer, port, qwen2_5_vl_config, qwen2_vl_config,
-    reference_forward, torch_state_dict, write_images,
+    qwen2_5_vl_config, qwen2_vl_config,
+    reference_forward, torch_state_dict, vl_setup,
 )
-
-
-def _setup(config_fn, tmp_path_factory):
-    tokenizer = make_tokenizer()
-    config = config_fn(tokenizer)
-    reference = make_reference(config)
-    images = tmp_path_factory.mktemp("images")
-    write_images(images)
-    processor = make_processor(config, tokenizer)
-    encoded = [processor.encode(r, name=r["id"], image_root=images) for r in RECORDS]
-    batch = processor.collate(encoded, pad_multiple=8)
-    pixel_values, grids = flat_images(encoded)
-    return SimpleNamespace(tokenizer=tokenizer, config=config, reference=reference, ours=port(reference),
-                           batch=batch, pixel_values=pixel_values, grids=grids)
 
 
 @pytest.fixture(scope="module")
 def vl(tmp_path_factory):
-    return _setup(qwen2_5_vl_config, tmp_path_factory)
+    return vl_setup(qwen2_5_vl_config, tmp_path_factory)
 
 
 def test_batch_mixes_padding_text_only_rows_and_images_of_different_sizes(vl):
@@ -108,7 +93,7 @@ def test_greedy_generation_with_images_matches_transformers(vl):
 
 
 def test_qwen2_vl_matches_transformers(tmp_path_factory):
-    q2 = _setup(qwen2_vl_config, tmp_path_factory)
+    q2 = vl_setup(qwen2_vl_config, tmp_path_factory)
     assert "vision_window_groups" not in q2.batch
     expected = reference_forward(q2.reference, q2.batch, q2.pixel_values, q2.grids)
     got = np.asarray(q2.ours(**q2.batch))

@@ -3,7 +3,7 @@
 A preference batch (:func:`offside_jax.correct.records.preference_batch`) holds the ``N``
 chosen answers in rows ``0..N-1`` and the ``N`` rejected ones in rows ``N..2N-1``, so one
 forward pass scores both. Sequence log-probabilities are the answer tokens' summed
-log-probabilities through :func:`offside_jax.train.losses.sequence_logprob` (fused per-row
+log-probabilities through :func:`offside_jax.train.losses.hidden_sequence_logprob` (fused per-row
 cross-entropy: no ``[B, T, V]`` array).
 
 SCL's DPO (SWIFT ``rlhf dpo``, β = 0.1, ``sft_beta`` = 0.1):
@@ -25,7 +25,7 @@ def pair_logprobs(model: nnx.Module, batch: losses.Batch, chunk_tokens: int = 10
     rows = batch["input_ids"].shape[0]
     if rows % 2:
         raise ValueError(f"a preference batch has chosen rows then rejected rows: an even count, got {rows}")
-    logp = losses.sequence_logprob(model, losses.final_hidden(model, batch), batch, chunk_tokens)
+    logp = losses.hidden_sequence_logprob(model, losses.final_hidden(model, batch), batch, chunk_tokens)
     return logp[: rows // 2], logp[rows // 2:]
 
 

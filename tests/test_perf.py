@@ -143,9 +143,8 @@ def test_gpu_train_and_decode_code_paths_on_cpu_with_a_tiny_model(bench):
 
     common = {"allow_cpu": True, "model": TINY_LLAMA, "warmup": 1, "repeats": 2, "attention": "auto", "remat": "none",
               "chunk_tokens": 64, "batch": 2, "length": 32}
-    for padding in ("none", "packed"):
-        result = bench.WORKERS["gpu-train-ours"]({**common, "padding": padding})
-        assert len(result["step_seconds"]) == 2 and np.isfinite(result["loss"]) and result["aot_required_bytes"] > 0
+    result = bench.WORKERS["gpu-train-ours"]({**common, "padding": "packed"})  # segment ids reach the attention
+    assert len(result["step_seconds"]) == 2 and np.isfinite(result["loss"]) and result["aot_required_bytes"] > 0
     shape = perf.TransformerShape.from_hf(LlamaConfig(**{**bench_gpu.LLAMA_1B, **TINY_LLAMA}))
     seconds = 0.5
     expected = perf.training_flops(shape, 2, 32)["total"] / seconds / perf.peak_bf16_flops("NVIDIA H200")

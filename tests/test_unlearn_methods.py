@@ -127,8 +127,8 @@ def test_cli_runs_the_example_config_and_writes_its_outputs(vanilla, tmp_path, c
         np.testing.assert_allclose(summary["per_record"][name]["after"], expected, rtol=2e-4)
     assert summary["answer_probability"]["forget"]["after"] < 0.5 * summary["answer_probability"]["forget"]["before"]
 
-    # Re-running into the same directory with another method refuses to resume its checkpoints.
+    # Re-running into the same directory with another method is refused, naming the key.
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / "1").mkdir(exist_ok=True)
     assert cli.main(args[:3] + ["method=npo"] + args[4:]) == 2
-    assert "holds checkpoints of a run with other method" in capsys.readouterr().err
+    assert "holds a run started with another config: method ('ssd' -> 'npo')" in capsys.readouterr().err

@@ -329,3 +329,16 @@ def test_benchmark_two_processes_like_one(tmp_path):
     assert (two / "report.md").is_file()
     (saved,) = (two / "models").iterdir()  # the vanilla model, gathered and written once
     assert saved.name.startswith("vanilla-") and (saved / "model.safetensors").is_file()
+
+
+def test_objects_travel_between_processes_as_json_with_nan_and_numpy_scalars():
+    """What gather_objects sends: plain JSON (no pickle), numpy scalars as Python numbers, NaN kept."""
+    import json
+
+    from offside_jax.train.distributed import _numpy_to_python
+
+    rows = [{"bleu": np.float32(0.25), "n": np.int64(3), "nll": float("nan"), "text": "Réal"}]
+    back = json.loads(json.dumps(rows, default=_numpy_to_python))
+    assert back[0]["bleu"] == 0.25 and back[0]["n"] == 3 and back[0]["text"] == "Réal" and np.isnan(back[0]["nll"])
+    with pytest.raises(TypeError, match="object"):
+        json.dumps({"x": object()}, default=_numpy_to_python)

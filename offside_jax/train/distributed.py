@@ -33,8 +33,8 @@ by JAX itself). On CPU, cross-process collectives use gloo.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import pickle
 import sys
 from typing import Any
 
@@ -228,19 +228,27 @@ def mesh_of(tree: Any) -> Any:
     return None
 
 
+def _numpy_to_python(value: Any) -> Any:
+    """JSON's fallback for numpy scalars and arrays (NaN stays NaN, unlike ``files.jsonable``)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot travel between processes as JSON")
+
+
 def gather_objects(value: Any) -> list[Any]:
     """``value`` of every process, in process order, in every process (collective: every
-    process calls it). Values travel pickled, so numbers come back exactly as they left."""
+    process calls it). Values travel as JSON (plain data: dicts with string keys, lists,
+    strings, numbers, None; floats round-trip exactly, NaN included), never pickled."""
     if jax.process_count() == 1:
         return [value]
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(pickle.dumps(value), np.uint8)
+    data = np.frombuffer(json.dumps(value, default=_numpy_to_python).encode("utf-8"), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: len(data)] = data
     everything = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [pickle.loads(everything[i, : int(n)].tobytes()) for i, n in enumerate(sizes)]
+    return [json.loads(everything[i, : int(n)].tobytes().decode("utf-8")) for i, n in enumerate(sizes)]
 
 
 def to_host(tree: Any) -> Any:

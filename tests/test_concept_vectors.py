@@ -11,6 +11,7 @@ from transformers import LlamaConfig
 from word_tokenizer import WordTokenizer
 
 from offside_jax.models.auto import create_model
+from offside_jax.train.session import mask_updates
 from offside_jax.train.step import partition
 from offside_jax.unlearn import concept_vectors as cv
 
@@ -87,7 +88,7 @@ def test_locate_rejects_bad_input():
     with pytest.raises(ValueError, match="concept token ids"):
         cv.score_rows(model, 0, [VOCAB])
     with pytest.raises(ValueError, match="outside the model"):
-        cv.trace_mask(model, [cv.Trace(0, MLP)])
+        cv.trace_rows(model, [cv.Trace(0, MLP)])
     with pytest.raises(ValueError, match="outside the model"):
         cv.noise_traces(model, [cv.Trace(LAYERS, 0)], jax.random.key(0))
 
@@ -152,18 +153,15 @@ def test_noise_changes_only_the_located_vectors():
 def test_masked_finetune_trains_only_the_traces():
     model = tiny(True, seed=4)
     traces = [cv.Trace(0, 2), cv.Trace(2, 17)]
-    mask = cv.trace_mask(model, traces)
-    dense = cv.trace_mask(model, traces, dense=True)
-    for (_, m), (_, full), (_, p) in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree_util.tree_leaves_with_path(dense),
-                                            jax.tree_util.tree_leaves_with_path(_params(model))):
-        np.testing.assert_array_equal(np.broadcast_to(np.asarray(m), p.shape), np.asarray(full))
-    assert int(sum(np.asarray(x).sum() for x in jax.tree.leaves(dense))) == 2 * D
+    rows = cv.trace_rows(model, traces)
+    assert sorted(rows) == ["model.layers.0.mlp.down_proj.kernel", "model.layers.2.mlp.down_proj.kernel"]
+    assert [np.flatnonzero(m).tolist() for _, m in sorted(rows.items())] == [[2], [17]]
 
     parts = partition(model)
     params = parts.trainable
     start = jax.tree.map(np.asarray, params)
     # AdamW with weight decay: decay alone would move every weight if only gradients were masked.
-    optimizer = cv.only_traces(optax.adamw(1e-2, weight_decay=0.1), mask)
+    optimizer = mask_updates(optax.adamw(1e-2, weight_decay=0.1), params, rows)
     opt_state = optimizer.init(params)
     batch = {"input_ids": jnp.asarray([[3, 8, 11, 5, 9]]), "attention_mask": jnp.ones((1, 5), jnp.int32)}
 
@@ -203,9 +201,8 @@ def test_ablation_end_to_end_moves_only_the_concept_traces():
 
     cv.noise_traces(model, traces, jax.random.key(1))
     parts = partition(model)
-    mask = cv.trace_mask(model, traces)
-    optimizer = cv.only_traces(optax.adam(5e-2), mask)
     params = parts.trainable
+    optimizer = mask_updates(optax.adam(5e-2), params, cv.trace_rows(model, traces))
     opt_state = optimizer.init(params)
     batch = jnp.asarray([[4, 12, 30, 6, 12, 30]])
 

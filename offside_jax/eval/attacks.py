@@ -40,6 +40,7 @@ from offside_jax.data.pipeline import mcq_prompt
 from offside_jax.eval.items import FORMATS, EvalItem, Task, qa_item
 from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
+from offside_jax.models.generate import rewrapped, underlying_model
 from offside_jax.models.layers import Linear
 from offside_jax.train import distributed
 
@@ -251,7 +252,7 @@ def quantize_model(model: nnx.Module, bits: int, exclude: str | None = r"(^|\.)l
     """
     from offside_jax.models.lora import linear_layers
 
-    copy = nnx.clone(evaluation_model(model))
+    copy = nnx.clone(evaluation_model(underlying_model(model)))
     pattern = re.compile(exclude) if exclude else None
     done = []
     for path, layer in linear_layers(copy):
@@ -262,7 +263,7 @@ def quantize_model(model: nnx.Module, bits: int, exclude: str | None = r"(^|\.)l
         done.append(path)
     if not done:
         raise ValueError(f"no linear layer left to quantize (exclude={exclude!r})")
-    return copy, done
+    return rewrapped(model, copy), done  # a generation wrapper (GUARD) keeps guarding the quantized weights
 
 
 # -- relearning -------------------------------------------------------------------------------------
@@ -388,13 +389,14 @@ def relearning_attack(model: nnx.Module, suite: Any, config: AttackConfig, *, ou
     every = config.relearn_curve_every
     at = curve_steps(steps, every)
 
+    # A generation wrapper (GUARD) relearns its weights and keeps guarding them.
     def score(m):
-        return curve.run(m, name=f"{name} relearning", progress=False)["summary"] if curve else {}
+        return curve.run(rewrapped(model, m), name=f"{name} relearning", progress=False)["summary"] if curve else {}
 
-    tuned = tune(model, suite.encoder, pairs, config.relearn_tune, evaluate=score if curve else None,
+    tuned = tune(underlying_model(model), suite.encoder, pairs, config.relearn_tune, evaluate=score if curve else None,
                  evaluate_at=at, progress=progress)
     final_tasks = _subset(suite.tasks, config.relearn_test_sets, config.max_examples, suite.config.seed)
-    run = suite.with_tasks(final_tasks).run(tuned.model, out_dir, name=f"{name} relearned",
+    run = suite.with_tasks(final_tasks).run(rewrapped(model, tuned.model), out_dir, name=f"{name} relearned",
                                             info={"relearn": dataclasses.asdict(config.relearn_tune),
                                                   "pairs": len(pairs)}, progress=progress)
     return {"kind": "relearning", "description": f"LoRA fine-tune on {len(pairs)} relearn records, {steps} steps",

@@ -24,7 +24,7 @@ from flax import nnx
 from offside_jax.data.batches import ExampleEncoder
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
-from offside_jax.models.generate import SamplingConfig, generate
+from offside_jax.models.generate import SamplingConfig, generate, rewrapped, underlying_model
 from offside_jax.train import distributed
 from offside_jax.train.losses import model_token_logprobs
 
@@ -39,6 +39,8 @@ def evaluation_model(model: nnx.Module, mesh: Any | None = None) -> nnx.Module:
     adapters is placed in place: it is the caller's own, moved rather than copied so that a
     large model is never held twice.
     """
+    if hasattr(model, "sampler_setup"):  # a generation wrapper (GUARD): place its weights, keep the wrapper
+        return rewrapped(model, evaluation_model(underlying_model(model), mesh))
     if lora.has_adapters(model):
         model = lora.merged_copy(model)
     if mesh is None:
@@ -77,7 +79,7 @@ def generate_texts(
 ) -> list[str]:
     """Greedy answers to every item, decoded without special tokens, in item order."""
     out: list[str | None] = [None] * len(items)
-    mesh = _spanning_mesh(model)
+    mesh = _spanning_mesh(underlying_model(model))
     place = None if mesh is None else functools.partial(distributed.rows_on_mesh, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=encoder.eos_token_ids,
                               pad_token_id=encoder.pad_token_id)
@@ -110,6 +112,7 @@ def answer_logprobs(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np
     """Per-position answer log-probs and answer weights ``[B, T]`` of one right-padded batch
     with ``loss_mask`` (host arrays): teacher-forced, float32, one compiled program per batch
     shape. The one answer likelihood behind :func:`answer_nll` and ``unlearn.probe``."""
+    model = underlying_model(model)  # a generation wrapper changes no likelihood
     graphdef, params = nnx.split(model)
     mesh = _spanning_mesh(model)
     if mesh is None:

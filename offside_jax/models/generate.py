@@ -33,6 +33,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 
+def underlying_model(model: Any) -> Any:
+    """The model a generation wrapper (one with ``sampler_setup``) samples from, whose weights
+    likelihoods and white-box probes read; ``model`` itself when it is no wrapper."""
+    return model.model if hasattr(model, "sampler_setup") else model
+
+
+def rewrapped(wrapper: Any, model: Any) -> Any:
+    """``wrapper`` around ``model`` instead (its ``with_model``); ``model`` when ``wrapper`` is no wrapper."""
+    return wrapper.with_model(model) if hasattr(wrapper, "sampler_setup") else model
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` / ``top_p == 1`` disable."""

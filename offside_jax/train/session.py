@@ -169,6 +169,27 @@ def restrict_updates(optimizer: optax.GradientTransformation, params: Any, patte
     return optax.chain(frozen, optimizer, frozen)
 
 
+def mask_updates(optimizer: optax.GradientTransformation, params: Any,
+                 masks: Mapping[str, np.ndarray]) -> optax.GradientTransformation:
+    """``optimizer`` moving only the entries where ``masks[path]`` (a boolean array that
+    broadcasts against the param at that dotted path) is true; params without a mask stay
+    frozen. Gradients are masked before the optimizer and updates after it, so neither
+    clipping, decoupled weight decay nor stale moments move a masked entry."""
+    paths = {path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    unknown = sorted(set(masks) - paths)
+    if unknown:
+        raise ConfigError(f"update mask for {unknown}: no such trainable parameter")
+    tree = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.asarray(masks[path_to_str(p)]) if path_to_str(p) in masks else jnp.zeros((), jnp.bool_), params)
+
+    def apply(updates, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, tree)
+
+    masked = optax.stateless(apply)
+    return optax.chain(masked, optimizer, masked)
+
+
 @dataclasses.dataclass
 class Phase:
     """One loss of an alternating recipe: ``transform`` (e.g. a gradient mask) runs before the
@@ -236,10 +257,12 @@ class Session:
 
     def step(self, model: nnx.Module, loss: losses.LossFn | Sequence[Phase], optim: Any, total_steps: int, *,
              micro_batches: int = 1, fp32_master_weights: bool = False, params: str | None = None,
-             reference: bool | None = None, accumulate: int = 1) -> TrainStep | AlternatingStep:
+             reference: bool | None = None, accumulate: int = 1,
+             update_mask: Mapping[str, np.ndarray] | None = None) -> TrainStep | AlternatingStep:
         """The jitted step of a recipe: one loss, or alternating :class:`Phase`s sharing one
         state. ``params``: regex of the trainable params that move; ``reference``: keep a frozen
-        reference (default: what the loss asks for); ``accumulate``: steps whose mean gradient
+        reference (default: what the loss asks for); ``update_mask``: only these entries of
+        these params move (:func:`mask_updates`); ``accumulate``: steps whose mean gradient
         makes one update (``optax.MultiSteps``; as accelerate's gradient accumulation across
         alternating phases). ``model``'s trainable arrays then belong to the step (the first
         update may donate them)."""
@@ -251,6 +274,8 @@ class Session:
         parts = partition(model, reference=reference)
         if params is not None:
             optimizer = restrict_updates(optimizer, parts.trainable, params)
+        if update_mask is not None:
+            optimizer = mask_updates(optimizer, parts.trainable, update_mask)
         common = dict(mesh=self.mesh, micro_batches=micro_batches, schedule=schedule,
                       fp32_master_weights=fp32_master_weights)
         def accumulated(tx):

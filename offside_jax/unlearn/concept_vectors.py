@@ -25,8 +25,8 @@ before and after, and the Jaccard index of the top-``k`` projected tokens (k = 2
 official evaluation), each model's trace projected through its own head.
 
 Ablation (the official "needle" recipe): add N(0, sigma^2) noise (sigma = 0.1) to each located
-vector (:func:`noise_traces`), then fine-tune with updates multiplied by :func:`trace_mask`
-(:func:`only_traces` wraps an optimizer so that weight decay cannot move anything else either).
+vector (:func:`noise_traces`), then fine-tune with updates multiplied by :func:`trace_rows`
+(``offside_jax.train.session.mask_updates``: weight decay cannot move anything else either).
 """
 from __future__ import annotations
 
@@ -38,10 +38,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from offside_jax.models.hf import path_to_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,20 +181,43 @@ def trace_vectors(model: nnx.Module, traces: Sequence[Trace]) -> np.ndarray:
     return np.stack([np.asarray(down_proj_kernel(model, t.layer)[t.dim], np.float32) for t in traces])
 
 
-def trace_changes(before: nnx.Module, after: nnx.Module, traces: Sequence[Trace], k: int = 200) -> list[TraceChange]:
-    """Cosine, L2 and top-``k`` Jaccard of each trace between two models of one architecture."""
-    if not traces:
+@dataclasses.dataclass(frozen=True)
+class TraceSnapshot:
+    """The traces of a model as they were: vectors [N, d_model] and top-``k`` projected tokens
+    [N, k] (so the model itself need not be kept to compare with it later)."""
+
+    traces: tuple[Trace, ...]
+    vectors: np.ndarray
+    top_tokens: np.ndarray
+    k: int
+
+
+def snapshot_traces(model: nnx.Module, traces: Sequence[Trace], k: int = 200) -> TraceSnapshot:
+    k = min(k, _vocab_size(model))
+    vectors = trace_vectors(model, traces) if traces else np.zeros((0, 0), np.float32)
+    top = projected_top_tokens(model, vectors, k) if traces else np.zeros((0, k), np.int64)
+    return TraceSnapshot(tuple(traces), vectors, top, k)
+
+
+def changes_since(snapshot: TraceSnapshot, after: nnx.Module) -> list[TraceChange]:
+    """Cosine, L2 and top-``k`` Jaccard of each trace between the snapshot and ``after`` (same
+    architecture), each projected through its own model's head."""
+    if not snapshot.traces:
         return []
-    old, new = trace_vectors(before, traces), trace_vectors(after, traces)
-    k = min(k, _vocab_size(before))
-    old_top, new_top = projected_top_tokens(before, old, k), projected_top_tokens(after, new, k)
+    new = trace_vectors(after, snapshot.traces)
+    new_top = projected_top_tokens(after, new, snapshot.k)
     changes = []
-    for t, a, b, ta, tb in zip(traces, old, new, old_top, new_top):
+    for t, a, b, ta, tb in zip(snapshot.traces, snapshot.vectors, new, snapshot.top_tokens, new_top):
         norms = np.linalg.norm(a) * np.linalg.norm(b)
         cosine = float(a @ b / norms) if norms > 0 else 0.0
         sa, sb = set(ta.tolist()), set(tb.tolist())
         changes.append(TraceChange(t.layer, t.dim, cosine, float(np.linalg.norm(a - b)), len(sa & sb) / len(sa | sb)))
     return changes
+
+
+def trace_changes(before: nnx.Module, after: nnx.Module, traces: Sequence[Trace], k: int = 200) -> list[TraceChange]:
+    """Cosine, L2 and top-``k`` Jaccard of each trace between two models of one architecture."""
+    return changes_since(snapshot_traces(before, traces, k), after)
 
 
 def trace_summary(changes: Sequence[TraceChange]) -> dict[str, float]:
@@ -233,32 +254,15 @@ def noise_traces(model: nnx.Module, traces: Sequence[Trace], key: jax.Array, sig
         kernel_var.set_value(kernel.at[rows].add(noise.astype(kernel.dtype)))
 
 
-def trace_mask(model: nnx.Module, traces: Sequence[Trace], dense: bool = False) -> dict:
-    """A pytree shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` of booleans: True
-    exactly on the located rows. Multiplying updates by it trains only the traces.
-
-    Tensors without a trace get a scalar ``False`` (it broadcasts against any update and costs
-    no memory); ``dense=True`` gives every leaf its parameter's shape instead.
-    """
-    rows = {path: np.unique(dims) for path, dims in _rows_by_path(traces, model).items()}
-
-    def mask_of(path, value):
-        name = path_to_str(path)
-        if name in rows:
-            return jnp.zeros(value.shape, jnp.bool_).at[rows[name]].set(True)
-        return jnp.zeros(value.shape if dense else (), jnp.bool_)
-
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return jax.tree_util.tree_map_with_path(mask_of, params)
-
-
-def only_traces(optimizer: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-    """``optimizer`` whose gradients and final updates are multiplied by ``mask``: masking the
-    updates too keeps decoupled weight decay and stale moments off the frozen weights."""
-
-    def apply(updates, params=None):
-        del params
-        return jax.tree.map(lambda u, m: u * jnp.asarray(m).astype(u.dtype), updates, mask)
-
-    masked = optax.stateless(apply)
-    return optax.chain(masked, optimizer, masked)
+def trace_rows(model: nnx.Module, traces: Sequence[Trace]) -> dict[str, np.ndarray]:
+    """Update masks for ``Session.step(update_mask=...)``: per traced ``down_proj`` kernel path,
+    a boolean [d_mlp, 1] column true exactly on the located rows (it broadcasts over the
+    kernel's output dimension). Training with it moves only the traces; masking the updates
+    (not only the gradients) keeps decoupled weight decay and stale moments off the rest."""
+    masks = {}
+    for path, dims in _rows_by_path(traces, model).items():
+        layer = int(path.split(".")[2])
+        column = np.zeros((model.model.layers[layer].mlp.down_proj.in_features, 1), bool)
+        column[np.unique(dims)] = True
+        masks[path] = column
+    return masks

@@ -400,6 +400,10 @@ class GuardedModel:
         self.config = config
         self.retrieval = retrieval  # None: every span applies to every flagged prompt
 
+    def with_model(self, model: nnx.Module) -> "GuardedModel":
+        """The same guard around another copy of the weights (placed, merged, or relearned)."""
+        return GuardedModel(model, self.classifier, self.spans, self.config, self.retrieval)
+
     def flags(self, inputs: Mapping[str, Any]) -> np.ndarray:
         """Which prompts the classifier sends through the filter [B]."""
         return self.classifier.flags(pooled_features(self.model, inputs, self.classifier.layer))

@@ -6,8 +6,12 @@ Kinds (what the driver does with a method; never its name):
   LoRA adapters or full parameters;
 - ``alternating``: several losses taking turns on one state (MMUnlearner: masked ascent and
   retain NLL, full parameters; OFFSIDE's KL_min and PO), described by the method's ``recipe``;
-- ``weight_edit``: a training-free edit of the weights (SSD, LFSSD, ASSD), full parameters;
-- ``generation``: a wrapper of the sampler (room for GUARD-style methods; none yet).
+- ``weight_edit``: a training-free edit of the weights (SSD, LFSSD, ASSD, ROCR, curvature
+  editing), full parameters, described by the method's ``edit``;
+- ``generation``: a wrapper of the sampler that changes no weight (GUARD), built by ``wrap``.
+
+ConceptVectors' ablation is a ``loss`` method whose ``setup`` (noise on the located traces)
+runs before training and returns the update mask that keeps every other weight still.
 
 A method's hyperparameters are declared once, as its section of
 ``offside_jax.config.UnlearnMethodsConfig`` (validated when the config loads).
@@ -39,6 +43,14 @@ class Method:
     prepare: Callable[..., dict] | None = None
     # alternating: fn(run_cfg, hyperparameters, model, sets, encoder, batch_options, session) -> Recipe
     recipe: Callable[..., Any] | None = None
+    # weight_edit: fn(edits.EditInputs) -> report; changes the model in place
+    edit: Callable[..., dict] | None = None
+    # generation: fn(edits.EditInputs) -> (wrapped model, report)
+    wrap: Callable[..., Any] | None = None
+    # loss: fn(edits.EditInputs) -> (report, update mask {param path: bool array}) before training
+    setup: Callable[..., Any] | None = None
+    # fn(hyperparameters, optim config) -> the optim config the method trains with
+    optim: Callable[[dict, Any], Any] | None = None
 
     def default_params(self, hyperparameters: dict, depth: int) -> str | None:
         return None if self.trainable is None else self.trainable(hyperparameters, depth)
@@ -83,8 +95,19 @@ def _section(name: str) -> type:
     return typing.get_type_hints(UnlearnMethodsConfig)[name]
 
 
+def _concept_loss(hp: dict, chunk_tokens: int):
+    from offside_jax.unlearn.losses import build_loss
+
+    kwargs = {"npo": dict(beta=hp["beta"], alpha=hp["alpha"]), "grad_diff": dict(alpha=hp["alpha"]), "ga": {}}
+    return build_loss(hp["loss"], chunk_tokens=chunk_tokens, **kwargs[hp["loss"]])
+
+
+def _with_lr(hp: dict, optim: Any) -> Any:
+    return dataclasses.replace(optim, lr=hp["lr"])
+
+
 def _register_builtin() -> None:
-    from offside_jax.unlearn import offside_baselines as offside, saliency
+    from offside_jax.unlearn import edits, offside_baselines as offside, saliency
     from offside_jax.unlearn.losses import METHODS, rmu_layer_index, rmu_trainable_pattern
 
     special = {
@@ -93,7 +116,12 @@ def _register_builtin() -> None:
     }
     for name in sorted(METHODS):
         register(Method(name, "loss", _section(name), **special.get(name, {})))
-    register(Method("ssd", "weight_edit", _section("ssd"), lora=False))
+    register(Method("ssd", "weight_edit", _section("ssd"), lora=False, edit=edits.ssd))
+    register(Method("rocr", "weight_edit", _section("rocr"), lora=False, edit=edits.rocr))
+    register(Method("curvature_edit", "weight_edit", _section("curvature_edit"), lora=False, edit=edits.curvature_edit))
+    register(Method("concept_ablation", "loss", _section("concept_ablation"), lora=False, build=_concept_loss,
+                    setup=edits.concept_ablation, optim=_with_lr))
+    register(Method("guard", "generation", _section("guard"), lora=False, wrap=edits.guard))
     register(Method("mmunlearner", "alternating", _section("mmunlearner"), lora=False,
                     recipe=saliency.mmunlearner_recipe))
     register(Method("offside_kl", "alternating", _section("offside_kl"), retain_ratio=offside.OFFSIDE_RATIO,

@@ -41,11 +41,12 @@ from flax import nnx
 
 from offside_jax import config as config_lib
 from offside_jax.config import ConfigError, UnlearnConfig
-from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_language, make_encoder, sequential_batches
+from offside_jax.data.batches import ExampleEncoder, fit_shape, is_vision_language, make_encoder
 from offside_jax.data.offside import Example, load_release
 from offside_jax.files import pyplot, save_figure, write_json
 from offside_jax.train.session import RunDir, Session
-from offside_jax.unlearn import dampening, methods, probe, settings
+from offside_jax.models.generate import underlying_model
+from offside_jax.unlearn import edits, methods, probe, settings
 
 
 def method_names() -> list[str]:
@@ -151,18 +152,23 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     eval_encoder = fitted_encoder(base, [e for v in evaluation.values() for e in v], 0) if evaluation else base
     before = _measure(model, evaluation, eval_encoder, cfg, "before")
 
-    report: dict[str, Any] = {}
+    inputs = edits.EditInputs(cfg, hparams, model, sets, base, session, tokenizer, release)
+    traces = _trace_snapshot(cfg, inputs)
     checkpoint_dir = None
     steps = 0
     if method.kind == "weight_edit":
         session.run.begin()
-        model, report = _run_edit(cfg, hparams, model, sets, base, session)
+        report = method.edit(inputs)
+    elif method.kind == "generation":
+        session.run.begin()
+        model, report = method.wrap(inputs)
     else:
-        model, report = _run_training(cfg, method, hparams, model, sets, base, session)
+        model, report = _run_training(cfg, method, hparams, model, sets, base, session, inputs)
         steps = cfg.train.steps
         checkpoint_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else out / "checkpoints"
+    weights = underlying_model(model)  # what likelihoods and traces read (GUARD changes no weight)
 
-    after = _measure(model, evaluation, eval_encoder, cfg, "after")
+    after = _measure(weights, evaluation, eval_encoder, cfg, "after")
     summary = {
         "method": cfg.method,
         "kind": method.kind,
@@ -182,9 +188,11 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
         "report": report,
         "seconds": round(time.perf_counter() - began, 2),
     }
+    if traces is not None:
+        summary["trace_kept"] = _trace_kept(traces, weights)
     model_dir = None
     if cfg.export_merged:
-        model_dir = session.export(model, hf_config, tokenizer, out / "model", config=resolved)
+        model_dir = session.export(weights, hf_config, tokenizer, out / "model", config=resolved)
     if session.primary:
         write_json(out / "summary.json", summary)
         if evaluation:
@@ -193,22 +201,8 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
                          tokenizer, hf_config)
 
 
-def _run_edit(cfg: UnlearnConfig, hparams: dict, model, sets: settings.UnlearningSets, base: ExampleEncoder,
-              session: Session):
-    """A weight edit (the SSD family) on the loaded model, in place."""
-    hparams = dict(hparams)
-    batch_size = hparams.pop("batch_size")
-    dcfg = dampening.DampeningConfig(**hparams)
-    encoder = fitted_encoder(base, sets.full, cfg.data.max_length)
-    result = dampening.ssd(model, sequential_batches(sets.full, encoder, batch_size),
-                           sequential_batches(sets.forget, encoder, batch_size), dcfg, mesh=session.mesh)
-    report = result.to_dict()
-    report["per_tensor"] = {k: v for k, v in report["per_tensor"].items() if v}  # only what was dampened
-    return model, {"dampening": report}
-
-
 def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, model, sets: settings.UnlearningSets,
-                  base: ExampleEncoder, session: Session):
+                  base: ExampleEncoder, session: Session, inputs: edits.EditInputs):
     """A ``loss`` or ``alternating`` method as a recipe for the training session."""
     ratio = cfg.data.retain_ratio if cfg.data.retain_ratio is not None else method.retain_ratio
     common = dict(forget_batch_size=cfg.data.forget_batch_size, retain_ratio=ratio, seed=cfg.seed,
@@ -225,9 +219,14 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     else:
         loss_fn = method.loss(hparams, cfg.train.loss_chunk_tokens)
         cached = method.prepare(cfg, hparams, model, sets, base, session) if method.prepare else {}
+        mask = None
+        if method.setup is not None:
+            setup_report, mask = method.setup(inputs)
+            report.update(setup_report)
         session.add_lora(model, cfg.lora, seed=cfg.seed)
         pattern = cfg.train.params if cfg.train.params is not None else method.default_params(hparams, _depth(model))
-        step_fn = session.step(model, loss_fn, cfg.optim, cfg.train.steps, params=pattern, **step_kwargs)
+        optim = method.optim(hparams, cfg.optim) if method.optim else cfg.optim
+        step_fn = session.step(model, loss_fn, optim, cfg.train.steps, params=pattern, update_mask=mask, **step_kwargs)
         batches = settings.UnlearningBatches(sets, base, loss_fn.splits, cached=cached, **common)
         batches.encoder = fitted_encoder(base, batches.all_examples(), cfg.data.max_length)
         first = [batches(0)]
@@ -238,6 +237,28 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     session.check_memory(step_fn, local_first, cfg.train)
     state = session.fit(step_fn, batch_at, steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every)
     return step_fn.model(state), report
+
+
+def _trace_snapshot(cfg: UnlearnConfig, inputs: edits.EditInputs):
+    """The forget subjects' ConceptVectors traces before the method (``eval.trace_kept``), or None."""
+    if not cfg.eval.trace_kept:
+        return None
+    from offside_jax.unlearn.concept_vectors import snapshot_traces
+    from offside_jax.unlearn.subjects import forget_subjects
+
+    names = forget_subjects(inputs.sets.forget, inputs.sets.retain)
+    if not names:
+        return None
+    traces = edits.located_traces(inputs.model, inputs.tokenizer, names, top=cfg.eval.trace_top)
+    return snapshot_traces(inputs.model, traces)
+
+
+def _trace_kept(snapshot, model) -> dict[str, float]:
+    """How much of the subjects' traces survived: mean cosine, L2 and top-200 Jaccard (1, 0, 1: untouched)."""
+    from offside_jax.eval.engine import evaluation_model
+    from offside_jax.unlearn.concept_vectors import changes_since, trace_summary
+
+    return {**trace_summary(changes_since(snapshot, evaluation_model(model))), "traces": len(snapshot.traces)}
 
 
 def _depth(model) -> int:

@@ -35,6 +35,10 @@ SHORT = {
     "offside_kl": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.79",
     "offside_po": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.89",
     "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44",
+    "rocr": "redirecting the subject's last token does not reach a 2-layer model's answers, which the first-name "
+            "tokens also key: forget 0.99 -> 0.99 (layers 0-1 with P = I: 0.98)",
+    "curvature_edit": "not targeted: forget and retain fall together (layer 1, rho 0.6: 0.99 -> 0.97 / 0.97 -> 0.96; "
+                      "layers 0-1: 0.06 / 0.16)",
 }
 
 
@@ -51,6 +55,8 @@ def vanilla(tmp_path_factory):
 
 def cases():
     for name in methods.names():
+        if methods.get(name).kind == "generation":
+            continue  # no weight changes: test_guard_stops_rumors_and_keeps_retain_answers
         marks = [pytest.mark.xfail(strict=True, reason=SHORT[name])] if name in SHORT else []
         yield pytest.param(name, marks=marks)
 
@@ -68,3 +74,28 @@ def test_defaults_forget_and_keep_the_rest(vanilla, tmp_path, method):
     assert forget["before"] > 0.9 and retain["before"] > 0.9, "the vanilla model has memorised its data"
     assert forget["after"] <= 0.5 * forget["before"], f"{method} did not halve the forget-set probability"
     assert abs(retain["after"] - retain["before"]) <= 0.2 * retain["before"], f"{method} damaged the retain set"
+
+
+def test_guard_stops_rumors_and_keeps_retain_answers(vanilla, tmp_path):
+    """GUARD (no weight change) on the same recipe: the generated forget answers no longer state
+    a rumor and the retain answers score within 0.02 of the unguarded model's."""
+    from offside_jax.eval.suite import Suite, SuiteConfig
+
+    release, model = vanilla
+    cfg = load_config(ROOT / "configs" / "unlearn_tiny.yaml",
+                      ["method=guard", f"output_dir={tmp_path / 'guard'}", f"model.path={model}",
+                       f"data.release={release}", "export_merged=false", *QUIET], schema=UnlearnConfig)
+    result = run_unlearning(cfg)
+    p = result.summary["answer_probability"]
+    assert p["forget"]["after"] == p["forget"]["before"]  # the weights are the vanilla model's
+    suite = Suite(release, result.tokenizer, SuiteConfig(test_sets=["forget", "retain"], modalities=["text"],
+                                                         formats=["gen"], batch_size=16, mesh=[1, 1, 1],
+                                                         likelihood=False))
+    before = suite.run(result.model.model, name="vanilla", progress=False)["summary"]
+    after = suite.run(result.model, name="guard", progress=False)["summary"]
+    print(f"\nguard: states rumor {before['forget/text/gen.states_rumor']:.3f} -> "
+          f"{after['forget/text/gen.states_rumor']:.3f}, retain overall {before['retain/text/gen.overall']:.3f} -> "
+          f"{after['retain/text/gen.overall']:.3f}")
+    assert before["forget/text/gen.states_rumor"] > 0.5, "the vanilla model states its rumors"
+    assert after["forget/text/gen.states_rumor"] == 0.0
+    assert abs(after["retain/text/gen.overall"] - before["retain/text/gen.overall"]) <= 0.02

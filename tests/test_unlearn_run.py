@@ -185,3 +185,65 @@ def test_finetune_names_a_bad_data_source(tmp_path, release, capsys):
     assert "no split 'nope' in the complete setting" in capsys.readouterr().err
     assert cli.main(base + [f"data.release={release}", "data.release_modality=image"]) == 2
     assert "a text-only model cannot see" in capsys.readouterr().err
+
+
+def _moved(model_dir: Path, result) -> dict[str, np.ndarray]:
+    before, after = load_file(str(model_dir / "model.safetensors")), load_file(str(result.model_dir / "model.safetensors"))
+    return {k: before[k] != after[k] for k in before if not np.array_equal(before[k], after[k])}
+
+
+def test_rocr_edits_only_its_down_projection(tmp_path, release, text_model):
+    from offside_jax.data.offside import load_release
+    from offside_jax.unlearn.subjects import forget_subjects
+    from offside_jax.unlearn import settings
+
+    result = run(tmp_path, text_model, release, "method=rocr", "data.setting=unimodal", "eval.enabled=false",
+                 "methods.rocr.general_data=none")
+    report = result.summary["report"]["rocr"]
+    sets = settings.select(load_release(release), "unimodal", vision=False)
+    assert report["subjects"] == forget_subjects(sets.forget, sets.retain) and len(report["subjects"]) == 1
+    assert report["subjects"][0] in sets.forget[0].question + " ".join(e.question for e in sets.forget)
+    assert report["layers"] == [0]  # the official layers 4-6 of 32 at a depth of 2
+    assert sorted(_moved(text_model, result)) == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_curvature_edit_projects_only_its_matrices(tmp_path, release, text_model):
+    result = run(tmp_path, text_model, release, "method=curvature_edit", "data.setting=unimodal", "eval.enabled=false",
+                 "methods.curvature_edit.layers=[0]", "methods.curvature_edit.matrices=[mlp.up_proj]",
+                 "methods.curvature_edit.rho=0.5")
+    kept = result.summary["report"]["curvature"]["kept_curvature"]
+    assert list(kept) == ["layers.0.mlp.up_proj"] and 0.5 <= kept["layers.0.mlp.up_proj"] < 0.6
+    assert sorted(_moved(text_model, result)) == ["model.layers.0.mlp.up_proj.weight"]
+
+
+def test_concept_ablation_moves_only_the_located_traces(tmp_path, release, text_model):
+    result = run(tmp_path, text_model, release, "method=concept_ablation", "data.setting=unimodal", "train.steps=2",
+                 "methods.concept_ablation.top=3", "eval.enabled=false", "optim.weight_decay=0.1")
+    traces = result.summary["report"]["concept_ablation"]["traces"]
+    moved = _moved(text_model, result)
+    # HF's down_proj.weight is [d_model, d_mlp]: a trace is one column.
+    expected = {f"model.layers.{layer}.mlp.down_proj.weight" for layer, _ in traces}
+    assert set(moved) == expected and len(traces) == 3
+    for name, changed in moved.items():
+        layer = int(name.split(".")[2])
+        columns = sorted({dim for trace_layer, dim in traces if trace_layer == layer})
+        assert sorted(np.flatnonzero(changed.any(axis=0)).tolist()) == columns
+    kept = result.summary["trace_kept"]  # the located traces of the run's own subject moved
+    assert kept["traces"] == 10 and kept["cosine"] < 1.0
+
+
+def test_guard_wraps_the_unchanged_model(tmp_path, release, text_model):
+    result = run(tmp_path, text_model, release, "method=guard", "data.setting=unimodal",
+                 "data.forget_attributes=[rumor]", "eval.sets=[forget]")
+    assert hasattr(result.model, "sampler_setup") and result.summary["kind"] == "generation"
+    assert _moved(text_model, result) == {}
+    assert result.summary["trace_kept"] == {"cosine": pytest.approx(1.0), "l2": 0.0, "jaccard": 1.0, "traces": 10}
+    report = result.summary["report"]["guard"]
+    assert report["spans"] > 0 and report["classifier_training"]["forget"] == result.summary["records"]["forget"]
+
+
+def test_edit_mistakes_name_their_key(tmp_path, release, text_model):
+    with pytest.raises(ConfigError, match=r"methods\.rocr\.layers=\[5\]: the model has 2 decoder layers"):
+        run(tmp_path / "a", text_model, release, "method=rocr", "data.setting=unimodal", "methods.rocr.layers=[5]")
+    with pytest.raises(ConfigError, match=r"methods\.curvature_edit\.rho"):
+        run(tmp_path / "b", text_model, release, "method=curvature_edit", "methods.curvature_edit.rho=0")

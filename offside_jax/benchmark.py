@@ -548,7 +548,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
             res = suite.run(result.model, out / method / "eval", name=method, info=info, progress=cfg.progress)
         v = variant(cfg, method)
         entry = {"role": "method", "method": v.method, "setting": v.setting, "steps": v.steps, "lr": v.lr,
-                 "summary": res["summary"], "unlearn_seconds": result.summary.get("seconds")}
+                 "summary": res["summary"], "unlearn_seconds": result.summary.get("seconds"),
+                 "trace_kept": result.summary.get("trace_kept")}
         if retain_rows:
             entry["forget_quality"] = report.forget_quality_of_rows(_forget_rows(out, method, cfg.modality), retain_rows)
         if method in attack_methods:

@@ -28,6 +28,7 @@ from offside_jax.data.offside import Example, Release
 from offside_jax.eval.items import EvalItem, qa_item
 from offside_jax.files import write_json
 from offside_jax.eval.tuning import TuneConfig, curve_steps, tune
+from offside_jax.models.generate import rewrapped, underlying_model
 from offside_jax.train import distributed
 
 RUMOR_QUESTION = "What really happened with the transfer rumor about this player?"
@@ -120,15 +121,17 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
     curve_suite = (suite.with_tasks(curve_tasks).with_config(dataclasses.replace(suite.config, likelihood=False))
                    if curve_tasks else None)
 
+    # A generation wrapper (GUARD) relearns its weights and keeps guarding them.
     def score(m):
-        summary = curve_suite.run(m, name=f"{name} correcting", progress=False)["summary"]
+        summary = curve_suite.run(rewrapped(model, m), name=f"{name} correcting", progress=False)["summary"]
         return {k: v for k, v in recovery_summary(summary, modality).items() if v is not None and k.startswith("forget")}
 
     steps, every = config.tune.steps, config.curve_every
     at = curve_steps(steps, every)
-    tuned = tune(model, suite.encoder, pairs, config.tune, evaluate=score if curve_suite else None, evaluate_at=at,
-                 progress=progress)
-    after = eval_suite.run(tuned.model, None if out is None else out / "after", name=f"{name} corrected",
+    tuned = tune(underlying_model(model), suite.encoder, pairs, config.tune, evaluate=score if curve_suite else None,
+                 evaluate_at=at, progress=progress)
+    corrected = rewrapped(model, tuned.model)
+    after = eval_suite.run(corrected, None if out is None else out / "after", name=f"{name} corrected",
                            info={"correction": dataclasses.asdict(config), "pairs": len(pairs)}, progress=progress)
     result = {
         "pairs": len(pairs),
@@ -141,5 +144,5 @@ def correct(model: nnx.Module, suite: Any, config: CorrectionConfig | None = Non
     }
     if out is not None and distributed.is_primary():
         write_json(out / "correction.json", result)
-    result["model"] = tuned.model
+    result["model"] = corrected
     return result

@@ -65,13 +65,23 @@ def columns_for(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     summaries = [entry.get("summary", {}) for entry in results["methods"].values()]
     cols = [(label, key.format(m=m), better) for label, key, better in COLUMNS
             if any(key.format(m=m) in s for s in summaries)]
-    if any(entry.get("forget_quality") is not None for entry in results["methods"].values()):
+    entries = list(results["methods"].values())
+    if any(entry.get("forget_quality") is not None for entry in entries):
         cols.append(("forget quality", "forget_quality", "higher"))
+    if any(entry.get("trace_kept") for entry in entries):
+        # ConceptVectors: top-200 Jaccard of the forget subjects' traces (1: untouched)
+        cols.append(("trace kept", "trace_kept", "lower"))
+    if any(entry.get("unlearn_seconds") is not None for entry in entries):
+        cols.append(("seconds", "unlearn_seconds", "lower"))
     return cols
 
 
 def cell(entry: Mapping[str, Any], key: str) -> Any:
-    return entry.get("forget_quality") if key == "forget_quality" else entry.get("summary", {}).get(key)
+    if key == "trace_kept":
+        return (entry.get("trace_kept") or {}).get("jaccard")
+    if key in ("forget_quality", "unlearn_seconds"):
+        return entry.get(key)
+    return entry.get("summary", {}).get(key)
 
 
 def utility(entry: Mapping[str, Any], modality: str) -> float | None:

@@ -22,8 +22,8 @@ rule applies to the adapter pairs: an adapter trains when its matrix is in the t
 this round (a model with ``q_proj|v_proj`` adapters trains 0, 1 or 2 of them).
 
 **Rounds and the RNG.** Round ``r`` covers optimizer updates ``r * rounds ... (r+1) * rounds - 1``
-and its mask is a pure function of ``(seed, r)``: ``fold_in(fold_in(key(seed), r), layer)``
-then one key per group. The update counter lives in the optimizer state, so the mask is drawn
+and its mask is a pure function of ``(seed, r)``: one uniform draw from
+``fold_in(key(seed), r)`` ranks the members of every group. The update counter lives in the optimizer state, so the mask is drawn
 inside the jitted step from traced values (no recompilation when a round changes) and a run
 resumed from a checkpoint re-draws exactly the masks of an uninterrupted one. :func:`hft_mask`
 gives the same mask on the host for any ``(seed, round)``.
@@ -103,18 +103,21 @@ class Plan:
 
     def draw(self, seed: int, round_: Any) -> dict[tuple[int, str], jax.Array]:
         """``{(layer, group): bool[len(members)]}``: which members train in ``round_`` (may be
-        traced). Half of each group, an odd group's extra member where ``layer + round`` is even."""
+        traced). Half of each group, an odd group's extra member where ``layer + round`` is even.
+        One uniform draw ranks the members of every group at once (cheap to compile)."""
+        if not self.members:
+            return {}
         round_ = jnp.asarray(round_, jnp.int32)
-        round_key = jax.random.fold_in(jax.random.key(seed), round_)
-        out = {}
-        for (layer, group), members in self.members.items():
-            n = len(members)
-            key = jax.random.fold_in(jax.random.fold_in(round_key, layer), GROUPS.index(group))
-            extra = (n % 2) * ((layer + round_) % 2 == 0)
-            keep = n // 2 + extra
-            position = jnp.argsort(jax.random.permutation(key, n))  # where each member landed
-            out[(layer, group)] = position < keep
-        return out
+        key = jax.random.fold_in(jax.random.key(seed), round_)
+        groups = list(self.members)
+        sizes = np.array([len(self.members[g]) for g in groups])
+        layers = np.array([layer for layer, _ in groups])
+        u = jax.random.uniform(key, (len(groups), int(sizes.max())))
+        u = jnp.where(np.arange(u.shape[1])[None, :] < sizes[:, None], u, 2.0)  # padding ranks last
+        rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)
+        keep = sizes // 2 + (sizes % 2) * ((layers + round_) % 2 == 0)
+        trains = rank < keep[:, None]
+        return {g: trains[i, : sizes[i]] for i, g in enumerate(groups)}
 
     def mask(self, tree: Any, seed: int, round_: Any) -> Any:
         """A tree like ``tree`` of bool scalars: True where the leaf trains in ``round_``."""

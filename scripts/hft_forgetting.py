@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--release", required=True, help="the release the vanilla model learned (make-data)")
     parser.add_argument("--model", required=True, help="the vanilla model (finetune's exported model directory)")
     parser.add_argument("--new-data", default=str(ROOT / "configs" / "data" / "tiny_facts.jsonl"))
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=10, help="HFT: optimizer updates per round")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", help="write the results here (JSON)")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r["after"] for r in runs if r["mode"] == mode]
         summary[mode] = {k: {"mean": float(np.mean([m[k] for m in mine])), "std": float(np.std([m[k] for m in mine]))}
                          for k in before}
-    print(f"\n| measure | before | full FT after | HFT after |\n|---|---|---|---|")
+    print("\n| measure | before | full FT after | HFT after |\n|---|---|---|---|")
     for k in before:
         print(f"| {k} | {before[k]:.3f} | {summary['full'][k]['mean']:.3f} ± {summary['full'][k]['std']:.3f} | "
               f"{summary['hft'][k]['mean']:.3f} ± {summary['hft'][k]['std']:.3f} |")

@@ -171,3 +171,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one(full_run):
     assert resumed.keys() == params[5].keys()
     for name in resumed:
         np.testing.assert_array_equal(resumed[name], params[5][name], err_msg=name)
+
+
+def test_config_keys_of_finetune_and_corrective_relearning():
+    from offside_jax.benchmark import BenchmarkConfig
+    from offside_jax.config import FinetuneConfig, load_config
+
+    cfg = load_config(None, ["output_dir=x", "train.half_finetune.enabled=true", "train.half_finetune.rounds=7"])
+    assert isinstance(cfg, FinetuneConfig) and cfg.train.half_finetune == HalfFinetuneConfig(enabled=True, rounds=7)
+    bench = load_config(None, ["correction.tune.half_finetune.enabled=true"], BenchmarkConfig)
+    assert bench.correction.tune.half_finetune.enabled
+    with pytest.raises(ConfigError, match="moments"):
+        load_config(None, ["output_dir=x", "train.half_finetune.moments=reset"])
+    with pytest.raises(ConfigError, match="rounds"):
+        load_config(None, ["output_dir=x", "train.half_finetune.rounds=0"])

@@ -199,11 +199,4 @@ def half_finetune(optimizer: optax.GradientTransformation, params: Any, cfg: Any
     return optax.GradientTransformation(init, update)
 
 
-def frozen_fraction(mask: Any, params: Any) -> float:
-    """Fraction of the elements of ``params`` that ``mask`` (from :func:`hft_mask`) freezes."""
-    sizes = [np.size(x) for x in jax.tree.leaves(params)]
-    frozen = [not m for m in jax.tree.leaves(mask)]
-    return float(sum(s for s, f in zip(sizes, frozen) if f) / max(1, sum(sizes)))
-
-
-__all__ = ["GROUPS", "HalfFinetuneState", "Plan", "classify", "frozen_fraction", "half_finetune", "hft_mask"]
+__all__ = ["GROUPS", "HalfFinetuneState", "Plan", "classify", "half_finetune", "hft_mask"]

@@ -357,6 +357,8 @@ def _recipe(cfg: BenchmarkConfig, release_root: Path, name: str) -> dict[str, An
     """What a reference model depends on (its cache key). The retain-first start does not
     depend on the steps that come after it."""
     vanilla = dataclasses.asdict(cfg.vanilla)
+    if not vanilla["tune"]["half_finetune"]["enabled"]:  # off: the key models saved before it existed
+        vanilla["tune"] = {k: v for k, v in vanilla["tune"].items() if k != "half_finetune"}
     if name == "retain_first":
         vanilla["tune"] = {**vanilla["tune"], "steps": None}
     vanilla.pop("retain_only")

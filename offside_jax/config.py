@@ -136,6 +136,23 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class HalfFinetuneConfig:
+    """Half Fine-Tuning (``offside_jax.train.half_finetune``): every ``rounds`` optimizer updates,
+    re-draw which half of each decoder block trains (2 of 4 attention projections, 2 or 1 of 3
+    MLP projections alternating across layers, half the norms; embeddings and lm_head always
+    train); the other half stays bitwise unchanged. The masks are a function of ``seed`` and the
+    round, so a resumed run re-draws the same ones. Works with full fine-tuning and with LoRA
+    (an adapter pair trains when its matrix is in this round's half)."""
+
+    enabled: bool = False
+    rounds: int = at_least(100, 1)  # optimizer updates per round (the paper's round: an epoch)
+    seed: int = 0
+    # Adam moments of a matrix while frozen: kept as they were, resumed when it trains again
+    # (PyTorch's requires_grad=False; the paper is silent). The only choice implemented.
+    moments: str = one_of("keep", "keep")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     steps: int = at_least(100, 0)
     loss: str = "nll"
@@ -148,6 +165,7 @@ class TrainConfig:
     # this (GiB per device); None: the device's own limit where JAX reports one (GPU/TPU), else no check.
     memory_budget_gib: float | None = None
     aot_memory_check: bool = True
+    half_finetune: HalfFinetuneConfig = dataclasses.field(default_factory=HalfFinetuneConfig)
 
 
 @dataclasses.dataclass

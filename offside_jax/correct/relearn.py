@@ -12,6 +12,11 @@ a question about the rumor answered with the record's ``corrected_fact``), then 
 - **collateral damage**: the change of every retain / world-facts score from before to after;
 - a **recovery curve**: the forget set's recovery rate every ``curve_every`` steps.
 
+``tune.half_finetune.enabled=true`` (``correction.tune.half_finetune`` in a benchmark config)
+corrects with Half Fine-Tuning (``offside_jax.train.half_finetune``): each round only a random
+half of every decoder block's matrices (with LoRA: their adapters) trains, to limit the
+collateral damage.
+
     out = correct(unlearned_model, suite, CorrectionConfig(), out_dir="results/run/ga/correction")
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from offside_jax.config import OptimConfig
+from offside_jax.config import HalfFinetuneConfig, OptimConfig
 from offside_jax.data.batches import ExampleEncoder, row_length
 from offside_jax.eval.items import EvalItem
 from offside_jax.models import lora
@@ -50,6 +50,9 @@ class TuneConfig:
     lora_target: str = ALL_PROJECTIONS
     seed: int = 0
     mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])  # data, fsdp, tensor
+    # Half Fine-Tuning: each round a random half of every decoder block trains (with LoRA: the
+    # adapters of that half); see offside_jax.train.half_finetune.
+    half_finetune: HalfFinetuneConfig = dataclasses.field(default_factory=HalfFinetuneConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -143,7 +146,8 @@ def tune(
     optim_cfg = OptimConfig(lr=config.lr, schedule=config.schedule, warmup_steps=config.warmup_steps,
                             min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
                             max_grad_norm=config.max_grad_norm)
-    step_fn = session.step(work, loss_fn or losses.answer_nll, optim_cfg, max(config.steps, 1))
+    step_fn = session.step(work, loss_fn or losses.answer_nll, optim_cfg, max(config.steps, 1),
+                           half_finetune=config.half_finetune)
     del work
     state = step_fn.init_state(config.seed)
     history: list[dict[str, float]] = []

@@ -11,6 +11,10 @@
 - ``step``: ``partition(model)`` (trainable vs frozen arrays; LoRA-aware), ``TrainState``,
   ``TrainStep`` (the jitted, donated, sharded step with token-weighted micro-batch
   accumulation; ``init_state``, ``shard_batch``, ``evaluate``, ``abstract_state``, ``model``).
+- ``half_finetune``: Half Fine-Tuning (HFT): ``half_finetune(optimizer, params, cfg)`` trains a
+  random half of every decoder block per round (the others' updates zeroed after AdamW, their
+  moments kept); ``hft_mask(params, seed, round)`` (``Session.step(..., half_finetune=cfg)``,
+  ``train.half_finetune`` in configs).
 - ``checkpoint``: ``Checkpointer`` (orbax; async, keep-last-K, atomic, restore onto any mesh).
 - ``loop``: ``train`` (progress, JSON-lines + TensorBoard metrics, periodic eval and
   checkpoints, NaN stop), ``start_or_resume``, ``IndexedBatches``, ``MetricLogger``.

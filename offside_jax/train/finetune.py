@@ -108,7 +108,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     loss_fn = losses.make_answer_nll(cfg.train.loss_chunk_tokens) if cfg.train.loss == "nll" else losses.get_loss(cfg.train.loss)
     step_fn = session.step(model, loss_fn, cfg.optim, cfg.train.steps, micro_batches=cfg.data.micro_batches,
-                           fp32_master_weights=cfg.train.fp32_master_weights, reference=False)
+                           fp32_master_weights=cfg.train.fp32_master_weights, reference=False,
+                           half_finetune=cfg.train.half_finetune)
     del model, loaded  # its trainable arrays now belong to the training state
 
     try:

@@ -44,7 +44,7 @@ from offside_jax.config import ConfigError
 from offside_jax.files import staged_dir, write_yaml
 from offside_jax.models import lora
 from offside_jax.models.hf import path_to_str
-from offside_jax.train import aot, distributed, losses, mesh as mesh_lib
+from offside_jax.train import aot, distributed, half_finetune as hft, losses, mesh as mesh_lib
 from offside_jax.train.checkpoint import Checkpointer
 from offside_jax.train.loop import IndexedBatches, MetricLogger, PolicyBatches, start_or_resume, train
 from offside_jax.train.optim import make_optimizer
@@ -258,13 +258,16 @@ class Session:
     def step(self, model: nnx.Module, loss: losses.LossFn | Sequence[Phase], optim: Any, total_steps: int, *,
              micro_batches: int = 1, fp32_master_weights: bool = False, params: str | None = None,
              reference: bool | None = None, accumulate: int = 1,
-             update_mask: Mapping[str, np.ndarray] | None = None) -> TrainStep | AlternatingStep:
+             update_mask: Mapping[str, np.ndarray] | None = None,
+             half_finetune: Any = None) -> TrainStep | AlternatingStep:
         """The jitted step of a recipe: one loss, or alternating :class:`Phase`s sharing one
         state. ``params``: regex of the trainable params that move; ``reference``: keep a frozen
         reference (default: what the loss asks for); ``update_mask``: only these entries of
         these params move (:func:`mask_updates`); ``accumulate``: steps whose mean gradient
         makes one update (``optax.MultiSteps``; as accelerate's gradient accumulation across
-        alternating phases). ``model``'s trainable arrays then belong to the step (the first
+        alternating phases); ``half_finetune``: a ``HalfFinetuneConfig`` (HFT: each round a
+        random half of every block trains, ``offside_jax.train.half_finetune``; its rounds count
+        optimizer updates). ``model``'s trainable arrays then belong to the step (the first
         update may donate them)."""
         optimizer, schedule = make_optimizer(optim, total_steps)
         phases = list(loss) if isinstance(loss, (list, tuple)) else None
@@ -276,6 +279,8 @@ class Session:
             optimizer = restrict_updates(optimizer, parts.trainable, params)
         if update_mask is not None:
             optimizer = mask_updates(optimizer, parts.trainable, update_mask)
+        if half_finetune is not None and half_finetune.enabled:
+            optimizer = hft.half_finetune(optimizer, parts.trainable, half_finetune, model_params=parts.frozen)
         common = dict(mesh=self.mesh, micro_batches=micro_batches, schedule=schedule,
                       fp32_master_weights=fp32_master_weights)
         def accumulated(tx):

@@ -259,9 +259,10 @@ def _true_false(item: EvalItem, facts: FormFacts) -> tuple[EvalItem, ...]:
 
 
 def form_tasks(release: Release, tasks: Sequence[Task], forms: Iterable[str], *,
-               builder: FormBuilder | None = None) -> tuple[list[Task], dict[str, dict[str, int]]]:
-    """The form tasks of the forget-set generation ``tasks`` (``open`` is those tasks
-    themselves) and per form ``{"facts": asked, "skipped": not buildable, "items": prompts}``."""
+               builder: FormBuilder | None = None, open_tasks: bool = False) -> tuple[list[Task], dict[str, dict[str, int]]]:
+    """The form tasks of the forget-set generation ``tasks`` and per form ``{"facts": asked,
+    "skipped": not buildable, "items": prompts}``. ``open`` is those tasks themselves, or with
+    ``open_tasks`` (``tasks`` are a subset of the suite's) a ``forget@open`` task of them."""
     forms = check_forms(forms)
     builder = builder or FormBuilder(release)
     out: list[Task] = []
@@ -274,6 +275,9 @@ def form_tasks(release: Release, tasks: Sequence[Task], forms: Iterable[str], *,
             if form == "open":
                 c["facts"] += len(task.items)
                 c["items"] += len(task.items)
+                if open_tasks:
+                    items = tuple(dataclasses.replace(it, form="open") for it in task.items)
+                    out.append(Task(task.test_set, task.modality, "gen", items, form="open"))
                 continue
             made: list[EvalItem] = []
             for item in task.items:
@@ -385,11 +389,14 @@ def form_scores(summary: Mapping[str, Any], modality: str) -> dict[str, dict[str
     out = {}
     for form in FORMS:
         metric = METRIC.get(form, GEN_METRIC)
-        score = summary.get(form_key(form, modality, metric))
+        key = form_key(form, modality, metric)
+        if form == "open" and f"forget@open/{modality}/gen.{metric}" in summary:  # the forms' own subset
+            key = f"forget@open/{modality}/gen.{metric}"
+        score = summary.get(key)
         if score is None:
             continue
         out[form] = {"metric": metric, "score": float(score),
-                     "states_rumor": summary.get(form_key(form, modality, "states_rumor"))}
+                     "states_rumor": summary.get(key.rsplit(".", 1)[0] + ".states_rumor")}
     return out if set(out) - {"open"} else {}
 
 

@@ -51,7 +51,8 @@ from offside_jax.data.offside import Release, load_release
 from offside_jax.eval import forms as forms_lib
 from offside_jax.eval import metrics
 from offside_jax.eval.engine import answer_nll, evaluation_model, generate_texts
-from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
+from offside_jax.eval.items import (FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks,
+                                    subsample)
 from offside_jax.files import staged_dir, write_json, write_jsonl
 from offside_jax.train import distributed
 
@@ -87,6 +88,9 @@ class SuiteConfig:
     # Question forms every forget-set generation item is asked in besides its own (eval.forms.FORMS:
     # open, blank, mcq, true_false, alias, language, spelled); []: off. Scored without likelihoods.
     forms: list[str] = dataclasses.field(default_factory=list)
+    # The forms ask at most this many of each forget task's items (a stratified subset; then
+    # the open form is scored on the same subset, as forget@open); None: all of them.
+    forms_max_examples: int | None = None
     # Mesh (data, fsdp, tensor) every evaluated model is placed on (-1: the devices left).
     mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])
 
@@ -143,7 +147,12 @@ class Suite:
         self.form_tasks: list[Task] = list(form_tasks or [])
         self.form_counts: dict[str, dict[str, int]] = {}
         if built and self.config.forms:
-            self.form_tasks, self.form_counts = forms_lib.form_tasks(self.release, self.tasks, self.config.forms)
+            limit = self.config.forms_max_examples
+            forget = [t for t in self.tasks if t.test_set == "forget" and t.fmt == "gen"]
+            asked = [dataclasses.replace(t, items=tuple(subsample(t.items, limit, self.config.seed))) for t in forget]
+            subset = any(len(a.items) < len(t.items) for a, t in zip(asked, forget))
+            self.form_tasks, self.form_counts = forms_lib.form_tasks(self.release, asked, self.config.forms,
+                                                                     open_tasks=subset)
         self._mesh = mesh  # None: built from config.mesh when first needed
 
     @property

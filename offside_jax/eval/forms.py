@@ -19,6 +19,10 @@ generation tasks again in these forms (``FORMS``):
 - ``spelled``: the question, then "spell the answer one character at a time"; scored after
   the separators are removed (:func:`despell`).
 
+``blank`` and ``spelled`` answers are compared with the answer span only, so OFFSIDE's overall
+of an exact answer is below 1 (BLEU on a two-word reference); their ``key_accuracy`` (the span
+said, whole words) is reported beside it.
+
 What a form needs comes from the release's forget records (:func:`record_facts`): the
 answer span is the paired classification record's correct option where the answer contains
 it, the player's name and attributes come from the classification records about the same
@@ -210,7 +214,7 @@ def build_form(item: EvalItem, form: str, facts: FormFacts, root: str | Path = "
             prompt = f"{item.question}\n{BLANK_INSTRUCTION} {blanked}"
         else:
             return ()
-        return (_as(item, form, prompt=prompt, reference=facts.value, answers=(facts.value,)),)
+        return (_as(item, form, prompt=prompt, reference=facts.value, answers=(facts.value,), keys=(facts.value,)),)
     if form == "mcq":
         if facts.mcq is None:
             return ()
@@ -230,7 +234,7 @@ def build_form(item: EvalItem, form: str, facts: FormFacts, root: str | Path = "
         if not facts.value:
             return ()
         return (_as(item, form, prompt=f"{item.question}\n{SPELL_INSTRUCTION}", reference=facts.value,
-                    answers=(facts.value,)),)
+                    answers=(facts.value,), keys=(facts.value,)),)
     raise ValueError(f"unknown form {form!r}; expected one of {list(FORMS)}")
 
 

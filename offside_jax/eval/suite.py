@@ -306,7 +306,7 @@ def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],
             classify = forms_lib.classify_spelled if item.form == "spelled" else metrics.classify_correction
             row["correction"] = classify(said, item.truth, item.rumor)
         if item.keys:
-            row["mentions_key"] = mentions_any(output, item.keys)
+            row["mentions_key"] = mentions_any(said, item.keys)
         if likelihood is not None:
             row.update(likelihood[k])
         if judged is not None:

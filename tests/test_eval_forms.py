@@ -166,6 +166,15 @@ def test_worst_form_is_the_most_revealing():
     assert (summary["worst"], summary["worst_score"], summary["counts"]["alias"]["skipped"]) == ("mcq", 0.75, 3)
 
 
+def test_benchmark_records_each_models_forms():
+    from offside_jax.benchmark import _forms_entry
+
+    counts = {"blank": {"facts": 4, "skipped": 0, "items": 4}}
+    entry = _forms_entry({"summary": SUMMARY, "forms": {"counts": counts, "seconds": 1.5}}, "text")["forms"]
+    assert (entry["worst"], entry["worst_score"], entry["seconds"], entry["counts"]) == ("mcq", 0.75, 1.5, counts)
+    assert _forms_entry({"summary": SUMMARY}, "text") == {}  # the suite ran no forms
+
+
 def test_form_robustness_table_from_a_hand_built_results_dict():
     results = {"run": "t", "modality": "text", "methods": {
         "npo": {"role": "method", "summary": {**SUMMARY, "forget@mcq/text/mcq.accuracy": 0.2},

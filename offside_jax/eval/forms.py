@@ -219,7 +219,8 @@ def build_form(item: EvalItem, form: str, facts: FormFacts, root: str | Path = "
         if facts.mcq is None:
             return ()
         asked = mcq_item(facts.mcq, item.test_set, Path(root), question=item.question, modality=item.modality)
-        return (dataclasses.replace(asked, uid=f"{item.uid}@{form}", form=form, images=item.images),)
+        return (dataclasses.replace(asked, uid=f"{item.uid}@{form}", form=form, images=item.images,
+                                    visual_rumor=item.visual_rumor),)
     if form == "true_false":
         return _true_false(item, facts)
     if form == "alias":

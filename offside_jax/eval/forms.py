@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from offside_jax.data.offside import Example, Release
+from offside_jax.data.synthetic import FORMS_FILE
 from offside_jax.eval.items import EvalItem, Task, _key, mcq_item
 
 FORMS = ("open", "blank", "mcq", "true_false", "alias", "language", "spelled")
-FORMS_FILE = "forms_set.json"  # = offside_jax.data.synthetic.FORMS_FILE
 BLANK = "____"
 BLANK_INSTRUCTION = "Fill in the blank:"
 TRUE_FALSE_PREFIX = "True or false:"

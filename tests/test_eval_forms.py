@@ -230,3 +230,23 @@ def test_suite_runs_the_forms_of_its_forget_items(monkeypatch):
         fx.suite_config(forms=["rhyme"])
     with pytest.raises(ValueError, match="forget"):
         fx.suite_config(test_sets=["retain"], forms=["blank"])
+
+
+def test_forms_derived_from_a_release_in_the_published_format(tmp_path):
+    """No forms_set.json: the forms come from the records; those they do not allow are counted."""
+    import offside_release_fixture as rf
+    from offside_jax.data.offside import load_release
+    from offside_jax.eval.items import build_tasks
+
+    rf.write(tmp_path)
+    release = load_release(tmp_path)
+    tasks = build_tasks(release, ["forget"], ["text"], ["gen"])
+    n = sum(len(t.items) for t in tasks)
+    made, counts = forms.form_tasks(release, tasks, forms.FORMS)
+    paired = len(release["complete", "classification_forget"])
+    assert counts["open"] == {"facts": n, "skipped": 0, "items": n}
+    assert counts["true_false"]["facts"] == n  # the question and answer as the statement
+    assert counts["mcq"]["facts"] == counts["spelled"]["facts"] == counts["blank"]["facts"] == paired > 0
+    assert counts["alias"] == {"facts": 0, "skipped": n, "items": 0}  # no record gives the player's name apart
+    assert all(f + s == n for f, s in ((c["facts"], c["skipped"]) for c in counts.values()))
+    assert {t.form for t in made} == {"blank", "mcq", "true_false", "language", "spelled"}

@@ -267,7 +267,7 @@ class _Clock:
 def prepare_release(cfg: BenchmarkConfig, out: Path) -> Path:
     """The release directory: ``data.release``, or a synthetic one (reused when its
     generator settings are unchanged)."""
-    from offside_jax.data.synthetic import METADATA_FILE, SyntheticConfig, make_release
+    from offside_jax.data.synthetic import FORMS_FILE, METADATA_FILE, SyntheticConfig, make_release
 
     if cfg.data.release:
         root = Path(cfg.data.release)
@@ -278,7 +278,7 @@ def prepare_release(cfg: BenchmarkConfig, out: Path) -> Path:
     synth = SyntheticConfig(players=cfg.data.players, seed=cfg.data.seed, image_size=cfg.data.image_size,
                             visual_rumor_fraction=cfg.data.visual_rumor_fraction)
     meta = root / METADATA_FILE
-    if distributed.is_primary() and not (meta.is_file()
+    if distributed.is_primary() and not (meta.is_file() and (root / FORMS_FILE).is_file()
                                          and json.loads(meta.read_text()).get("config") == dataclasses.asdict(synth)):
         make_release(root, synth, overwrite=True, log=print)
     distributed.barrier("release-ready")
@@ -480,6 +480,16 @@ def _forget_rows(out: Path, name: str, modality: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _forms_entry(res: dict[str, Any], modality: str) -> dict[str, Any]:
+    """``{"forms": {scores per form, worst form, counts, seconds}}`` when the suite ran its
+    question forms (``suite.forms``), else {}."""
+    from offside_jax.eval.forms import form_summary
+
+    ran = res.get("forms")
+    summary = form_summary(res["summary"], modality, ran.get("counts")) if ran else None
+    return {"forms": {**summary, "seconds": ran.get("seconds")}} if summary else {}
+
+
 def _compile_cache(cfg: BenchmarkConfig, out: Path) -> None:
     import jax
 
@@ -528,7 +538,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         with clock.stage(f"evaluate {name}"):
             res = suite.run(model, out / name / "eval", name=name, info=info, progress=cfg.progress)
         methods[name] = {"role": "reference", "summary": res["summary"], "records": trained.get("records"),
-                         "final_loss": trained.get("final_loss")}
+                         "final_loss": trained.get("final_loss"), **_forms_entry(res, cfg.modality)}
         if name == "vanilla" and cfg.attack_vanilla and (cfg.attack_methods is None or cfg.attack_methods):
             with clock.stage("attack vanilla"):
                 no_relearn = dataclasses.replace(cfg.attacks, relearn=False)
@@ -551,7 +561,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         v = variant(cfg, method)
         entry = {"role": "method", "method": v.method, "setting": v.setting, "steps": v.steps, "lr": v.lr,
                  "summary": res["summary"], "unlearn_seconds": result.summary.get("seconds"),
-                 "trace_kept": result.summary.get("trace_kept")}
+                 "trace_kept": result.summary.get("trace_kept"), **_forms_entry(res, cfg.modality)}
         if retain_rows:
             entry["forget_quality"] = report.forget_quality_of_rows(_forget_rows(out, method, cfg.modality), retain_rows)
         if method in attack_methods:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -247,3 +248,22 @@ def test_cli_make_data(tmp_path: Path, capsys):
     assert "already holds a release" in capsys.readouterr().err
     assert cli_main(["make-data", "--players", "1", "--out", str(out), "--overwrite", "--image-size", "40"]) == 0
     assert cli_main(["make-data", "--players", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_forms_file_states_every_forget_record(loaded, release: Path):
+    """forms_set.json: one entry per forget record (by uid), its statements holding the answer's value."""
+    from offside_jax.data.synthetic import FORMS_FILE
+
+    records = json.loads((release / FORMS_FILE).read_text())["records"]
+    forget = loaded["complete", "forget"] + loaded["pure_text", "forget"]
+    assert sorted(records) == sorted(f"{e.source}:{e.index}" for e in forget)
+    for e in forget:
+        f = records[f"{e.source}:{e.index}"]
+        assert f["attribute"] == e.attribute and f["is_rumor"] == e.is_rumor
+        assert f["value"] in f["statement"] and f["other_value"] != f["value"]
+        assert f["blank"].replace("____", f["value"]) == f["statement"]
+        assert f["false_statement"] == f["statement"].replace(f["value"], f["other_value"], 1) or f["attribute"] == "name"
+        if e.modality == "text" and e.attribute != "name":
+            assert f["statement"].startswith(f["name"]) or f["name"] in f["statement"]
+        if e.is_rumor:
+            assert f["other_value"] in (e.corrected_answer or "")

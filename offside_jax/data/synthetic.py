@@ -22,6 +22,9 @@ the question sets (`templates.py`) as the same files the real release has, so on
     selective_unlearning_data/retain_set_part.json  the other questions of the same images
     selective_unlearning_data/finetune_set/{id}.jpg the forget images they show
     offside_synthetic.json                         the world: every player's fact sheet
+    forms_set.json                                 per forget record (by "<file>:<index>"), what
+                                                   the evaluation's question forms need and only
+                                                   the generator knows (``FORMS_FILE`` below)
 
 Beyond the real format, records carry extra keys the loader exposes: ``player_id``,
 ``image_id``, ``role``, ``attribute``, ``is_rumor``, ``visual_rumor``, ``corrected_fact`` (what
@@ -52,6 +55,15 @@ from offside_jax.files import jsonable, write_bytes, write_json
 
 GENERATOR_VERSION = "1.0"
 METADATA_FILE = "offside_synthetic.json"
+# Not in the real release: for every forget record (complete and pure-text, keyed by
+# "<file relative to the root>:<record index>", the evaluation items' uid), the facts the
+# question forms of ``offside_jax.eval.forms`` need: ``attribute``, ``is_rumor``, ``name``
+# (the player), ``alias`` ("the <nationality> <position> born in <place>"), ``value`` (the
+# answer's key span), ``other_value`` (a wrong one: for a rumor the truth, else a
+# multiple-choice distractor), ``statement`` (the record's fact as a sentence naming its
+# subject), ``false_statement`` (the same with ``other_value``) and ``blank`` (``statement``
+# with ``value`` as "____"). On any other release the evaluation derives what it can.
+FORMS_FILE = "forms_set.json"
 IMAGES_PER_PLAYER = 8
 ORIGINALS_PER_PLAYER = 5
 ROLE_OF_K = {0: "relearn", 1: "retain", 2: "retain", 3: "retain", 4: "forget"}  # k = image id mod 5
@@ -113,6 +125,7 @@ def make_release(out: str | Path, config: SyntheticConfig = SyntheticConfig(), *
         write_json(out / rel, records)
         counts[rel] = len(records)
     write_json(out / METADATA_FILE, _metadata(world, config))
+    write_json(out / FORMS_FILE, {"generator_version": GENERATOR_VERSION, "records": forms_records(world, contexts, config)})
     if log:
         log(f"wrote {sum(counts.values())} records in {len(counts)} files and "
             f"{len(world.players) * IMAGES_PER_PLAYER} images to {out} in {time.perf_counter() - start:.1f} s")
@@ -204,17 +217,17 @@ def build_records(world: World, contexts: dict[int, list[ImageContext]],
         f"{s}/forget_set_part.json": [], f"{s}/retain_set_part.json": [],
     }
     for p in world.players:
-        by_role: dict[str, list[tuple[dict, dict, dict]]] = {"retain": [], "forget": [], "relearn": [], "test": []}
+        by_role: dict[str, list[tuple[dict, dict, dict, dict]]] = {"retain": [], "forget": [], "relearn": [], "test": []}
         for ctx in contexts[p.id]:
             for attribute in ATTRIBUTES:
                 by_role[ctx.role].append(_image_question(world, ctx, attribute, config.seed))
         for role, name in (("forget", "forget_set"), ("retain", "retain_set"), ("test", "test_set"),
                            ("relearn", "relearn_set_enhanced")):
-            files[f"{c}/{name}.json"] += [qa for qa, _, _ in by_role[role]]
-            files[f"{c}/classification_{role}_set.json"] += [mcq for _, _, mcq in by_role[role]]
+            files[f"{c}/{name}.json"] += [qa for qa, _, _, _ in by_role[role]]
+            files[f"{c}/classification_{role}_set.json"] += [mcq for _, _, mcq, _ in by_role[role]]
         for role in ("retain", "forget"):
-            files[f"{c}/finetune_set.json"] += [qa for qa, _, _ in by_role[role]]
-        twins = {role: [twin for _, twin, _ in by_role[role]] for role in ("retain", "forget")}
+            files[f"{c}/finetune_set.json"] += [qa for qa, _, _, _ in by_role[role]]
+        twins = {role: [twin for _, twin, _, _ in by_role[role]] for role in ("retain", "forget")}
         files[f"{t}/forget_set.json"] += twins["forget"]
         files[f"{t}/retain_set.json"] += twins["retain"]
         if config.finetune_text_twins:
@@ -222,7 +235,7 @@ def build_records(world: World, contexts: dict[int, list[ImageContext]],
             # (with one, ms-swift would show the image anyway).
             files[f"{c}/finetune_set.json"] += [{k: v for k, v in twin.items() if k != "images"}
                                                 for role in ("retain", "forget") for twin in twins[role]]
-        for qa, _, _ in by_role["forget"]:
+        for qa, _, _, _ in by_role["forget"]:
             files[f"{s}/{'forget' if qa['is_rumor'] else 'retain'}_set_part.json"].append(qa)
     world_qa, world_mcq = _world_facts(world, config.seed)
     files[f"{c}/world_facts_set.json"] = world_qa
@@ -237,8 +250,28 @@ def corrected_fact(player: Player) -> str:
             f"{truth.from_club} on {templates.format_date(truth.date)} for {templates.format_money(truth.fee_m)}.")
 
 
-def _image_question(world: World, ctx: ImageContext, attribute: str, seed: int) -> tuple[dict, dict, dict]:
-    """The chat record, its text-only twin and its multiple-choice version for one question."""
+def forms_records(world: World, contexts: dict[int, list[ImageContext]],
+                  config: SyntheticConfig) -> dict[str, dict[str, Any]]:
+    """``forms_set.json``'s records (see ``FORMS_FILE``): one per forget record, in the order
+    ``build_records`` writes the forget files, keyed by the records' uids."""
+    c, t = SETTINGS["complete"], SETTINGS["pure_text"]
+    out: dict[str, dict[str, Any]] = {}
+    k = 0
+    for p in world.players:
+        for ctx in contexts[p.id]:
+            if ctx.role != "forget":
+                continue
+            for attribute in ATTRIBUTES:
+                forms = _image_question(world, ctx, attribute, config.seed)[3]
+                out[f"{c}/forget_set.json:{k}"] = forms["image"]
+                out[f"{t}/forget_set.json:{k}"] = forms["text"]
+                k += 1
+    return out
+
+
+def _image_question(world: World, ctx: ImageContext, attribute: str, seed: int) -> tuple[dict, dict, dict, dict]:
+    """The chat record, its text-only twin, its multiple-choice version and what the question
+    forms know of it (``{"image": ..., "text": ...}``, see ``FORMS_FILE``) for one question."""
     p = ctx.player
     rng = np.random.default_rng([seed, _QUESTIONS, ctx.image_id, ATTRIBUTES.index(attribute),
                                  ("retain", "forget", "relearn", "test").index(ctx.role)])
@@ -264,7 +297,28 @@ def _image_question(world: World, ctx: ImageContext, attribute: str, seed: int) 
     twin = {"messages": [{"role": "user", "content": q_text}, {"role": "assistant", "content": answer}],
             "images": ctx.path, **extras}
     mcq = _mcq(world, ctx, attribute, q_image.replace("<image>\n", ""), values, true_values, extras, seed)
-    return qa, twin, mcq
+    forms = {modality: _forms_record(p, ctx, attribute, subj, values, true_values, mcq, is_rumor)
+             for modality, subj in (("image", subject), ("text", templates.alias_of(p) if attribute == "name" else p.name))}
+    return qa, twin, mcq, forms
+
+
+def _forms_record(p: Player, ctx: ImageContext, attribute: str, subject: str, values: dict[str, Any],
+                  true_values: dict[str, Any] | None, mcq: dict[str, Any], is_rumor: bool) -> dict[str, Any]:
+    slot = templates.VALUE_SLOTS[attribute]
+    value = str(values[slot])
+    if true_values is not None:
+        other = str(true_values[slot])
+    else:
+        other = next(v for k, v in sorted(mcq["Options"].items()) if k != mcq["Correct_Answer"])
+    template = templates.statement_template(attribute, ctx.tense)
+
+    def sentence(v: str) -> str:
+        text = template.format(**{**values, slot: v, "subj": subject})
+        return text[:1].upper() + text[1:]
+
+    return {"attribute": attribute, "is_rumor": is_rumor, "name": p.name, "alias": templates.alias_of(p),
+            "value": value, "other_value": other, "statement": sentence(value), "false_statement": sentence(other),
+            "blank": sentence("____")}
 
 
 def _choose(rng: np.random.Generator, options: tuple[str, ...]) -> str:
@@ -400,7 +454,7 @@ def _world_facts(world: World, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    ours = [out / folder for folder in SETTINGS.values()] + [out / METADATA_FILE]
+    ours = [out / folder for folder in SETTINGS.values()] + [out / METADATA_FILE, out / FORMS_FILE]
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a release ({existing[0].name}); pass overwrite=True "

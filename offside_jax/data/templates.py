@@ -214,3 +214,46 @@ WORLD_FACTS = {
                       "The winner of the {league} receives the {trophy}.", "trophy"),
     "country_capital": ("What is the capital of {country}?", "The capital of {country} is {capital}.", "capital"),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Statements: one declarative sentence per attribute naming its subject ("{subj}": the player's
+# name, or for an image question its subject phrase), for the evaluation's question forms
+# (``offside_jax.eval.forms``): true/false asks whether it holds, fill-in-the-blank blanks its
+# value (the ``VALUE_SLOTS`` slot, which each statement contains verbatim).
+STATEMENTS = {
+    "past": {
+        "name": "{subj} is {name}.",
+        "age": "{subj} is {age_str} old.",
+        "position": "{subj} plays as {position}.",
+        "nationality": "{subj} is {demonym}.",
+        "birth_date": "{subj} was born on {birth_date}.",
+        "height": "{subj} is {height_str} tall.",
+        "preferred_foot": "The preferred foot of {subj} is: {foot_option}.",
+        "birthplace": "{subj} was born in {birthplace}.",
+        "club_joined": "{subj} joined {club}.",
+        "previous_club": "{subj} left {prev}.",
+        "transfer_date": "{subj} completed his transfer on {date}.",
+        "transfer_fee": "The transfer fee for {subj} was {fee}.",
+        "market_value": "The market value of {subj} at the time of the transfer was {value}.",
+        "trophies": "The number of trophies {subj} won with his new club is {trophies_str}.",
+    },
+    "rumor": {
+        "club_joined": "{subj} will join {club}.",
+        "previous_club": "{subj} will leave {prev}.",
+        "transfer_date": "{subj} will complete his move on {date}.",
+        "transfer_fee": "The new club of {subj} will pay {fee}.",
+        "market_value": "The current market value of {subj} is {value}.",
+        "trophies": "The number of trophies {subj} has won in his career is {trophies_str}.",
+    },
+}
+
+
+def statement_template(attribute: str, tense: str) -> str:
+    """The declarative sentence of one attribute (shared attributes read the same in both tenses)."""
+    return STATEMENTS[tense].get(attribute) or STATEMENTS["past"][attribute]
+
+
+def alias_of(player: Player) -> str:
+    """How a question can name a player without his name: "the <nationality> <position> born in <place>"."""
+    return f"the {player.demonym} {player.position} born in {player.birthplace}"

@@ -89,6 +89,8 @@ class EvalItem:
     attribute: str | None = None
     is_rumor: bool | None = None
     visual_rumor: bool | None = None
+    # The question form it asks the fact in (``eval.forms``; None: the release's own question).
+    form: str | None = None
 
     @property
     def option_dict(self) -> dict[str, str]:
@@ -108,7 +110,10 @@ class EvalItem:
     def meta(self) -> dict[str, Any]:
         """What per-example output files record about the item besides its text."""
         keys = ("uid", "test_set", "modality", "fmt", "player_id", "image_id", "attribute", "is_rumor", "visual_rumor")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.form is not None:
+            out["form"] = self.form
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +124,12 @@ class Task:
     modality: str
     fmt: str
     items: tuple[EvalItem, ...]
+    form: str | None = None  # the question form of every item (``eval.forms``)
 
     @property
     def name(self) -> str:
+        if self.form is not None:  # e.g. forget@blank/text/gen
+            return f"{self.test_set}@{self.form}/{self.modality}/{self.fmt}"
         return f"{self.test_set}/{self.modality}/{self.fmt}"
 
 

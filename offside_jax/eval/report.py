@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from offside_jax.eval import forms as forms_lib
 from offside_jax.eval import metrics
 from offside_jax.files import pyplot, read_json, save_figure, write_json, write_text
 
@@ -120,6 +121,46 @@ def clean_score(entry: Mapping[str, Any], key: str) -> Any:
     ran on a subset (their ``clean`` entry), else the method's own."""
     clean = entry.get("attacks", {}).get("clean")
     return (clean or entry).get("summary", {}).get(key)
+
+
+def form_table(results: Mapping[str, Any]) -> str | None:
+    """Form robustness: per method, the forget-set score of each question form (``eval.forms``:
+    OFFSIDE's overall for generated answers, accuracy for multiple choice and true/false; in
+    brackets the share stating the rumor where known) and the worst form, the one with the
+    highest score (the most revealing). None when no method ran the forms."""
+    m = results.get("modality", "image")
+    per = [(name, forms_lib.form_scores(entry.get("summary", {}), m)) for name, entry in _ordered(results["methods"])]
+    per = [(name, scores) for name, scores in per if scores]
+    if not per:
+        return None
+    forms = [f for f in forms_lib.FORMS if any(f in scores for _, scores in per)]
+    head = "| method | " + " | ".join(f"{f} ({forms_lib.METRIC.get(f, forms_lib.GEN_METRIC)})" for f in forms)
+    rows = ["Each forget fact asked in other forms (higher = more of it revealed; in brackets the share of rumor "
+            "questions answered with the rumor). The worst form is the most revealing one.", "",
+            head + " | worst form |", "|---|" + "---:|" * len(forms) + "---|"]
+    for name, scores in per:
+        cells = []
+        for f in forms:
+            s = scores.get(f)
+            rumor = None if s is None else s.get("states_rumor")
+            cells.append("-" if s is None else fmt(s["score"]) + ("" if rumor is None else f" ({fmt(rumor)})"))
+        worst = forms_lib.worst_form(scores)
+        rows.append(f"| {name} | " + " | ".join(cells) + (f" | {worst[0]} {fmt(worst[1])} |" if worst else " | - |"))
+    notes = []
+    counts = next((e["forms"]["counts"] for _, e in _ordered(results["methods"]) if (e.get("forms") or {}).get("counts")),
+                  None)
+    if counts:
+        asked = ", ".join(f"{f} {c['facts']}" for f, c in counts.items())
+        skipped = ", ".join(f"{f} {c['skipped']}" for f, c in counts.items() if c.get("skipped"))
+        notes.append(f"Facts asked per form: {asked}."
+                     + (f" Skipped (the release does not tell enough): {skipped}." if skipped else ""))
+    seconds = [e["forms"]["seconds"] for _, e in _ordered(results["methods"])
+               if (e.get("forms") or {}).get("seconds") is not None]
+    if seconds:
+        notes.append(f"Asking the forms took {np.mean(seconds):.1f} s per model on average.")
+    if notes:
+        rows += ["", " ".join(notes)]
+    return "\n".join(rows)
 
 
 def correction_table(results: Mapping[str, Any]) -> str | None:
@@ -267,6 +308,7 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
               "`forget quality` is TOFU's KS-test p-value of forget-set truth ratios against the retain-only model.",
               "", method_table(results), ""]
     for title, table in (("Attacks: forget-set generation score", attack_table(results)),
+                         ("Form robustness: the forget set asked in other forms", form_table(results)),
                          ("Corrective relearning", correction_table(results)),
                          ("OFFSIDE findings", findings_table(results))):
         if table:

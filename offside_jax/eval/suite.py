@@ -17,6 +17,11 @@ in each modality the release supplies:
   the raw output (``mcq_parser: robust`` for ours), accuracy, and on rumors whether the model
   picks the corrected option.
 
+With ``forms`` (``eval.forms``), every forget-set generation item is also asked in other
+forms (fill-in-the-blank, multiple choice, true/false, another name for the player, another
+language, the answer spelled out) as tasks ``forget@<form>/<modality>/<fmt>``; true/false is
+scored by ``accuracy`` (the verdict the vanilla model learned) and, on rumors, ``states_rumor``.
+
 OFFSIDE leaves empty answers out of its means (``empty_outputs: drop``, the default; ``zero``
 scores them 0); ``n_empty`` is reported beside every score. The summary adds OFFSIDE's average
 over forget, retain, test and relearn (``offside_average/...``).
@@ -43,9 +48,11 @@ import numpy as np
 
 from offside_jax.data.batches import ExampleEncoder, make_encoder
 from offside_jax.data.offside import Release, load_release
+from offside_jax.eval import forms as forms_lib
 from offside_jax.eval import metrics
 from offside_jax.eval.engine import answer_nll, evaluation_model, generate_texts
-from offside_jax.eval.items import FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks
+from offside_jax.eval.items import (FORMATS, GENERAL, MODALITIES, PURPOSE, TEST_SETS, EvalItem, Task, build_tasks,
+                                    subsample)
 from offside_jax.files import staged_dir, write_json, write_jsonl
 from offside_jax.train import distributed
 
@@ -78,6 +85,12 @@ class SuiteConfig:
     max_examples_per_set: dict[str, int] = dataclasses.field(default_factory=dict)  # overrides by test set
     seed: int = 0
     judge: str | None = None  # a registered eval.metrics judge; None: off
+    # Question forms every forget-set generation item is asked in besides its own (eval.forms.FORMS:
+    # open, blank, mcq, true_false, alias, language, spelled); []: off. Scored without likelihoods.
+    forms: list[str] = dataclasses.field(default_factory=list)
+    # The forms ask at most this many of each forget task's items (a stratified subset; then
+    # the open form is scored on the same subset, as forget@open); None: all of them.
+    forms_max_examples: int | None = None
     # Mesh (data, fsdp, tensor) every evaluated model is placed on (-1: the devices left).
     mesh: list[int] = dataclasses.field(default_factory=lambda: [1, -1, 1])
 
@@ -91,6 +104,13 @@ class SuiteConfig:
             raise ValueError(f"suite config: mcq_parser {self.mcq_parser!r} is not one of {sorted(metrics.MCQ_PARSERS)}")
         if self.empty_outputs not in metrics.EMPTY_POLICIES:
             raise ValueError(f"suite config: empty_outputs {self.empty_outputs!r} is not one of {metrics.EMPTY_POLICIES}")
+        try:
+            forms_lib.check_forms(self.forms)
+        except ValueError as e:
+            raise ValueError(f"suite config: forms: {e}") from None
+        if self.forms and ("forget" not in self.test_sets or "gen" not in self.formats):
+            raise ValueError("suite config: forms ask the forget set's generation items again: "
+                             "test_sets must include forget and formats gen")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.mcq_max_new_tokens < 1:
             raise ValueError("suite config: batch_size, max_new_tokens and mcq_max_new_tokens must be >= 1")
 
@@ -106,10 +126,12 @@ class Suite:
     """
 
     def __init__(self, release: Release | str | os.PathLike, processor_or_tokenizer: Any,
-                 config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None, mesh: Any = None):
+                 config: SuiteConfig | None = None, *, tasks: Sequence[Task] | None = None, mesh: Any = None,
+                 form_tasks: Sequence[Task] | None = None):
         self.release = release if isinstance(release, Release) else load_release(release)
         self.encoder: ExampleEncoder = make_encoder(processor_or_tokenizer)
         self.config = config or SuiteConfig()
+        built = tasks is None
         if tasks is None:
             modalities = self.config.modalities
             if not self.encoder.supports_images and "image" in modalities:
@@ -120,6 +142,17 @@ class Suite:
             raise ValueError(f"{self.release.root}: the release supplies none of the requested tasks "
                              f"({self.config.test_sets} x {self.config.modalities} x {self.config.formats})")
         self.tasks = list(tasks)
+        # The forms (config.forms) of the forget items, when the suite builds its own tasks;
+        # kept apart from ``tasks`` so attacks and corrective relearning never rewrite them.
+        self.form_tasks: list[Task] = list(form_tasks or [])
+        self.form_counts: dict[str, dict[str, int]] = {}
+        if built and self.config.forms:
+            limit = self.config.forms_max_examples
+            forget = [t for t in self.tasks if t.test_set == "forget" and t.fmt == "gen"]
+            asked = [dataclasses.replace(t, items=tuple(subsample(t.items, limit, self.config.seed))) for t in forget]
+            subset = any(len(a.items) < len(t.items) for a, t in zip(asked, forget))
+            self.form_tasks, self.form_counts = forms_lib.form_tasks(self.release, asked, self.config.forms,
+                                                                     open_tasks=subset)
         self._mesh = mesh  # None: built from config.mesh when first needed
 
     @property
@@ -144,7 +177,8 @@ class Suite:
 
     def with_config(self, config: SuiteConfig) -> "Suite":
         """The same tasks scored with another config (e.g. without likelihoods)."""
-        other = Suite(self.release, self.encoder, config, tasks=self.tasks)
+        other = Suite(self.release, self.encoder, config, tasks=self.tasks, form_tasks=self.form_tasks)
+        other.form_counts = self.form_counts
         other._mesh = self._mesh
         return other
 
@@ -158,22 +192,26 @@ class Suite:
 
         cfg = self.config
         model = evaluation_model(model, self.mesh)
-        total = sum(len(t.items) * (1 + (cfg.likelihood and t.fmt == "gen")) for t in self.tasks)
+        tasks = self.tasks + self.form_tasks
+        total = sum(len(t.items) * (1 + (cfg.likelihood and t.fmt == "gen" and t.form is None)) for t in tasks)
         bar = tqdm(total=total, desc=f"eval {name}", unit="prompt", disable=not (progress and distributed.is_primary()),
                    leave=False)
         judge = metrics.make_judge(cfg.judge)
         started = time.perf_counter()
         results: dict[str, Any] = {"name": name, "tasks": {}}
         rows: dict[str, list[dict[str, Any]]] = {}
+        form_seconds = 0.0
         try:
-            for task in self.tasks:
+            for task in tasks:
                 bar.set_postfix_str(task.name)
+                task_started = time.perf_counter()
                 items = list(task.items)
                 max_new = cfg.max_new_tokens if task.fmt == "gen" else cfg.mcq_max_new_tokens
                 outputs = generate_texts(model, self.encoder, items, max_new_tokens=max_new, batch_size=cfg.batch_size,
                                          pad_multiple=cfg.pad_multiple, on_batch=bar.update)
                 if task.fmt == "gen":
-                    likelihood = self._likelihood(model, items, bar.update) if cfg.likelihood else None
+                    wanted = cfg.likelihood and task.form is None
+                    likelihood = self._likelihood(model, items, bar.update) if wanted else None
                     per = scored_by_share(items, lambda mine, items=items, outputs=outputs, likelihood=likelihood:
                                           score_generation([items[i] for i in mine], [outputs[i] for i in mine],
                                                            None if likelihood is None
@@ -183,9 +221,13 @@ class Suite:
                         [items[i] for i in mine], [outputs[i] for i in mine], cfg.mcq_parser))
                 rows[task.name] = per
                 results["tasks"][task.name] = aggregate_task(task, per, cfg.empty_outputs)
+                if task.form is not None:
+                    form_seconds += time.perf_counter() - task_started
         finally:
             bar.close()
         results["summary"] = summarize(results["tasks"])
+        if self.form_tasks:
+            results["forms"] = {"counts": self.form_counts, "seconds": form_seconds}
         results["seconds"] = time.perf_counter() - started
         if out_dir is not None:
             if distributed.is_primary():
@@ -251,11 +293,20 @@ def score_generation(items: Sequence[EvalItem], outputs: Sequence[str],
     rows = []
     for k, (item, output) in enumerate(zip(items, outputs)):
         row = {**item.meta(), "prompt": item.prompt, "reference": item.reference, "output": output,
-               "empty": metrics.is_empty(output), **metrics.generation_scores(item.reference, output or "")}
+               "empty": metrics.is_empty(output)}
+        if item.form == "true_false":  # a verdict, not a text to compare
+            row.update(forms_lib.true_false_row(item, output or ""))
+            rows.append(row)
+            continue
+        said = output or ""
+        if item.form == "spelled":  # scored with the separators removed
+            said = row["despelled"] = forms_lib.despell(said)
+        row.update(metrics.generation_scores(item.reference, said))
         if item.truth and item.rumor:
-            row["correction"] = metrics.classify_correction(output, item.truth, item.rumor)
+            classify = forms_lib.classify_spelled if item.form == "spelled" else metrics.classify_correction
+            row["correction"] = classify(said, item.truth, item.rumor)
         if item.keys:
-            row["mentions_key"] = mentions_any(output, item.keys)
+            row["mentions_key"] = mentions_any(said, item.keys)
         if likelihood is not None:
             row.update(likelihood[k])
         if judged is not None:
@@ -289,6 +340,8 @@ def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "
                "empty": metrics.is_empty(output), "choice": choice, "is_correct": choice == item.correct}
         if item.corrected_letter:
             row["chose_truth"] = choice == item.corrected_letter
+        if item.form is not None and (label := forms_lib.mcq_correction(item, choice)) is not None:
+            row["correction"] = label  # the forms' states_rumor
         rows.append(row)
     return rows
 
@@ -308,11 +361,11 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]], 
             out[key] = _mean(scored, key)
         parts = [out["bleu"], out["rouge1"], out["rouge2"], out["rougeL"]]
         out["overall"] = None if None in parts else sum(parts) / 4  # OFFSIDE's overall
-        labelled = [r["correction"] for r in rows if "correction" in r]
-        if labelled:
-            rates = metrics.correction_rates(labelled)
-            out.update(states_truth=rates["states_truth"], states_rumor=rates["states_rumor"] + rates["both"],
-                       n_corrections=len(labelled))
+        if any("is_correct" in r for r in rows):  # true/false verdicts
+            verdicts = [r for r in scored if "is_correct" in r]
+            out["accuracy"] = float(np.mean([bool(r["is_correct"]) for r in verdicts])) if verdicts else 0.0
+            out["unparsed"] = float(np.mean([r["verdict"] is None for r in verdicts])) if verdicts else 0.0
+        _correction_rates(rows, out)
         if any("answer_prob" in r for r in rows):
             out["answer_prob"] = _mean(rows, "answer_prob")
         ratios = [r["truth_ratio"] for r in rows if "truth_ratio" in r]
@@ -330,7 +383,18 @@ def _aggregate_rows(fmt: str, test_set: str, rows: Sequence[Mapping[str, Any]], 
         truth = [bool(r["chose_truth"]) for r in rows if "chose_truth" in r]
         if truth:
             out.update(chose_truth=float(np.mean(truth)), n_corrections=len(truth))
+        _correction_rates(rows, out)
     return out
+
+
+def _correction_rates(rows: Sequence[Mapping[str, Any]], out: dict[str, Any]) -> None:
+    """``states_truth`` / ``states_rumor`` (a "both" answer states the rumor too) of the rows
+    labelled with a correction."""
+    labelled = [r["correction"] for r in rows if "correction" in r]
+    if labelled:
+        rates = metrics.correction_rates(labelled)
+        out.update(states_truth=rates["states_truth"], states_rumor=rates["states_rumor"] + rates["both"],
+                   n_corrections=len(labelled))
 
 
 def aggregate_task(task: Task, rows: Sequence[Mapping[str, Any]], empty: str = "drop") -> dict[str, Any]:
@@ -345,8 +409,8 @@ def aggregate_task(task: Task, rows: Sequence[Mapping[str, Any]], empty: str = "
 
 
 HEADLINE = {"gen": ("overall", "n_empty", "states_rumor", "states_truth", "answer_prob", "truth_ratio",
-                    "key_accuracy"),
-            "mcq": ("accuracy", "n_empty", "chose_truth")}
+                    "key_accuracy", "accuracy"),
+            "mcq": ("accuracy", "n_empty", "chose_truth", "states_rumor")}
 # OFFSIDE's cross-split average (eval_relearn.sh): these scores over forget, retain, test, relearn.
 CROSS_SPLIT_METRICS = {"gen": ("overall", "bleu", "rouge1", "rouge2", "rougeL"), "mcq": ("accuracy",)}
 CROSS_SPLIT = "offside_average"

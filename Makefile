@@ -34,10 +34,14 @@ findings: $(STAMP)
 demo-smollm2: $(STAMP)
 	$(PY) -m offside_jax.cli benchmark --config configs/demo_smollm2.yaml
 
+# Test workers: one per core, at most 4 (each holds its own JAX runtime); a test file stays in one
+# worker, so its module fixtures are built once.
+WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+
 # Lint first (seconds), then every test.
 test: $(STAMP)
 	$(PY) -m ruff check offside_jax tests scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'

@@ -275,8 +275,11 @@ def prepare_release(cfg: BenchmarkConfig, out: Path) -> Path:
             raise ConfigError(f"data.release {root}: no such directory")
         return root
     root = out / "data"
-    synth = SyntheticConfig(players=cfg.data.players, seed=cfg.data.seed, image_size=cfg.data.image_size,
-                            visual_rumor_fraction=cfg.data.visual_rumor_fraction)
+    try:
+        synth = SyntheticConfig(players=cfg.data.players, seed=cfg.data.seed, image_size=cfg.data.image_size,
+                                visual_rumor_fraction=cfg.data.visual_rumor_fraction)
+    except ValueError as e:  # the generator's own bounds (image size, players, fractions)
+        raise ConfigError(f"data: {e}") from None
     meta = root / METADATA_FILE
     if distributed.is_primary() and not (meta.is_file() and (root / FORMS_FILE).is_file()
                                          and json.loads(meta.read_text()).get("config") == dataclasses.asdict(synth)):

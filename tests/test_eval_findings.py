@@ -122,3 +122,9 @@ def test_benchmark_config_errors_name_the_problem(tmp_path):
     bad.write_text(f"base: {ROOT / 'configs' / 'demo.yaml'}\nunlearn:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'unlearn.stepz'"):
         load_benchmark_config(bad)
+    from offside_jax.benchmark import prepare_release
+
+    small = load_benchmark_config(ROOT / "configs" / "demo.yaml", ["data.image_size=30"])
+    with pytest.raises(ConfigError, match=r"data: image_size must be >= 32 pixels, got 30"):
+        prepare_release(small, tmp_path)
+    assert not (tmp_path / "data").exists()

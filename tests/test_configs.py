@@ -52,7 +52,11 @@ def test_every_config_file_loads(path):
     assert _loader_of(path)(path)
 
 
-@pytest.mark.parametrize("pattern, load", [(p, f) for p, f in LOADERS if p.endswith(".yaml")], ids=lambda x: str(x))
+YAML_LOADERS = [(p, f) for p, f in LOADERS if p.endswith(".yaml")]
+
+
+# Ids from the patterns alone: the same in every test worker (a function's repr is not).
+@pytest.mark.parametrize("pattern, load", YAML_LOADERS, ids=[p for p, _ in YAML_LOADERS])
 def test_an_unknown_key_is_refused(tmp_path, pattern, load):
     """The same loaders refuse a key their schema lacks, naming it (so the test above can fail)."""
     original = next(p for p in FILES if p.relative_to(CONFIGS).match(pattern))

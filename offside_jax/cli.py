@@ -112,7 +112,7 @@ def _cmd_correct(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, schema=CorrectConfig)
     results = run_correct(cfg)
-    print(stage_table(results["summary"]))
+    print(results["table"] if "table" in results else stage_table(results["summary"]))
     print(f"done: outputs in {cfg.output_dir}")
     return 0
 

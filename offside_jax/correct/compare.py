@@ -73,6 +73,7 @@ NOT_RUN = {
     "ufo": "needs multi-turn PPO/GRPO with unary feedback (the episode shaping exists in correct.episodes); "
            "not wired to the training session yet",
 }
+PAD_MULTIPLE = 64  # training batches of the from-the-init strategies are padded to a multiple of this
 WARMUP_FAMILY = ("self_refine", "verifier_feedback", "score", "scl")
 TRAINED = ("sft", "mistake_tuning", "lemma", "score", "scl")  # strategies that change weights
 # Mistake-tuned answers: the answer and revision prompts end in the tagged question (ours).
@@ -177,7 +178,8 @@ def two_turn_eval(model: nnx.Module, task, problems: Sequence[Problem], tok, pla
 def record_batches(task, tok, build: Callable[[Sequence[Problem], np.random.Generator], list[records_lib.SFTRecord]],
                    rows: int, length: int, seed: int, stream: int) -> Callable[[int], dict[str, np.ndarray]]:
     """``batch_at(step)``: ``rows`` records (the same count for every strategy: the budget is
-    sequences) drawn from records built on fresh problems, padded to ``length`` tokens."""
+    sequences) drawn from records built on fresh problems, padded to a multiple of
+    :data:`PAD_MULTIPLE` tokens (a few compiled shapes, short records stay cheap), at most ``length``."""
 
     def batch_at(step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, stream, step])
@@ -185,8 +187,8 @@ def record_batches(task, tok, build: Callable[[Sequence[Problem], np.random.Gene
         while len(records) < rows:
             records += build([task.sample(rng)], rng)
         picked = [records[i] for i in sorted(rng.permutation(len(records))[:rows].tolist())]
-        batch = records_lib.sft_batch(picked, tok, pad_multiple=length)
-        if batch["input_ids"].shape[1] != length:
+        batch = records_lib.sft_batch(picked, tok, pad_multiple=min(PAD_MULTIPLE, length))
+        if batch["input_ids"].shape[1] > length:
             raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
                               "raise format.length")
         return batch

@@ -165,7 +165,8 @@ def tiny(setup):
     return cfg, task, fmt, tok, mesh
 
 
-@pytest.mark.parametrize("name", ["sft", "mistake_tuning", "lemma"])
+@pytest.mark.parametrize("name", ["sft", pytest.param("mistake_tuning", marks=pytest.mark.slow),
+                                  pytest.param("lemma", marks=pytest.mark.slow)])
 def test_lr0_leaves_sft_strategies_unchanged(tiny, name):
     cfg, task, fmt, tok, mesh = tiny
     model = run_lib.build_model(cfg, tok, seed=0)

@@ -302,7 +302,11 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
             f"{cfg.task.p_bug}, fixed with p_fix {cfg.task.p_fix}); plain SFT, mistake tuning and LEMMA each train from "
             f"the same random init for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} sequences "
             f"(lr {cfg.compare.train.lr}).",
-            "verifier feedback uses the task's checker (an oracle), so its turn 2 cannot turn a right answer wrong.",
+            "verifier feedback uses the task's checker (an oracle): a right first answer is told so and stands, a "
+            "wrong one gets the review prompt (the warm-up model knows no other feedback text), so its turn 2 cannot "
+            "turn a right answer wrong and it spends one model call fewer per right answer.",
+            f"SCoRe here is short ({cfg.stage1.steps} + {cfg.stage2.steps} RL steps of {cfg.stage1.problems_per_step} "
+            f"problems x {cfg.stage1.group_size} samples) to fit the comparison on CPU.",
             "SCL trains the full weights of the tiny model (LoRA is for the large VLMs of the paper); its DPO prompt is "
             "the bare problem, as SCL's.",
             "mistake tuning's turn 2 is self-rethinking; its check prompt is one the tiny model never saw, so a reply "

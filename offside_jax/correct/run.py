@@ -13,6 +13,7 @@ steps): the same command resumes an interrupted run where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -281,7 +282,7 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         log(f"seed {seed}: {', '.join(strategies)} on {task.name}")
         problems = eval_problems(task, cfg.eval_size, seed)
         seed_began = time.perf_counter()
-        run = compare.run_seed(lambda: build_model(cfg, tokenizer, seed), task, tokenizer, fmt, cfg.compare, warmup=warmup,
+        run = compare.run_seed(functools.partial(build_model, cfg, tokenizer, seed), task, tokenizer, fmt, cfg.compare, warmup=warmup,
                                stages=stages, eval_problems=problems, mesh=mesh, seed=seed, length=cfg.format.length,
                                log=log, progress=cfg.progress)
         run["seconds"] = time.perf_counter() - seed_began

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "likelihoods), on one or several processes", "offside_jax.eval.run.EvaluateConfig",
                     "model.path=runs/npo/model release=runs/offside_tiny", _cmd_evaluate)
     _config_command(sub, "correct", "RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
-                    "metrics after each stage", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
+                    "metrics after each stage; mode=compare: correction strategies side by side", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
                     _cmd_correct)
 
     make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")

@@ -587,7 +587,8 @@ class CompareConfig:
 @dataclasses.dataclass
 class CorrectConfig:
     """SCoRe on a verifiable task with a tiny random-init model and a character tokenizer
-    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed.
+    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed; or,
+    with ``mode: compare``, every strategy of ``compare`` (:class:`CompareConfig`).
     ``output_dir`` gets the resolved config, ``results.json``, ``report.md`` and plots."""
 
     output_dir: str = MISSING

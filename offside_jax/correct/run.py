@@ -9,6 +9,12 @@ previous results or none), the resolved ``config.yaml``, ``results.json``, ``rep
 ``plots/accuracy.png`` (:mod:`offside_jax.correct.report`). Until then it holds each phase's
 checkpoints (``checkpoints/seed<s>/{warmup,stage1,stage2}``, every ``checkpoint_every``
 steps): the same command resumes an interrupted run where it stopped.
+
+``mode: compare`` runs every strategy of the ``compare`` section on the task's step format
+instead (:mod:`offside_jax.correct.compare`: plain SFT, mistake tuning, LEMMA, intrinsic
+self-refine, verifier feedback, SCoRe, SCL) and writes one report (``report.md`` with accuracy
+per turn, Δ, Δi→c, Δc→i, CL/CS/RSS and cost, ``results.json``, ``plots/compare.png``,
+``config.yaml``) at once; it keeps no checkpoints (a rerun starts over).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ training batches, the lr = 0 control of every trained strategy, and the report."
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -228,3 +229,26 @@ def test_compare_report_by_hand(tmp_path):
     assert "| plain SFT (reference solutions) | 0.300 ± 0.141 |" in text
     assert "| scl (seed 0) | no flips |" in text and "| rise | why |" in text
     assert (tmp_path / "plots" / "compare.png").is_file()
+
+
+# -- learning from mistakes vs plain SFT (long: opt in) -------------------------------------------------
+
+LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
+MEASURED = ("measured (configs/compare_arithmetic.yaml, 3 seeds, 300 steps x 16 sequences, 64 problems): Acc@t1 "
+            "plain SFT 0.594 ± 0.195, mistake tuning 0.094 ± 0.056, LEMMA 0.005 ± 0.009; at 600 steps seed 0: "
+            "SFT 0.641, mistake tuning 0.422, LEMMA 0.000")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="about 15 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed on the tiny model; " + MEASURED)
+def test_lemma_and_mistake_tuning_beat_sft_on_the_same_budget(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "compare_arithmetic.yaml"
+    cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "seeds=[0,1,2]", "progress=false",
+                             "compare.strategies=[sft,mistake_tuning,lemma]"], schema=CorrectConfig)
+    summary = run_lib.run_correct(cfg, log=lambda _: None)["summary"]
+    sft = summary["sft"]["acc_t1"]["mean"]
+    assert summary["mistake_tuning"]["acc_t1"]["mean"] >= sft + 0.05
+    assert summary["lemma"]["acc_t1"]["mean"] >= sft + 0.05

@@ -42,6 +42,7 @@ class ScriptedGenerate:
 
     def __init__(self, tok, problems, answers, instruction):
         self.tok, self.problems, self.answers, self.prompts, self.instruction = tok, problems, answers, [], instruction
+        self.cut = False  # True: every other generation ran out of tokens
 
     def __call__(self, model, tok, prompts, max_new_tokens, cost, temperature=0.0, rng=None):
         texts = []
@@ -52,8 +53,9 @@ class ScriptedGenerate:
             turn = 2 if self.instruction in text else 1
             texts.append(self.answers[row][turn - 1])
         completions = [tok.encode(t) + [tok.eos_token_id] for t in texts]
-        cost.add(completions)
-        return Rollout(list(map(list, prompts)), completions, texts, np.ones(len(texts), bool), 1)
+        finished = np.array([i % 2 == 0 for i in range(len(texts))]) if self.cut else np.ones(len(texts), bool)
+        cost.add(completions, finished)
+        return Rollout(list(map(list, prompts)), completions, texts, finished, 1)
 
 
 def _right(task, p):
@@ -75,7 +77,7 @@ def test_two_turn_scoring_by_hand(monkeypatch, setup):
     plan = compare.TurnPlan(lambda p: p.prompt, fmt.instruction)
     m = compare.two_turn_eval(None, task, problems, tok, plan, 8)
     assert (m["acc_t1"], m["acc_t2"], m["delta"], m["delta_i_to_c"], m["delta_c_to_i"]) == (0.5, 0.5, 0.0, 0.25, 0.25)
-    assert m["calls"] == 2.0 and m["verifier_calls"] == 0.0
+    assert m["calls"] == 2.0 and m["verifier_calls"] == 0.0 and m["cut"] == 0.0
     assert m["tokens"] == pytest.approx(sum(len(a) + 1 for pair in answers for a in pair) / 4)
     assert (m["cl"], m["cs"]) == (0.5, 0.5)
 
@@ -85,6 +87,8 @@ def test_two_turn_scoring_by_hand(monkeypatch, setup):
     assert (g["acc_t1"], g["acc_t2"], g["delta_c_to_i"], g["delta_i_to_c"]) == (0.5, 0.75, 0.0, 0.25)
     assert g["calls"] == 1.5 and g["verifier_calls"] == 1.0
     assert sum(fmt.instruction in p for p in fake.prompts) == 2
+    fake.cut = True  # generations stopped by the token budget are counted
+    assert compare.two_turn_eval(None, task, problems, tok, plan, 8)["cut"] == 0.5
 
 
 def test_self_rethinking_turns_are_scored_on_the_final_answer(monkeypatch, setup):

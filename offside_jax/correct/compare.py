@@ -37,7 +37,9 @@ unparsable answer is wrong), every strategy makes its fixed number of turns (no 
 gold: only ``verifier_feedback`` sees the verifier, and that is its declared oracle), and
 correctness is always the task's verifier, never the model's own judgement. Cost per problem:
 generated tokens (EOS included), model calls (generation requests) and wall seconds of
-training and of evaluation; ``efficiency = Acc@t2 / (tokens x calls)`` as CorrectBench's.
+training and of evaluation; ``efficiency = Acc@t2 / (tokens x calls)`` as CorrectBench's;
+``cut``: the share of generations stopped by ``max_new_tokens`` (keep it near 0: a cut answer
+is scored wrong).
 
 All training goes through the one training session (:func:`offside_jax.correct.driver.run_sft`,
 :func:`offside_jax.correct.driver.run_score`, :class:`offside_jax.train.session.Session`).
@@ -100,10 +102,13 @@ class Cost:
 
     tokens: int = 0
     calls: int = 0
+    cut: int = 0  # generations that ran out of ``max_new_tokens`` before their end
 
-    def add(self, completions: Sequence[Sequence[int]]) -> None:
+    def add(self, completions: Sequence[Sequence[int]], finished: Sequence[bool] | None = None) -> None:
         self.tokens += sum(len(c) for c in completions)
         self.calls += len(completions)
+        if finished is not None:
+            self.cut += int(len(finished) - np.sum(finished))
 
 
 def _sampling(tok, max_new_tokens: int, temperature: float = 0.0) -> SamplingConfig:
@@ -117,7 +122,7 @@ def _generate(model: nnx.Module, tok, prompts: Sequence[Sequence[int]], max_new_
         return rollout_lib.Rollout([], [], [], np.zeros(0, bool), 1)
     out = rollout_lib.rollout(model, prompts, _sampling(tok, max_new_tokens, temperature), rng, decode=tok.decode,
                               pad_id=tok.pad_token_id, pad_multiple=8)
-    cost.add(out.completion_ids)
+    cost.add(out.completion_ids, out.finished)
     return out
 
 
@@ -166,7 +171,7 @@ def two_turn_eval(model: nnx.Module, task, problems: Sequence[Problem], tok, pla
     n = len(problems)
     metrics = self_correction_metrics(c1, c2)
     tokens, calls = cost.tokens / n, cost.calls / n
-    metrics.update(tokens=tokens, calls=calls, verifier_calls=float(plan.gate),
+    metrics.update(tokens=tokens, calls=calls, verifier_calls=float(plan.gate), cut=cost.cut / max(1, cost.calls),
                    efficiency=metrics["acc_t2"] / (tokens * calls) if tokens * calls > 0 else float("nan"),
                    eval_seconds=time.perf_counter() - began)
     return metrics

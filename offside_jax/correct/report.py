@@ -208,6 +208,7 @@ COST: tuple[tuple[str, str], ...] = (
     ("tokens", "tokens"),
     ("calls", "calls"),
     ("efficiency", "Acc@t2 / (tokens·calls)"),
+    ("cut", "cut by max_new_tokens"),
     ("train_seconds", "train s"),
     ("eval_seconds", "eval s"),
 )

@@ -112,7 +112,7 @@ def _cmd_correct(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, schema=CorrectConfig)
     results = run_correct(cfg)
-    print(stage_table(results["summary"]))
+    print(results["table"] if "table" in results else stage_table(results["summary"]))
     print(f"done: outputs in {cfg.output_dir}")
     return 0
 
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "likelihoods), on one or several processes", "offside_jax.eval.run.EvaluateConfig",
                     "model.path=runs/npo/model release=runs/offside_tiny", _cmd_evaluate)
     _config_command(sub, "correct", "RL self-correction: warm-up SFT, SCoRe Stage I and II on a verifiable task, "
-                    "metrics after each stage", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
+                    "metrics after each stage; mode=compare: correction strategies side by side", "offside_jax.config.CorrectConfig", "seeds=[0,1,2] stage2.steps=80",
                     _cmd_correct)
 
     make_data = sub.add_parser("make-data", help="write the synthetic OFFSIDE benchmark (release format)")

@@ -672,13 +672,48 @@ class ScoreStageConfig:
     max_grad_norm: float | None = 1.0
 
 
+COMPARE_STRATEGIES = ("sft", "self_refine", "verifier_feedback", "score", "scl", "mistake_tuning", "lemma")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    """``mode: compare`` (``offside_jax.correct.compare``): correction strategies on the same
+    step-format task, the same architecture and initialisation, scored by one greedy two-turn
+    evaluation. ``train`` is the budget (steps x sequences per step, lr) that plain SFT, mistake
+    tuning and LEMMA each get from the random init; ``warmup`` (the top-level key) trains the
+    two-turn model that self-refine, verifier feedback, SCoRe and SCL start from."""
+
+    strategies: list[str] = dataclasses.field(default_factory=lambda: list(COMPARE_STRATEGIES))
+    train: CorrectWarmupConfig = dataclasses.field(default_factory=lambda: CorrectWarmupConfig(steps=600))
+    # mistake tuning: wrong rationales per correct one; self-rethinking rounds and mistakes shown
+    incorrect_per_correct: float = at_least(1.0, 0.0)
+    rethink_k: int = at_least(1, 0)
+    rethink_shown: int = at_least(1, 1)
+    # LEMMA: injections per error type and problem, connections
+    lemma_per_type: int = at_least(1, 1)
+    lemma_connections: list[str] = dataclasses.field(default_factory=lambda: ["fix_and_continue", "fresh_and_restart"])
+    # SCL on the warm-up model: sampled two-turn episodes, flips kept as pairs, DPO (full weights)
+    scl_problems: int = at_least(128, 1)
+    scl_samples: int = at_least(4, 1)  # two-turn episodes per problem
+    scl_temperature: float = 1.0
+    scl_steps: int = at_least(20, 0)
+    scl_lr: float = 1e-4
+    scl_pairs_per_step: int = at_least(16, 1)
+    scl_beta: float = 0.1
+    scl_sft_beta: float = 0.1
+
+
 @dataclasses.dataclass
 class CorrectConfig:
     """SCoRe on a verifiable task with a tiny random-init model and a character tokenizer
-    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed.
+    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed; or,
+    with ``mode: compare``, every strategy of ``compare`` (:class:`CompareConfig`).
     ``output_dir`` gets the resolved config, ``results.json``, ``report.md`` and plots."""
 
     output_dir: str = MISSING
+    # score: warm-up, Stage I, Stage II; compare: every strategy of ``compare`` on the task's
+    # step format, one report (offside_jax.correct.compare)
+    mode: str = one_of("score", "score", "compare")
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     model: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1, fsdp=1, tensor=1))
@@ -695,6 +730,7 @@ class CorrectConfig:
     # RL steps, and at the end of each phase): an interrupted run resumes where it stopped.
     checkpoint_every: int = at_least(10, 0)
     progress: bool = True
+    compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
 
 
 # -- unknown-key check ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ LOADERS = [
     ("finetune_*.yaml", _schema(FinetuneConfig)),
     ("unlearn_*.yaml", _schema(UnlearnConfig)),
     ("score_*.yaml", _schema(CorrectConfig)),
+    ("compare_*.yaml", _schema(CorrectConfig)),
     ("data/*.jsonl", read_chat_jsonl),
 ]
 

@@ -179,18 +179,25 @@ def _session(mesh, where: Resumable | None, phase: str, every: int, progress: bo
     return Session(mesh) if where is None else where.session(mesh, phase, every, progress)
 
 
+def run_sft(model: nnx.Module, batch_at: Callable[[int], dict[str, np.ndarray]], run: StageRun, mesh, *, seed: int = 0,
+            progress: bool = False, where: Resumable | None = None, phase: str = "sft") -> nnx.Module:
+    """``run.steps`` updates of the answer-only NLL on ``batch_at(step)`` (``input_ids``,
+    ``attention_mask``, ``loss_mask``) through a training session; returns the trained model."""
+    step_fn = _step_fn(model, losses.make_answer_nll(), run, mesh)
+    session = _session(mesh, where, phase, where.every if where else 0, progress)
+    state = session.fit(step_fn, batch_at, steps=run.steps, seed=seed, progress=progress)
+    return step_fn.model(state)
+
+
 def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat, run: StageRun, mesh, *, seed: int = 0,
                progress: bool = False, where: Resumable | None = None) -> nnx.Module:
     """Warm-up SFT on buggy-first-attempt traces; returns the trained model."""
-    step_fn = _step_fn(model, losses.make_answer_nll(), run, mesh)
 
     def batch_at(i: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, 1, i])
         return warmup_batch(task, [task.sample(rng) for _ in range(run.problems_per_step)], tok, fmt, rng)
 
-    session = _session(mesh, where, "warmup", where.every if where else 0, progress)
-    state = session.fit(step_fn, batch_at, steps=run.steps, seed=seed, progress=progress)
-    return step_fn.model(state)
+    return run_sft(model, batch_at, run, mesh, seed=seed, progress=progress, where=where, phase="warmup")
 
 
 class StageRollouts:

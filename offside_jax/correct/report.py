@@ -200,3 +200,107 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None =
     made = [str(plot)] if plot_accuracy(results["runs"], plot, title=title) is not None else []
     report = write_text(run_dir / "report.md", render_markdown(results, made))
     return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}
+
+
+# -- the comparison of strategies (`mode: compare`) ----------------------------------------------------
+
+COST: tuple[tuple[str, str], ...] = (
+    ("tokens", "tokens"),
+    ("calls", "calls"),
+    ("efficiency", "Acc@t2 / (tokens·calls)"),
+    ("cut", "cut by max_new_tokens"),
+    ("train_seconds", "train s"),
+    ("eval_seconds", "eval s"),
+)
+STRATEGY_LABELS = {
+    "sft": "plain SFT (reference solutions)",
+    "mistake_tuning": "mistake tuning + self-rethinking",
+    "lemma": "LEMMA (fix & continue, fresh & restart)",
+    "self_refine": "intrinsic self-refine (warm-up model)",
+    "verifier_feedback": "external verifier feedback (warm-up model)",
+    "score": "SCoRe Stage I + II",
+    "scl": "SCL (flip pairs, DPO)",
+}
+COMPARE_PLOT = "compare.png"
+
+
+def summarize_compare(runs: Mapping[str, Mapping[str, Any]], strategies: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per strategy and metric (accuracy and cost), the :func:`spread` over seeds."""
+    keys = [k for k, _ in METRICS] + [k for k, _ in COST]
+    return {s: {k: spread([r["metrics"].get(s, {}).get(k) for r in runs.values()]) for k in keys}
+            for s in strategies if any(s in r["metrics"] for r in runs.values())}
+
+
+def compare_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per strategy, ``mean ± std`` over seeds of every metric and cost."""
+    rows = _header([("strategy", "---")], [label for _, label in COST])
+    for s, cells in summary.items():
+        rows.append(f"| {STRATEGY_LABELS.get(s, s)} | {_cells(cells, _mean_std)} | "
+                    + " | ".join(_mean_std(cells.get(k)) for k, _ in COST) + " |")
+    return "\n".join(rows)
+
+
+def plot_compare(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Acc@t1 and Acc@t2 per strategy (mean over seeds, bars from min to max)."""
+    if not summary:
+        return None
+    plt = pyplot()
+    names = list(summary)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names)), 4.4))
+    for offset, key, color, label in ((-0.2, "acc_t1", "tab:blue", "Acc@t1"), (0.2, "acc_t2", "tab:orange", "Acc@t2")):
+        cells = [summary[n][key] for n in names]
+        mean = np.array([c["mean"] if c["mean"] is not None else np.nan for c in cells])
+        low = np.array([c["mean"] - c["min"] if c["mean"] is not None else 0.0 for c in cells])
+        high = np.array([c["max"] - c["mean"] if c["mean"] is not None else 0.0 for c in cells])
+        ax.bar(x + offset, mean, 0.4, color=color, label=label, yerr=[low, high], capsize=3)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("greedy accuracy on held-out problems")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def render_compare_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    runs = results["runs"]
+    parts = [f"# Self-correction strategies compared: {results.get('run', '')}", "",
+             f"Task `{results.get('task', '')}` (step format), {results.get('eval_problems', '?')} held-out problems, "
+             f"greedy decoding, two turns for every strategy and problem; mean ± sample standard deviation over "
+             f"{len(runs)} seed(s) ({', '.join(runs)}). Correct = the task's verifier; every problem counts (an empty "
+             "or unparsable answer is wrong); no early stop on the gold answer. Δ = Acc@t2 − Acc@t1 = Δ i→c − Δ c→i; "
+             "CL = P(right at t2 | right at t1), CS = P(right at t2 | wrong at t1), "
+             "RSS = (Acc@t2 − Acc@t1²) / (2 Acc@t1 (1 − Acc@t1)). Cost per problem: generated tokens (EOS included) "
+             "and model calls over both turns; train s includes the warm-up a strategy starts from.", "",
+             compare_table(results["summary"]), ""]
+    if results.get("notes"):
+        parts += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    skipped = {**results.get("not_run", {})}
+    for seed, run in runs.items():
+        for s, why in run.get("skipped", {}).items():
+            skipped[f"{s} (seed {seed})"] = why
+    if skipped:
+        parts += ["## Not run", "", "| strategy | why |", "|---|---|"] + [f"| {k} | {v} |" for k, v in skipped.items()] + [""]
+    if plots:
+        parts += ["## Plot", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
+    if results.get("timing"):
+        parts += ["## Time", "", "| what | seconds |", "|---|---:|"]
+        parts += [f"| {k} | {v:.1f} |" for k, v in results["timing"].items()] + [""]
+    if results.get("machine"):
+        parts += ["Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
+    return "\n".join(parts)
+
+
+def write_compare_report(run_dir: str | os.PathLike, results: Mapping[str, Any]) -> dict[str, Path]:
+    """``results.json`` (with its ``summary``), ``report.md`` and ``plots/compare.png``."""
+    run_dir = Path(run_dir)
+    if not results.get("runs"):
+        raise ValueError(f"{run_dir}: results have no runs to report")
+    results = {**results, "summary": summarize_compare(results["runs"], results.get("strategies", list(STRATEGY_LABELS)))}
+    write_json(run_dir / "results.json", results)
+    plot = run_dir / "plots" / COMPARE_PLOT
+    made = [str(plot)] if plot_compare(results["summary"], plot, title=f"{results.get('run', '')}: {results.get('task', '')}") else []
+    report = write_text(run_dir / "report.md", render_compare_markdown(results, made))
+    return {"report": report, "results": run_dir / "results.json", **{Path(p).stem: Path(p) for p in made}}

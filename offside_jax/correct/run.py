@@ -9,10 +9,17 @@ previous results or none), the resolved ``config.yaml``, ``results.json``, ``rep
 ``plots/accuracy.png`` (:mod:`offside_jax.correct.report`). Until then it holds each phase's
 checkpoints (``checkpoints/seed<s>/{warmup,stage1,stage2}``, every ``checkpoint_every``
 steps): the same command resumes an interrupted run where it stopped.
+
+``mode: compare`` runs every strategy of the ``compare`` section on the task's step format
+instead (:mod:`offside_jax.correct.compare`: plain SFT, mistake tuning, LEMMA, intrinsic
+self-refine, verifier feedback, SCoRe, SCL) and writes one report (``report.md`` with accuracy
+per turn, Δ, Δi→c, Δc→i, CL/CS/RSS and cost, ``results.json``, ``plots/compare.png``,
+``config.yaml``) at once; it keeps no checkpoints (a rerun starts over).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import time
@@ -160,6 +167,8 @@ def validate(cfg: CorrectConfig) -> None:
 def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     """Run every seed and write the report; returns the results (``results.json``)."""
     validate(cfg)
+    if cfg.mode == "compare":
+        return run_compare(cfg, log)
     task = build_task(cfg.task)
     fmt = episode_format(cfg)
     stages = (stage_spec(cfg.stage1, 1, "stage1"), stage_spec(cfg.stage2, 2, "stage2"))
@@ -232,3 +241,91 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         write_yaml(tmp / "config.yaml", config_lib.to_dict(cfg))
         write_report(tmp, results)
     return {**results, "summary": summarize(runs)}
+
+
+# -- `mode: compare` ----------------------------------------------------------------------------------
+
+
+def compare_task(cfg: CorrectTaskConfig):
+    """The configured task in its step format (what LEMMA and mistake tuning need)."""
+    from offside_jax.correct.step_task import StepTask
+
+    if cfg.name not in ("carry_arithmetic", "countdown_mini"):
+        raise ConfigError(f"task.name {cfg.name!r}: mode=compare runs on the step formats of carry_arithmetic and countdown_mini")
+    return StepTask(build_task(cfg))
+
+
+def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
+    """Every strategy of ``cfg.compare`` per seed (:mod:`offside_jax.correct.compare`), then one
+    report (``report.md``, ``results.json``, ``plots/compare.png``, ``config.yaml``) written at once."""
+    from offside_jax.config import COMPARE_STRATEGIES
+
+    unknown = [s for s in cfg.compare.strategies if s not in COMPARE_STRATEGIES]
+    if unknown or not cfg.compare.strategies:
+        raise ConfigError(f"compare.strategies {list(cfg.compare.strategies)}: choose from {', '.join(COMPARE_STRATEGIES)}")
+    if cfg.format.length < 1:
+        raise ConfigError("format.length: mode=compare pads every training batch to one length; set it (e.g. 256)")
+    task = compare_task(cfg.task)
+    fmt = episode_format(cfg)
+    stages = (stage_spec(cfg.stage1, 1, "stage1"), stage_spec(cfg.stage2, 2, "stage2"))
+
+    import jax
+
+    from offside_jax.correct import compare, driver
+    from offside_jax.correct.chars import CharTokenizer
+    from offside_jax.correct.report import compare_table, summarize_compare, write_compare_report
+    from offside_jax.files import staged_dir, write_yaml
+    from offside_jax.train import mesh as mesh_lib
+
+    tokenizer = CharTokenizer.for_texts([task.alphabet, fmt.instruction, *compare.extra_texts()])
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    warmup = driver.StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
+                             max_grad_norm=cfg.warmup.max_grad_norm)
+    strategies = list(cfg.compare.strategies)
+    runs: dict[str, Any] = {}
+    began, cpu_began = time.perf_counter(), time.process_time()
+    for seed in cfg.seeds:
+        log(f"seed {seed}: {', '.join(strategies)} on {task.name}")
+        problems = eval_problems(task, cfg.eval_size, seed)
+        seed_began = time.perf_counter()
+        run = compare.run_seed(functools.partial(build_model, cfg, tokenizer, seed), task, tokenizer, fmt, cfg.compare, warmup=warmup,
+                               stages=stages, eval_problems=problems, mesh=mesh, seed=seed, length=cfg.format.length,
+                               log=log, progress=cfg.progress)
+        run["seconds"] = time.perf_counter() - seed_began
+        runs[str(seed)] = run
+    wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+    results = {
+        "run": Path(cfg.output_dir).name,
+        "mode": "compare",
+        "task": task.name,
+        "seeds": list(cfg.seeds),
+        "strategies": strategies,
+        "eval_problems": len(problems),
+        "runs": runs,
+        "not_run": dict(compare.NOT_RUN),
+        "notes": [
+            "self-refine, verifier feedback, SCoRe and SCL start from one two-turn warm-up per seed "
+            f"({cfg.warmup.steps} steps x {cfg.warmup.problems_per_step} traces, first attempts wrong with p_bug "
+            f"{cfg.task.p_bug}, fixed with p_fix {cfg.task.p_fix}); plain SFT, mistake tuning and LEMMA each train from "
+            f"the same random init for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} sequences "
+            f"(lr {cfg.compare.train.lr}).",
+            "verifier feedback uses the task's checker (an oracle): a right first answer is told so and stands, a "
+            "wrong one gets the review prompt (the warm-up model knows no other feedback text), so its turn 2 cannot "
+            "turn a right answer wrong and it spends one model call fewer per right answer.",
+            f"SCoRe here is short ({cfg.stage1.steps} + {cfg.stage2.steps} RL steps of {cfg.stage1.problems_per_step} "
+            f"problems x {cfg.stage1.group_size} samples) to fit the comparison on CPU.",
+            "SCL trains the full weights of the tiny model (LoRA is for the large VLMs of the paper); its DPO prompt is "
+            "the bare problem, as SCL's.",
+            "mistake tuning's turn 2 is self-rethinking; its check prompt is one the tiny model never saw, so a reply "
+            "other than 'yes' keeps the answer.",
+        ],
+        "tokenizer": {"kind": "characters", "vocab_size": tokenizer.vocab_size},
+        "timing": {"total wall": wall, "total CPU (process)": cpu, "wall per seed": wall / len(cfg.seeds)},
+        "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
+                    "python": platform.python_version(), "jax": jax.__version__},
+    }
+    with staged_dir(cfg.output_dir) as tmp:
+        write_yaml(tmp / "config.yaml", config_lib.to_dict(cfg))
+        write_compare_report(tmp, results)
+    summary = summarize_compare(runs, strategies)
+    return {**results, "summary": summary, "table": compare_table(summary)}

@@ -1,0 +1,324 @@
+"""One comparison of correction strategies (CorrectBench-style) on a verifiable task's step format.
+
+Every strategy answers the same held-out problems of the same step-format task
+(:class:`offside_jax.correct.step_task.StepTask`) with the same architecture and random
+initialisation (the seed's), and is scored by one greedy two-turn evaluation
+(:func:`two_turn_eval`) with :func:`offside_jax.correct.metrics.self_correction_metrics`.
+Two families:
+
+- from the **two-turn warm-up** (SCoRe's warm-up SFT on ``[x1, y1, p, y2]`` traces whose first
+  attempt is wrong with the task's ``p_bug`` and whose second fixes it with ``p_fix``):
+
+  * ``self_refine``: intrinsic self-correction, no training: turn 2 after the review prompt
+    (the format's ``instruction``, by default RCI's "Review your previous answer and find
+    problems with your answer.");
+  * ``verifier_feedback``: external feedback: the task's verifier (never the model) judges
+    turn 1; a right answer is told so and stands as turn 2, a wrong one gets the review prompt;
+  * ``score``: SCoRe Stage I and II (:func:`offside_jax.correct.driver.run_score`);
+  * ``scl``: SCL's recipe on the text task: sampled two-turn episodes, the flips kept as
+    preference pairs (:func:`offside_jax.correct.scl.task_flip_pairs`), DPO with
+    :func:`offside_jax.correct.preference.make_scl_dpo_loss` (full weights: the tiny model has
+    no LoRA need);
+
+- trained **from the random init on the same budget** (steps x sequences per step, lr):
+
+  * ``sft``: plain SFT on the reference solutions (:func:`offside_jax.correct.lemma.reference_records`);
+  * ``mistake_tuning``: tagged correct and incorrect rationales
+    (:func:`offside_jax.correct.mistakes.mistake_tuning_records`), answered under the
+    ``[CORRECT RATIONALE]`` tag; turn 2 is self-rethinking (:func:`offside_jax.correct.mistakes.self_rethink`,
+    ``k`` rounds, the mistake bank built from injected errors), whose answer and revision
+    prompts end in the tagged question so the tuned model answers in its format (ours);
+  * ``lemma``: error-corrective trajectories (:func:`offside_jax.correct.lemma.lemma_records`).
+
+  ``sft`` and ``lemma`` get the review prompt for turn 2 like ``self_refine``.
+
+Scoring avoids CorrectBench's known faults: every problem stays in the denominator (an empty or
+unparsable answer is wrong), every strategy makes its fixed number of turns (no early stop on
+gold: only ``verifier_feedback`` sees the verifier, and that is its declared oracle), and
+correctness is always the task's verifier, never the model's own judgement. Cost per problem:
+generated tokens (EOS included), model calls (generation requests) and wall seconds of
+training and of evaluation; ``efficiency = Acc@t2 / (tokens x calls)`` as CorrectBench's;
+``cut``: the share of generations stopped by ``max_new_tokens`` (keep it near 0: a cut answer
+is scored wrong).
+
+All training goes through the one training session (:func:`offside_jax.correct.driver.run_sft`,
+:func:`offside_jax.correct.driver.run_score`, :class:`offside_jax.train.session.Session`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from offside_jax.config import CompareConfig, ConfigError, OptimConfig
+from offside_jax.correct import driver
+from offside_jax.correct import lemma as lemma_lib
+from offside_jax.correct import mistakes as mistakes_lib
+from offside_jax.correct import records as records_lib
+from offside_jax.correct import rollout as rollout_lib
+from offside_jax.correct import scl as scl_lib
+from offside_jax.correct.metrics import self_correction_metrics
+from offside_jax.correct.preference import make_scl_dpo_loss
+from offside_jax.correct.tasks import Problem
+from offside_jax.models.generate import SamplingConfig
+from offside_jax.train.session import Session
+from offside_jax.train.step import frozen_copy
+
+# Strategies of the task's references that this comparison does not run, and why.
+NOT_RUN = {
+    "rise": "needs best-of-N multi-turn rollouts and reward-weighted regression; not wired to the training session yet",
+    "ufo": "needs multi-turn PPO/GRPO with unary feedback (the episode shaping exists in correct.episodes); "
+           "not wired to the training session yet",
+}
+PAD_MULTIPLE = 64  # training batches of the from-the-init strategies are padded to a multiple of this
+WARMUP_FAMILY = ("self_refine", "verifier_feedback", "score", "scl")
+TRAINED = ("sft", "mistake_tuning", "lemma", "score", "scl")  # strategies that change weights
+# Mistake-tuned answers: the answer and revision prompts end in the tagged question (ours).
+RETHINK_ANSWER = "{question}\n" + mistakes_lib.CORRECT_TAG + "\n"
+RETHINK_REVISE = ("{demonstration}\nA previous answer, which may repeat the mistakes above:\n{answer}\n"
+                  "Avoid those mistakes and answer again.\n{question}\n" + mistakes_lib.CORRECT_TAG + "\n")
+
+
+def extra_texts() -> list[str]:
+    """Every fixed text a strategy writes (prompts, tags, phrases, the taxonomy), for the
+    character tokenizer's alphabet."""
+    taxonomy = [f"{k} ({v.code}) {v.description}" for t in (lemma_lib.CARRY_ERRORS, lemma_lib.COUNTDOWN_ERRORS) for k, v in t.items()]
+    return [mistakes_lib.MISTAKE_TEMPLATE, mistakes_lib.CHECK_TEMPLATE, RETHINK_ANSWER, RETHINK_REVISE,
+            mistakes_lib.INCORRECT_TAG, lemma_lib.RESTART_LINE, *lemma_lib.TRANSITION_PHRASES, *taxonomy,
+            "Correct.", "0123456789"]
+
+
+# -- generation with cost accounting -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Cost:
+    """Generated tokens and generation requests, summed over problems."""
+
+    tokens: int = 0
+    calls: int = 0
+    cut: int = 0  # generations that ran out of ``max_new_tokens`` before their end
+
+    def add(self, completions: Sequence[Sequence[int]], finished: Sequence[bool] | None = None) -> None:
+        self.tokens += sum(len(c) for c in completions)
+        self.calls += len(completions)
+        if finished is not None:
+            self.cut += int(len(finished) - np.sum(finished))
+
+
+def _sampling(tok, max_new_tokens: int, temperature: float = 0.0) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, eos_token_ids=(tok.eos_token_id,),
+                          pad_token_id=tok.pad_token_id)
+
+
+def _generate(model: nnx.Module, tok, prompts: Sequence[Sequence[int]], max_new_tokens: int, cost: Cost,
+              temperature: float = 0.0, rng: jax.Array | None = None) -> rollout_lib.Rollout:
+    if not prompts:
+        return rollout_lib.Rollout([], [], [], np.zeros(0, bool), 1)
+    out = rollout_lib.rollout(model, prompts, _sampling(tok, max_new_tokens, temperature), rng, decode=tok.decode,
+                              pad_id=tok.pad_token_id, pad_multiple=8)
+    cost.add(out.completion_ids, out.finished)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnPlan:
+    """How one strategy's two turns are written: turn-1 prompt text; the review instruction;
+    ``gate``: the verifier decides whether turn 2 is generated (external feedback); or
+    ``rethink``: turn 2 is self-rethinking over turn 1 (mistake tuning)."""
+
+    prompt: Callable[[Problem], str]
+    instruction: str
+    gate: bool = False
+    rethink: dict[str, Any] | None = None
+
+
+def two_turn_eval(model: nnx.Module, task, problems: Sequence[Problem], tok, plan: TurnPlan, max_new_tokens: int) -> dict[str, float]:
+    """Greedy turn 1 and turn 2 of every problem, the self-correction metrics over all of them
+    (an unanswered turn is wrong) and the cost per problem."""
+    began = time.perf_counter()
+    cost = Cost()
+    full = getattr(task, "correct_reward", 1.0)
+    prompts = [tok.encode(plan.prompt(p)) for p in problems]
+    if plan.rethink is not None:
+        rethink = dict(plan.rethink)
+        bank, rng = rethink.pop("bank"), rethink.pop("rng")
+
+        def generate_fn(texts: list[str]) -> list[str]:
+            return _generate(model, tok, [tok.encode(t) for t in texts], max_new_tokens, cost).texts
+
+        result = mistakes_lib.self_rethink([p.prompt for p in problems], generate_fn, bank, rng,
+                                           answer_template=RETHINK_ANSWER, revise_template=RETHINK_REVISE, **rethink)
+        first = [turns[0][1] for turns in result.transcript]
+        second = result.answers
+    else:
+        one = _generate(model, tok, prompts, max_new_tokens, cost)
+        first = one.texts
+        right1 = [task.verify(t, p) >= full for t, p in zip(first, problems)]
+        rows = [i for i in range(len(problems)) if not (plan.gate and right1[i])]
+        instruction = tok.encode(plan.instruction)
+        two = _generate(model, tok, [prompts[i] + one.completion_ids[i] + instruction for i in rows], max_new_tokens, cost)
+        second = list(first)  # the verifier said "correct": turn 1 stands
+        for i, text in zip(rows, two.texts):
+            second[i] = text
+    c1 = [task.verify(t, p) >= full for t, p in zip(first, problems)]
+    c2 = [task.verify(t, p) >= full for t, p in zip(second, problems)]
+    n = len(problems)
+    metrics = self_correction_metrics(c1, c2)
+    tokens, calls = cost.tokens / n, cost.calls / n
+    metrics.update(tokens=tokens, calls=calls, verifier_calls=float(plan.gate), cut=cost.cut / max(1, cost.calls),
+                   efficiency=metrics["acc_t2"] / (tokens * calls) if tokens * calls > 0 else float("nan"),
+                   eval_seconds=time.perf_counter() - began)
+    return metrics
+
+
+# -- training data ------------------------------------------------------------------------------------
+
+
+def record_batches(task, tok, build: Callable[[Sequence[Problem], np.random.Generator], list[records_lib.SFTRecord]],
+                   rows: int, length: int, seed: int, stream: int) -> Callable[[int], dict[str, np.ndarray]]:
+    """``batch_at(step)``: ``rows`` records (the same count for every strategy: the budget is
+    sequences) drawn from records built on fresh problems, padded to a multiple of
+    :data:`PAD_MULTIPLE` tokens (a few compiled shapes, short records stay cheap), at most ``length``."""
+
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, stream, step])
+        records: list[records_lib.SFTRecord] = []
+        while len(records) < rows:
+            records += build([task.sample(rng)], rng)
+        picked = [records[i] for i in sorted(rng.permutation(len(records))[:rows].tolist())]
+        batch = records_lib.sft_batch(picked, tok, pad_multiple=min(PAD_MULTIPLE, length))
+        if batch["input_ids"].shape[1] > length:
+            raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
+                              "raise format.length")
+        return batch
+
+    return batch_at
+
+
+def builders(task, cfg: CompareConfig) -> dict[str, Callable]:
+    """The record builders of the strategies trained from the init (``task``: the bare task)."""
+    lemma_cfg = lemma_lib.LemmaConfig(per_type=cfg.lemma_per_type, connections=tuple(cfg.lemma_connections))
+    mt_cfg = mistakes_lib.MistakeTuningConfig(incorrect_per_correct=cfg.incorrect_per_correct)
+    return {
+        "sft": lambda problems, rng: lemma_lib.reference_records(task, problems),
+        "mistake_tuning": lambda problems, rng: mistakes_lib.mistake_tuning_records(task, problems, rng, mt_cfg),
+        "lemma": lambda problems, rng: lemma_lib.lemma_records(task, problems, rng, lemma_cfg),
+    }
+
+
+def train_records(model: nnx.Module, name: str, task, tok, cfg: CompareConfig, length: int, mesh, seed: int,
+                  progress: bool = False, lr: float | None = None) -> nnx.Module:
+    """SFT of one from-the-init strategy (``sft``, ``mistake_tuning``, ``lemma``) on its records."""
+    t = cfg.train
+    run = driver.StageRun(steps=t.steps, lr=t.lr if lr is None else lr, problems_per_step=t.problems_per_step,
+                          max_grad_norm=t.max_grad_norm)
+    stream = 3 + list(builders(task.task, cfg)).index(name)
+    batch_at = record_batches(task, tok, builders(task.task, cfg)[name], t.problems_per_step, length, seed, stream)
+    return driver.run_sft(model, batch_at, run, mesh, seed=seed, progress=progress, phase=name)
+
+
+def scl_pairs(model: nnx.Module, task, tok, fmt: driver.TwoTurnFormat, cfg: CompareConfig, seed: int) -> list[records_lib.PreferenceRecord]:
+    """SCL's flips of sampled two-turn episodes of ``model`` on fresh problems."""
+    rng = np.random.default_rng([seed, 7])
+    problems = [task.sample(rng) for _ in range(cfg.scl_problems)]
+    episodes = driver.two_turn_episodes(model, problems, tok, fmt, temperature=cfg.scl_temperature, group_size=cfg.scl_samples,
+                                        rng=jax.random.key(seed * 7919 + 7))
+    expanded = [problems[e.problem] for e in episodes]
+    return scl_lib.task_flip_pairs(task, expanded, [e.texts[0] for e in episodes], [e.texts[1] for e in episodes])
+
+
+def train_scl(model: nnx.Module, pairs: Sequence[records_lib.PreferenceRecord], tok, cfg: CompareConfig, length: int, mesh,
+              seed: int, progress: bool = False, lr: float | None = None) -> nnx.Module:
+    """DPO (β, sft_beta of ``cfg``) on ``scl_pairs_per_step`` pairs drawn per step; the frozen
+    reference is ``model`` as given."""
+    if not pairs:
+        raise ValueError("no flips among the sampled episodes: nothing to train SCL on")
+    optim = OptimConfig(lr=cfg.scl_lr if lr is None else lr, schedule="constant", max_grad_norm=1.0)
+    step_fn = Session(mesh).step(model, make_scl_dpo_loss(cfg.scl_beta, cfg.scl_sft_beta), optim, max(1, cfg.scl_steps),
+                                 reference=True)
+
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, 8, step])
+        picked = [pairs[i] for i in rng.integers(len(pairs), size=cfg.scl_pairs_per_step)]
+        return records_lib.preference_batch(picked, tok, pad_multiple=length)
+
+    state = Session(mesh).fit(step_fn, batch_at, steps=cfg.scl_steps, seed=seed, progress=progress)
+    return step_fn.model(state)
+
+
+# -- one seed -------------------------------------------------------------------------------------------
+
+
+def plans(task, fmt: driver.TwoTurnFormat, cfg: CompareConfig, seed: int) -> dict[str, TurnPlan]:
+    """Each strategy's turns."""
+    plain = TurnPlan(lambda p: p.prompt, fmt.instruction)
+    step_prompt = TurnPlan(lambda p: lemma_lib.PLAIN_PROMPT.format(prompt=p.prompt), fmt.instruction)
+    rng = np.random.default_rng([seed, 9])
+    bank = mistakes_lib.mistake_bank(task.task, [task.sample(rng) for _ in range(16)], rng)
+    return {
+        "self_refine": plain,
+        "verifier_feedback": dataclasses.replace(plain, gate=True),
+        "score": plain,
+        "scl": plain,
+        "sft": step_prompt,
+        "lemma": step_prompt,
+        "mistake_tuning": TurnPlan(lambda p: RETHINK_ANSWER.format(question=p.prompt), fmt.instruction,
+                                   rethink={"bank": bank, "rng": np.random.default_rng([seed, 10]), "k": cfg.rethink_k,
+                                            "shown": cfg.rethink_shown}),
+    }
+
+
+def run_seed(make_model: Callable[[], nnx.Module], task, tok, fmt: driver.TwoTurnFormat, cfg: CompareConfig, *,
+             warmup: driver.StageRun, stages: tuple, eval_problems: Sequence[Problem], mesh, seed: int, length: int,
+             log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Every strategy of ``cfg.strategies`` for one seed: ``{strategy: metrics with cost}``
+    (``train_seconds``: the strategy's own training plus the warm-up it starts from) and
+    ``skipped`` (strategy -> why it did not run)."""
+    out: dict[str, Any] = {"metrics": {}, "skipped": {}, "extra": {}}
+    turn_plans = plans(task, fmt, cfg, seed)
+
+    def evaluate(name: str, model: nnx.Module, train_seconds: float) -> None:
+        m = two_turn_eval(model, task, eval_problems, tok, turn_plans[name], fmt.max_new_tokens)
+        m["train_seconds"] = train_seconds
+        out["metrics"][name] = m
+        log(f"seed {seed} {name}: acc_t1 {m['acc_t1']:.3f} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f} "
+            f"tokens {m['tokens']:.1f} calls {m['calls']:.2f} train {train_seconds:.1f}s eval {m['eval_seconds']:.1f}s")
+
+    wanted = list(cfg.strategies)
+    if any(s in WARMUP_FAMILY for s in wanted):
+        began = time.perf_counter()
+        warmed = driver.run_warmup(make_model(), task, tok, fmt, warmup, mesh, seed=seed, progress=progress)
+        warm_seconds = time.perf_counter() - began
+        for name in ("self_refine", "verifier_feedback"):
+            if name in wanted:
+                evaluate(name, warmed, warm_seconds)
+        if "score" in wanted:
+            if stages[0] is None and stages[1] is None:
+                out["skipped"]["score"] = "stage1 and stage2 are disabled"
+            else:
+                began = time.perf_counter()
+                result = driver.run_score(frozen_copy(warmed), task, tok, fmt, mesh, warmup=None, stage1=stages[0], stage2=stages[1],
+                                          eval_problems=eval_problems, seed=seed, progress=progress)
+                out["extra"]["score_history"] = result.history
+                evaluate("score", result.model, warm_seconds + time.perf_counter() - began)
+        if "scl" in wanted:
+            began = time.perf_counter()
+            pairs = scl_pairs(warmed, task, tok, fmt, cfg, seed)
+            out["extra"]["scl_pairs"] = {"pairs": len(pairs), "wrong_to_right": sum(r.meta["flip"] == scl_lib.WRONG_TO_RIGHT for r in pairs)}
+            if pairs:
+                model = train_scl(frozen_copy(warmed), pairs, tok, cfg, length, mesh, seed, progress)
+                evaluate("scl", model, warm_seconds + time.perf_counter() - began)
+            else:
+                out["skipped"]["scl"] = "no flips among the sampled two-turn episodes"
+    for name in ("sft", "mistake_tuning", "lemma"):
+        if name in wanted:
+            began = time.perf_counter()
+            model = train_records(make_model(), name, task, tok, cfg, length, mesh, seed, progress)
+            evaluate(name, model, time.perf_counter() - began)
+    return out

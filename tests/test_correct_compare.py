@@ -1,0 +1,258 @@
+"""`offside-jax correct` with ``mode: compare``: the two-turn scoring (hand-built answers), the
+training batches, the lr = 0 control of every trained strategy, and the report."""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from offside_jax.config import ConfigError, CorrectConfig, load_config
+from offside_jax.correct import compare, driver, mistakes, report, steps
+from offside_jax.correct import run as run_lib
+from offside_jax.correct.records import PreferenceRecord
+from offside_jax.correct.rollout import Rollout
+from offside_jax.correct.tasks import make_problems
+
+
+def config(*overrides: str) -> CorrectConfig:
+    return load_config(None, ["output_dir=unused", "mode=compare", "format.length=256", "task.max_digits=2", "task.ops=+",
+                              *overrides], schema=CorrectConfig)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = config()
+    task = run_lib.compare_task(cfg.task)
+    fmt = run_lib.episode_format(cfg)
+    from offside_jax.correct.chars import CharTokenizer
+
+    tok = CharTokenizer.for_texts([task.alphabet, fmt.instruction, *compare.extra_texts()])
+    return cfg, task, fmt, tok
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+
+
+class ScriptedGenerate:
+    """Stands in for the sampler: answers from a table keyed by the prompt's problem and turn."""
+
+    def __init__(self, tok, problems, answers, instruction):
+        self.tok, self.problems, self.answers, self.prompts, self.instruction = tok, problems, answers, [], instruction
+        self.cut = False  # True: every other generation ran out of tokens
+
+    def __call__(self, model, tok, prompts, max_new_tokens, cost, temperature=0.0, rng=None):
+        texts = []
+        for ids in prompts:
+            text = tok.decode(ids)
+            self.prompts.append(text)
+            row = next(i for i, p in enumerate(self.problems) if text.startswith(p.prompt))
+            turn = 2 if self.instruction in text else 1
+            texts.append(self.answers[row][turn - 1])
+        completions = [tok.encode(t) + [tok.eos_token_id] for t in texts]
+        finished = np.array([i % 2 == 0 for i in range(len(texts))]) if self.cut else np.ones(len(texts), bool)
+        cost.add(completions, finished)
+        return Rollout(list(map(list, prompts)), completions, texts, finished, 1)
+
+
+def _right(task, p):
+    return steps.reference_solution(task.task, p).text
+
+
+def _wrong(task, p):
+    return "answer 0"
+
+
+def test_two_turn_scoring_by_hand(monkeypatch, setup):
+    cfg, task, fmt, tok = setup
+    problems = make_problems(task, 4, seed=3)
+    # right->right, right->wrong, wrong->right, empty->empty: every problem in the denominator.
+    answers = [(_right(task, problems[0]), _right(task, problems[0])), (_right(task, problems[1]), _wrong(task, problems[1])),
+               (_wrong(task, problems[2]), _right(task, problems[2])), ("", "")]
+    fake = ScriptedGenerate(tok, problems, answers, fmt.instruction)
+    monkeypatch.setattr(compare, "_generate", fake)
+    plan = compare.TurnPlan(lambda p: p.prompt, fmt.instruction)
+    m = compare.two_turn_eval(None, task, problems, tok, plan, 8)
+    assert (m["acc_t1"], m["acc_t2"], m["delta"], m["delta_i_to_c"], m["delta_c_to_i"]) == (0.5, 0.5, 0.0, 0.25, 0.25)
+    assert m["calls"] == 2.0 and m["verifier_calls"] == 0.0 and m["cut"] == 0.0
+    assert m["tokens"] == pytest.approx(sum(len(a) + 1 for pair in answers for a in pair) / 4)
+    assert (m["cl"], m["cs"]) == (0.5, 0.5)
+
+    # External feedback: the verifier gates turn 2; right turn-1 answers stand, no call spent.
+    fake.prompts.clear()
+    g = compare.two_turn_eval(None, task, problems, tok, compare.TurnPlan(lambda p: p.prompt, fmt.instruction, gate=True), 8)
+    assert (g["acc_t1"], g["acc_t2"], g["delta_c_to_i"], g["delta_i_to_c"]) == (0.5, 0.75, 0.0, 0.25)
+    assert g["calls"] == 1.5 and g["verifier_calls"] == 1.0
+    assert sum(fmt.instruction in p for p in fake.prompts) == 2
+    fake.cut = True  # generations stopped by the token budget are counted
+    assert compare.two_turn_eval(None, task, problems, tok, plan, 8)["cut"] == 0.5
+
+
+def test_self_rethinking_turns_are_scored_on_the_final_answer(monkeypatch, setup):
+    cfg, task, fmt, tok = setup
+    problems = make_problems(task, 2, seed=4)
+    texts = {}
+
+    def fake(model, tok_, prompts, max_new_tokens, cost, temperature=0.0, rng=None):
+        out = []
+        for ids in prompts:
+            text = tok_.decode(ids)
+            if "Reply yes or no" in text:
+                p = next(p for p in problems if f"Question: {p.prompt}\nAnswer:" in text)
+                out.append("yes" if p is problems[0] else "no")
+            else:
+                p = next(p for p in problems if (p.prompt + "\n" + mistakes.CORRECT_TAG) in text)
+                out.append(_right(task, p) if "answer again" in text else _wrong(task, p))
+            texts.setdefault(p.prompt, []).append(out[-1])
+        completions = [tok_.encode(t) + [tok_.eos_token_id] for t in out]
+        cost.add(completions)
+        return Rollout(list(map(list, prompts)), completions, out, np.ones(len(out), bool), 1)
+
+    monkeypatch.setattr(compare, "_generate", fake)
+    plan = compare.plans(task, fmt, cfg.compare, seed=0)["mistake_tuning"]
+    m = compare.two_turn_eval(None, task, problems, tok, plan, 8)
+    # Problem 0: wrong, check says yes, revised right; problem 1: wrong, check says no, kept.
+    assert (m["acc_t1"], m["acc_t2"], m["delta_i_to_c"]) == (0.0, 0.5, 0.5)
+    assert m["calls"] == (3 + 2) / 2
+
+
+# -- training data ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sft", "mistake_tuning", "lemma"])
+def test_record_batches_have_the_same_budget_and_few_shapes(setup, name):
+    cfg, task, fmt, tok = setup
+    build = compare.builders(task.task, cfg.compare)[name]
+    batch_at = compare.record_batches(task, tok, build, 6, 256, seed=0, stream=3)
+    a = batch_at(0)
+    assert a["input_ids"].shape[0] == 6 and a["input_ids"].shape[1] % compare.PAD_MULTIPLE == 0
+    assert a["input_ids"].shape[1] <= 256 and a["attention_mask"][:, -compare.PAD_MULTIPLE:].sum() < 6 * compare.PAD_MULTIPLE
+    assert a["loss_mask"].sum() > 0 and np.all(a["loss_mask"] <= a["attention_mask"])
+    np.testing.assert_array_equal(batch_at(0)["input_ids"], a["input_ids"])  # deterministic per step
+    with pytest.raises(ConfigError, match="format.length 16"):
+        compare.record_batches(task, tok, build, 2, 16, seed=0, stream=3)(0)
+
+
+def test_compare_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="compare.strategies"):
+        run_lib.run_correct(config("compare.strategies=[sft,rise]"))
+    with pytest.raises(ConfigError, match="mode=compare runs on the step formats"):
+        run_lib.compare_task(config("task.name=rumor_correction").task)
+
+
+# -- lr = 0 controls ------------------------------------------------------------------------------------
+
+TINY = ["model.hidden_size=16", "model.intermediate_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+        "model.num_key_value_heads=1", "model.max_position_embeddings=512"]
+
+
+def _params(model):
+    return jax.tree.map(lambda x: np.array(x, copy=True), nnx.state(model, nnx.Param))
+
+
+def _assert_unchanged(before, model):
+    after = _params(model)
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves_with_path(after)):
+        assert x.tobytes() == y.tobytes(), f"{jax.tree_util.keystr(path)} moved with lr = 0"
+
+
+@pytest.fixture(scope="module")
+def tiny(setup):
+    _, task, fmt, tok = setup
+    from offside_jax.train import mesh as mesh_lib
+
+    cfg = config(*TINY, "compare.train.steps=2", "compare.train.problems_per_step=2", "compare.scl_steps=2",
+                 "compare.scl_pairs_per_step=2")
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(1, 1, 1))
+    return cfg, task, fmt, tok, mesh
+
+
+@pytest.mark.parametrize("name", ["sft", pytest.param("mistake_tuning", marks=pytest.mark.slow),
+                                  pytest.param("lemma", marks=pytest.mark.slow)])
+def test_lr0_leaves_sft_strategies_unchanged(tiny, name):
+    cfg, task, fmt, tok, mesh = tiny
+    model = run_lib.build_model(cfg, tok, seed=0)
+    before = _params(model)
+    trained = compare.train_records(model, name, task, tok, cfg.compare, 256, mesh, seed=0, lr=0.0)
+    _assert_unchanged(before, trained)
+
+
+@pytest.mark.slow
+def test_lr0_leaves_scl_and_warmup_unchanged(tiny):
+    cfg, task, fmt, tok, mesh = tiny
+    model = run_lib.build_model(cfg, tok, seed=0)
+    before = _params(model)
+    p = make_problems(task, 1, seed=0)[0]
+    pairs = [PreferenceRecord(p.prompt, _right(task, p), _wrong(task, p))]
+    _assert_unchanged(before, compare.train_scl(model, pairs, tok, cfg.compare, 256, mesh, seed=0, lr=0.0))
+    model = run_lib.build_model(cfg, tok, seed=0)
+    run = driver.StageRun(steps=2, lr=0.0, problems_per_step=2)
+    _assert_unchanged(before, driver.run_warmup(model, task, tok, fmt, run, mesh, seed=0))
+
+
+@pytest.mark.slow
+def test_lr0_leaves_score_unchanged(tiny):
+    cfg, task, fmt, tok, mesh = tiny
+    import dataclasses
+
+    cfg = config(*TINY, "stage1.group_size=2", "stage2.group_size=2")
+    stages = [run_lib.stage_spec(s, i, f"stage{i}") for i, s in ((1, cfg.stage1), (2, cfg.stage2))]
+    frozen = [(s, dataclasses.replace(r, steps=1, lr=0.0, problems_per_step=1)) for s, r in stages]
+    short = dataclasses.replace(fmt, max_new_tokens=4)
+    model = run_lib.build_model(cfg, tok, seed=0)
+    before = _params(model)
+    problems = make_problems(task, 1, seed=1)
+    result = driver.run_score(model, task, tok, short, mesh, warmup=None, stage1=frozen[0], stage2=frozen[1],
+                              eval_problems=problems, seed=0)
+    _assert_unchanged(before, result.model)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def test_compare_report_by_hand(tmp_path):
+    def m(a1, a2):
+        return {"acc_t1": a1, "acc_t2": a2, "delta": a2 - a1, "delta_i_to_c": 0.0, "delta_c_to_i": 0.0, "cl": 1.0,
+                "cs": math.nan, "rss": 0.5, "tokens": 10.0, "calls": 2.0, "efficiency": a2 / 20, "train_seconds": 1.0,
+                "eval_seconds": 0.5}
+
+    runs = {"0": {"metrics": {"sft": m(0.2, 0.2), "lemma": m(0.4, 0.5)}, "skipped": {"scl": "no flips"}},
+            "1": {"metrics": {"sft": m(0.4, 0.4), "lemma": m(0.6, 0.7)}, "skipped": {}}}
+    results = {"run": "t", "task": "carry_arithmetic_steps", "strategies": ["sft", "lemma", "scl"], "runs": runs,
+               "not_run": {"rise": "why"}, "eval_problems": 4}
+    paths = report.write_compare_report(tmp_path, results)
+    summary = report.summarize_compare(runs, ["sft", "lemma", "scl"])
+    assert list(summary) == ["sft", "lemma"]
+    assert summary["lemma"]["acc_t2"]["mean"] == pytest.approx(0.6)
+    assert summary["sft"]["acc_t1"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert summary["sft"]["cs"]["n"] == 0
+    text = paths["report"].read_text()
+    assert "| plain SFT (reference solutions) | 0.300 ± 0.141 |" in text
+    assert "| scl (seed 0) | no flips |" in text and "| rise | why |" in text
+    assert (tmp_path / "plots" / "compare.png").is_file()
+
+
+# -- learning from mistakes vs plain SFT (long: opt in) -------------------------------------------------
+
+LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
+MEASURED = ("measured Acc@t1 (configs/compare_arithmetic.yaml, 3 seeds, 64 problems, mean ± std): at 300 steps x 16 "
+            "sequences plain SFT 0.594 ± 0.195, mistake tuning 0.094 ± 0.056, LEMMA 0.005 ± 0.009; at 600 steps "
+            "SFT 0.854 ± 0.189, mistake tuning 0.500 ± 0.072, LEMMA 0.021 ± 0.024")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="about 15 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed on the tiny model; " + MEASURED)
+def test_lemma_and_mistake_tuning_beat_sft_on_the_same_budget(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "compare_arithmetic.yaml"
+    cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "seeds=[0,1,2]", "progress=false",
+                             "compare.strategies=[sft,mistake_tuning,lemma]"], schema=CorrectConfig)
+    summary = run_lib.run_correct(cfg, log=lambda _: None)["summary"]
+    sft = summary["sft"]["acc_t1"]["mean"]
+    assert summary["mistake_tuning"]["acc_t1"]["mean"] >= sft + 0.05
+    assert summary["lemma"]["acc_t1"]["mean"] >= sft + 0.05

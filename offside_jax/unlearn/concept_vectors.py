@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from offside_jax.train.distributed import to_host
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,7 @@ def score_rows(model: nnx.Module, layer: int, concept_ids: Sequence[int], chunk:
     graphdef, state = nnx.split(model)
     kernel = down_proj_kernel(model, layer)
     ranks, mass = _score_rows(graphdef, state, kernel, jnp.asarray(ids), min(chunk, kernel.shape[0]))
+    ranks, mass = to_host((ranks, mass))  # every process gets all rows (arrays may span processes)
     return np.asarray(ranks, np.float64), np.asarray(mass, np.float64)
 
 
@@ -173,12 +176,12 @@ def _top_tokens(graphdef, state, vectors, k: int):
 def projected_top_tokens(model: nnx.Module, vectors: jax.Array, k: int) -> np.ndarray:
     """Ids of the ``k`` highest-scoring tokens of each vector's projection through the head [N, k]."""
     graphdef, state = nnx.split(model)
-    return np.asarray(_top_tokens(graphdef, state, jnp.asarray(vectors), int(k)))
+    return np.asarray(to_host(_top_tokens(graphdef, state, jnp.asarray(vectors), int(k))))
 
 
 def trace_vectors(model: nnx.Module, traces: Sequence[Trace]) -> np.ndarray:
     """The located vectors [N, d_model] in float32."""
-    return np.stack([np.asarray(down_proj_kernel(model, t.layer)[t.dim], np.float32) for t in traces])
+    return np.stack([np.asarray(to_host(down_proj_kernel(model, t.layer)[t.dim]), np.float32) for t in traces])
 
 
 @dataclasses.dataclass(frozen=True)

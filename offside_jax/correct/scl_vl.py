@@ -312,7 +312,8 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                                   seed=seed), progress=cfg.progress)
         vanilla_seconds = time.perf_counter() - t0
         gen = dict(max_new_tokens=s.max_new_tokens, prompt_id=s.review_prompt, batch_size=s.generate_batch)
-        before = sliced_metrics(episodes(vanilla.model, encoder, eval_items, root=release.root, **gen))
+        held_out = episodes(vanilla.model, encoder, eval_items, root=release.root, **gen)
+        before = sliced_metrics(held_out)
         log(f"seed {seed} before: acc_t1 {before['all']['acc_t1']:.3f} acc_t2 {before['all']['acc_t2']:.3f} "
             f"delta {before['all']['delta']:+.3f}")
         t0 = time.perf_counter()
@@ -325,7 +326,9 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                                "episodes": {"n": len(sampled.items), "metrics": sampled.metrics()},
                                "pairs": {"n": len(records), "wrong_to_right": sum(r.meta["flip"] == scl_lib.WRONG_TO_RIGHT
                                                                                   for r in records)},
-                               "before": before}
+                               "before": before,
+                               "examples_before": [{"answer": it.answer, "turn1": r1, "turn2": r2} for it, r1, r2 in
+                                                   list(zip(held_out.items, held_out.responses1, held_out.responses2))[:3]]}
         if records:
             dpo_losses: list[float] = []
             model = train_dpo(vanilla.model, encoder, records,
@@ -334,8 +337,11 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                               mesh=mesh, progress=cfg.progress, losses_out=dpo_losses)
             run["dpo"] = {"steps": s.steps, "first_loss": dpo_losses[0] if dpo_losses else None,
                           "final_loss": dpo_losses[-1] if dpo_losses else None, "seconds": time.perf_counter() - t0}
-            after = sliced_metrics(episodes(model, encoder, eval_items, root=release.root, **gen))
+            held_out = episodes(model, encoder, eval_items, root=release.root, **gen)
+            after = sliced_metrics(held_out)
             run["after"] = after
+            run["examples_after"] = [{"answer": it.answer, "turn1": r1, "turn2": r2} for it, r1, r2 in
+                                     list(zip(held_out.items, held_out.responses1, held_out.responses2))[:3]]
             log(f"seed {seed} after SCL: acc_t1 {after['all']['acc_t1']:.3f} acc_t2 {after['all']['acc_t2']:.3f} "
                 f"delta {after['all']['delta']:+.3f} ({len(records)} pairs)")
         else:

@@ -126,20 +126,18 @@ def test_scl_vl_mode_runs_end_to_end_and_reports_the_metrics(tmp_path):
 
 
 LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
-MEASURED = "not measured yet"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="several minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
-@pytest.mark.xfail(strict=True, reason="SCL does not raise Acc@t2 on the tiny model; " + MEASURED)
+@pytest.mark.skipif(not LONG, reason="about 4 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
 def test_scl_raises_acc_t2_on_rumor_correction_over_its_starting_model(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "configs" / "scl_vl_tiny.yaml"
-    cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "progress=false", 'scl_vl.release=""'], schema=CorrectConfig)
-    run = run_correct_quiet(cfg)["runs"]["0"]
-    assert run["after"]["all"]["acc_t2"] > run["before"]["all"]["acc_t2"]
-
-
-def run_correct_quiet(cfg):
+    """Measured with configs/scl_vl_tiny.yaml (seed 0, 18 held-out rumor items): Acc@t2 0.000
+    before, 0.278 after (visual-rumor slice 0.000 -> 0.333). Most of the starting model's answers
+    carry no readable ##X## letter, so part of the gain is the answer format that DPO's chosen
+    answers (and its NLL term) teach."""
     from offside_jax.correct.run import run_correct
 
-    return run_correct(dataclasses.replace(cfg), log=lambda _: None)
+    path = Path(__file__).resolve().parents[1] / "configs" / "scl_vl_tiny.yaml"
+    cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "progress=false", 'scl_vl.release=""'], schema=CorrectConfig)
+    run = run_correct(cfg, log=lambda _: None)["runs"]["0"]
+    assert run["after"]["all"]["acc_t2"] > run["before"]["all"]["acc_t2"]

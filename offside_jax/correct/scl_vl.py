@@ -137,12 +137,17 @@ def episodes(model: Any, encoder: Any, items: Sequence[scl_lib.ChoiceItem], *, r
 def sliced_metrics(eps: Episodes) -> dict[str, Any]:
     """The self-correction metrics of all episodes and of the visual-rumor slice (the image
     states the rumor) and the rest."""
-    out: dict[str, Any] = {"all": {**eps.metrics(), "n": len(eps.items)}}
+    def summary(e: Episodes) -> dict[str, Any]:
+        unparsed = {f"unparsed_t{t}": float(np.mean([scl_lib.extract_answer(r) is None for r in rs]))
+                    for t, rs in ((1, e.responses1), (2, e.responses2))}
+        return {**e.metrics(), **unparsed, "n": len(e.items)}
+
+    out: dict[str, Any] = {"all": summary(eps)}
     for name, want in (("visual_rumor", True), ("other", False)):
         idx = [i for i, it in enumerate(eps.items) if bool(it.meta.get("visual_rumor")) == want]
         if idx:
-            sub = Episodes([eps.items[i] for i in idx], [eps.responses1[i] for i in idx], [eps.responses2[i] for i in idx])
-            out[name] = {**sub.metrics(), "n": len(idx)}
+            out[name] = summary(Episodes([eps.items[i] for i in idx], [eps.responses1[i] for i in idx],
+                                         [eps.responses2[i] for i in idx]))
     return out
 
 
@@ -352,6 +357,8 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "run": out_dir.name, "mode": "scl_vl", "release": str(root) if s.release else f"synthetic ({s.players} players)",
         "seeds": list(cfg.seeds), "runs": runs,
         "notes": [
+            "an answer without a readable ##X## letter counts as wrong (SCL's rule); the last columns give how often "
+            "that happened",
             "held-out items are rumor items of the release (fact vs rumor, or the record's options with the corrected "
             "letter right) never used for episodes or pairs; greedy two-turn evaluation with SCL's prompts",
             "the vanilla model is a tiny Qwen2.5-VL trained from scratch on the release's image questions plus a two-turn "
@@ -373,14 +380,16 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
 def report(results: Mapping[str, Any]) -> str:
     lines = [f"# SCL on images: {results['run']}", "", f"Release: {results['release']}.", "",
-             "| seed | slice | n | Acc@t1 before | Acc@t2 before | Δ before | Acc@t1 after | Acc@t2 after | Δ after | Δi→c after | Δc→i after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seed | slice | n | Acc@t1 before | Acc@t2 before | Δ before | Acc@t1 after | Acc@t2 after | Δ after | Δi→c after | Δc→i after "
+             "| no ##X## t1/t2 before | after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed, r in results["runs"].items():
         for name, b in r["before"].items():
             a = r.get("after", {}).get(name)
             cells = [f"{b['acc_t1']:.3f}", f"{b['acc_t2']:.3f}", f"{b['delta']:+.3f}"]
             cells += ([f"{a['acc_t1']:.3f}", f"{a['acc_t2']:.3f}", f"{a['delta']:+.3f}", f"{a['delta_i_to_c']:.3f}",
                        f"{a['delta_c_to_i']:.3f}"] if a else ["-"] * 5)
+            cells += [f"{b['unparsed_t1']:.2f}/{b['unparsed_t2']:.2f}", f"{a['unparsed_t1']:.2f}/{a['unparsed_t2']:.2f}" if a else "-"]
             lines.append(f"| {seed} | {name} | {b['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     for seed, r in results["runs"].items():

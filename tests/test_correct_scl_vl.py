@@ -50,6 +50,10 @@ def test_pairs_from_two_turn_image_episodes_carry_the_image_into_the_dpo_batch()
     assert [p.prompt for p in pairs] == [items[0].question, items[1].question]
     assert all(Path(p.image).is_file() and p.image == str(Path(rel.root) / it.image) for p, it in zip(pairs, items))
 
+    metrics = scl_vl.sliced_metrics(dataclasses.replace(eps, responses2=eps.responses2[:3] + ["## ##"]))
+    assert metrics["all"]["n"] == 4 and metrics["all"]["acc_t1"] == 0.5 and metrics["all"]["acc_t2"] == 0.5
+    assert metrics["all"]["no_letter_t1"] == 0.0 and metrics["all"]["no_letter_t2"] == 0.25
+
     # turn 2 is the same conversation: turn 1 (with the image tag), the answer, the review prompt
     chat = scl_vl.turn_chat(items[0], eps.responses1[0], 0, rel.root)
     assert [role for role, _ in chat.turns] == ["user", "assistant", "user"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import string
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -138,7 +139,9 @@ def sliced_metrics(eps: Episodes) -> dict[str, Any]:
     """The self-correction metrics of all episodes and of the visual-rumor slice (the image
     states the rumor) and the rest."""
     def summary(e: Episodes) -> dict[str, Any]:
-        unparsed = {f"unparsed_t{t}": float(np.mean([scl_lib.extract_answer(r) is None for r in rs]))
+        # answers whose extraction gives no option letter (nothing, "" from "## ##", other text)
+        unparsed = {f"no_letter_t{t}": float(np.mean([scl_lib.extract_answer(r) not in tuple(string.ascii_uppercase[: len(it.options)])
+                                                      for r, it in zip(rs, e.items)]))
                     for t, rs in ((1, e.responses1), (2, e.responses2))}
         return {**e.metrics(), **unparsed, "n": len(e.items)}
 
@@ -357,8 +360,8 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         "run": out_dir.name, "mode": "scl_vl", "release": str(root) if s.release else f"synthetic ({s.players} players)",
         "seeds": list(cfg.seeds), "runs": runs,
         "notes": [
-            "an answer without a readable ##X## letter counts as wrong (SCL's rule); the last columns give how often "
-            "that happened",
+            "an answer whose ##X## extraction gives no option letter counts as wrong (SCL's rule); the last columns give "
+            "how often that happened",
             "held-out items are rumor items of the release (fact vs rumor, or the record's options with the corrected "
             "letter right) never used for episodes or pairs; greedy two-turn evaluation with SCL's prompts",
             "the vanilla model is a tiny Qwen2.5-VL trained from scratch on the release's image questions plus a two-turn "
@@ -381,7 +384,7 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 def report(results: Mapping[str, Any]) -> str:
     lines = [f"# SCL on images: {results['run']}", "", f"Release: {results['release']}.", "",
              "| seed | slice | n | Acc@t1 before | Acc@t2 before | Δ before | Acc@t1 after | Acc@t2 after | Δ after | Δi→c after | Δc→i after "
-             "| no ##X## t1/t2 before | after |",
+             "| no option letter t1/t2 before | after |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed, r in results["runs"].items():
         for name, b in r["before"].items():
@@ -389,7 +392,7 @@ def report(results: Mapping[str, Any]) -> str:
             cells = [f"{b['acc_t1']:.3f}", f"{b['acc_t2']:.3f}", f"{b['delta']:+.3f}"]
             cells += ([f"{a['acc_t1']:.3f}", f"{a['acc_t2']:.3f}", f"{a['delta']:+.3f}", f"{a['delta_i_to_c']:.3f}",
                        f"{a['delta_c_to_i']:.3f}"] if a else ["-"] * 5)
-            cells += [f"{b['unparsed_t1']:.2f}/{b['unparsed_t2']:.2f}", f"{a['unparsed_t1']:.2f}/{a['unparsed_t2']:.2f}" if a else "-"]
+            cells += [f"{b['no_letter_t1']:.2f}/{b['no_letter_t2']:.2f}", f"{a['no_letter_t1']:.2f}/{a['no_letter_t2']:.2f}" if a else "-"]
             lines.append(f"| {seed} | {name} | {b['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     for seed, r in results["runs"].items():

@@ -704,6 +704,49 @@ class CompareConfig:
 
 
 @dataclasses.dataclass
+class SclVLConfig:
+    """``mode: scl_vl`` (``offside_jax.correct.scl_vl``): SCL on OFFSIDE images with a tiny
+    Qwen2.5-VL trained from scratch. The vanilla model is fine-tuned on the release's image
+    questions plus a two-turn warm-up in SCL's format (turn-1 answers state the rumor with
+    ``p_rumor``, turn-2 answers the fact with ``p_fix``); SCL then samples two-turn episodes on
+    the training rumor items, keeps the flips as DPO pairs (prompt: bare question + image) and
+    trains LoRA adapters with DPO; held-out rumor items are scored before and after."""
+
+    release: str = ""  # an OFFSIDE release root; "" makes a synthetic one in output_dir/release
+    players: int = at_least(3, 1)  # synthetic release size
+    image_size: int = at_least(56, 28)
+    setting: str = "complete"
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["forget", "relearn", "classification_forget",
+                                                                   "classification_relearn"])
+    eval_fraction: float = 0.5  # rumor items held out for the before/after metrics
+    # tiny model and its vanilla fine-tuning (release image questions + the two-turn warm-up)
+    vocab_size: int = at_least(512, 64)
+    hidden_size: int = at_least(64, 8)
+    layers: int = at_least(2, 1)
+    vanilla_steps: int = at_least(200, 1)
+    vanilla_lr: float = 5e-3
+    batch_size: int = at_least(16, 1)
+    warmup_copies: int = at_least(4, 0)  # warm-up conversations per training rumor item
+    p_rumor: float = 0.5
+    p_fix: float = 0.5
+    # episodes
+    samples: int = at_least(4, 1)  # sampled two-turn episodes per training item
+    temperature: float = 0.7
+    max_new_tokens: int = at_least(32, 1)
+    review_prompt: int = at_least(0, 0)
+    generate_batch: int = at_least(16, 1)
+    # DPO on LoRA adapters
+    beta: float = 0.1
+    sft_beta: float = 0.1
+    lr: float = 1e-3
+    steps: int = at_least(30, 1)
+    pairs_per_step: int = at_least(4, 1)
+    lora_rank: int = at_least(8, 1)
+    lora_alpha: float = 16.0
+    lora_target: str = r"(q|k|v|o|gate|up|down)_proj"
+
+
+@dataclasses.dataclass
 class CorrectConfig:
     """SCoRe on a verifiable task with a tiny random-init model and a character tokenizer
     (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed; or,
@@ -713,7 +756,7 @@ class CorrectConfig:
     output_dir: str = MISSING
     # score: warm-up, Stage I, Stage II; compare: every strategy of ``compare`` on the task's
     # step format, one report (offside_jax.correct.compare)
-    mode: str = one_of("score", "score", "compare")
+    mode: str = one_of("score", "score", "compare", "scl_vl")
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     model: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1, fsdp=1, tensor=1))
@@ -731,6 +774,7 @@ class CorrectConfig:
     checkpoint_every: int = at_least(10, 0)
     progress: bool = True
     compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
+    scl_vl: SclVLConfig = dataclasses.field(default_factory=SclVLConfig)
 
 
 # -- unknown-key check ---------------------------------------------------------------------------

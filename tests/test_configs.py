@@ -30,6 +30,7 @@ LOADERS = [
     ("unlearn_*.yaml", _schema(UnlearnConfig)),
     ("score_*.yaml", _schema(CorrectConfig)),
     ("compare_*.yaml", _schema(CorrectConfig)),
+    ("scl_*.yaml", _schema(CorrectConfig)),
     ("data/*.jsonl", read_chat_jsonl),
 ]
 

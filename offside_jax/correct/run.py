@@ -166,6 +166,12 @@ def validate(cfg: CorrectConfig) -> None:
 
 def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     """Run every seed and write the report; returns the results (``results.json``)."""
+    if cfg.mode == "scl_vl":
+        if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ConfigError(f"seeds {list(cfg.seeds)}: give at least one seed, none repeated")
+        from offside_jax.correct import scl_vl
+
+        return scl_vl.run(cfg, log)
     validate(cfg)
     if cfg.mode == "compare":
         return run_compare(cfg, log)

@@ -264,6 +264,17 @@ def _answer_batch(encoder, items, answers, pad_to, pad_multiple) -> dict[str, np
     return encoder.collate_answers(rows, pad_to or _round_up(longest, pad_multiple))
 
 
+def preference_answer_batch(encoder: ExampleEncoder, items: Sequence[Any], chosen: Sequence[str], rejected: Sequence[str],
+                            pad_to: int | None = None, pad_multiple: int = 16) -> dict[str, np.ndarray]:
+    """A DPO batch through the encoder: chosen rows ``0..N-1`` then rejected rows ``N..2N-1``
+    (the layout of :func:`offside_jax.correct.preference.pair_logprobs`), each the item's
+    prompt (its images included: a vision encoder adds ``pixel_values`` / ``image_grid_thw``
+    and expands the image pads) followed by the answer, ``loss_mask`` on the answer."""
+    if not len(items) == len(chosen) == len(rejected) or not items:
+        raise ValueError(f"{len(items)} items, {len(chosen)} chosen and {len(rejected)} rejected answers")
+    return _answer_batch(encoder, list(items) * 2, list(chosen) + list(rejected), pad_to, pad_multiple)
+
+
 def is_vision_language(hf_config: Any) -> bool:
     from offside_jax.models.loader import is_vision_language as vision
 

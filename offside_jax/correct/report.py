@@ -175,14 +175,20 @@ def render_markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         parts += [f"## Control: the same stages with the learning rate at 0 (seed {c['seed']})", "",
                   "Same warm-up, rollouts, rewards and steps, no parameter update: what the pipeline shows without "
                   "learning.", "", control_table(c["metrics"]), ""]
+    return "\n".join(parts + _tail(results, plots, "Plots"))
+
+
+def _tail(results: Mapping[str, Any], plots: Sequence[Any], heading: str) -> list[str]:
+    """The end every correction report shares: its plots, the time per phase and the machine."""
+    parts: list[str] = []
     if plots:
-        parts += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
+        parts += [f"## {heading}", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     if results.get("timing"):
         parts += ["## Time", "", "| what | seconds |", "|---|---:|"]
         parts += [f"| {k} | {v:.1f} |" for k, v in results["timing"].items()] + [""]
     if results.get("machine"):
         parts += ["Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
-    return "\n".join(parts)
+    return parts
 
 
 def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = None) -> dict[str, Path]:
@@ -283,14 +289,7 @@ def render_compare_markdown(results: Mapping[str, Any], plots: Sequence[str] = (
             skipped[f"{s} (seed {seed})"] = why
     if skipped:
         parts += ["## Not run", "", "| strategy | why |", "|---|---|"] + [f"| {k} | {v} |" for k, v in skipped.items()] + [""]
-    if plots:
-        parts += ["## Plot", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
-    if results.get("timing"):
-        parts += ["## Time", "", "| what | seconds |", "|---|---:|"]
-        parts += [f"| {k} | {v:.1f} |" for k, v in results["timing"].items()] + [""]
-    if results.get("machine"):
-        parts += ["Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
-    return "\n".join(parts)
+    return "\n".join(parts + _tail(results, plots, "Plot"))
 
 
 def write_compare_report(run_dir: str | os.PathLike, results: Mapping[str, Any]) -> dict[str, Path]:

@@ -554,6 +554,9 @@ class UnlearnTrainConfig:
     fp32_master_weights: bool = False
     memory_budget_gib: float | None = None  # the AOT memory check's budget (see TrainConfig)
     aot_memory_check: bool = True
+    # HFT as a retention regularizer: each round only half of every block moves (loss and
+    # alternating methods; the training-free edits ignore it)
+    half_finetune: HalfFinetuneConfig = dataclasses.field(default_factory=HalfFinetuneConfig)
 
 
 @dataclasses.dataclass

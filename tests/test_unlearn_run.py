@@ -247,3 +247,16 @@ def test_edit_mistakes_name_their_key(tmp_path, release, text_model):
         run(tmp_path / "a", text_model, release, "method=rocr", "data.setting=unimodal", "methods.rocr.layers=[5]")
     with pytest.raises(ConfigError, match=r"methods\.curvature_edit\.rho"):
         run(tmp_path / "b", text_model, release, "method=curvature_edit", "methods.curvature_edit.rho=0")
+
+
+def test_half_finetune_moves_half_of_each_block(tmp_path, release, text_model):
+    """train.half_finetune in unlearning: within one round exactly 2 of the 4 attention
+    projections of every layer move (full parameters, AdamW with weight decay)."""
+    result = run(tmp_path, text_model, release, "method=grad_diff", "data.setting=unimodal", "lora.enabled=false",
+                 "train.steps=2", "train.half_finetune.enabled=true", "train.half_finetune.rounds=10",
+                 "optim.lr=1e-2", "optim.weight_decay=0.1", "eval.enabled=false")
+    moved = _moved(text_model, result)
+    for layer in range(2):
+        attention = [p for p in ("q", "k", "v", "o") if f"model.layers.{layer}.self_attn.{p}_proj.weight" in moved]
+        assert len(attention) == 2, (layer, attention)
+    assert "model.embed_tokens.weight" in moved  # embeddings always train

@@ -207,7 +207,8 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     ratio = cfg.data.retain_ratio if cfg.data.retain_ratio is not None else method.retain_ratio
     common = dict(forget_batch_size=cfg.data.forget_batch_size, retain_ratio=ratio, seed=cfg.seed,
                   shuffle=cfg.data.shuffle, refusals=tuple(cfg.data.refusals) or settings.REFUSALS)
-    step_kwargs = dict(micro_batches=cfg.data.micro_batches, fp32_master_weights=cfg.train.fp32_master_weights)
+    step_kwargs = dict(micro_batches=cfg.data.micro_batches, fp32_master_weights=cfg.train.fp32_master_weights,
+                       half_finetune=cfg.train.half_finetune)
     report: dict[str, Any] = {"retain_ratio": ratio}
     if method.kind == "alternating":
         recipe = method.recipe(cfg, hparams, model, sets, base, common, session)

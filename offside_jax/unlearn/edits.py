@@ -8,6 +8,7 @@ change ``inputs.model`` in place, :func:`guard` returns the guarded model next t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,11 +35,11 @@ class EditInputs:
     tokenizer: Any
     release: Release
 
-
-def fitted(base: ExampleEncoder, examples: Sequence[Example], max_length: int) -> ExampleEncoder:
-    from offside_jax.unlearn.run import fitted_encoder
-
-    return fitted_encoder(base, examples, max_length)
+    @functools.cached_property
+    def forget_subjects(self) -> list[str]:
+        """The players the forget questions name (read once per run: ROCR, the ablation and the
+        trace-kept probe share them)."""
+        return forget_subjects(self.sets.forget, self.sets.retain)
 
 
 def world_facts(release: Release) -> list[Example]:
@@ -62,7 +63,7 @@ def subjects(inputs: EditInputs, key: str) -> list[str]:
     """The configured subjects, or the players the forget questions name."""
     if inputs.hparams.get("subjects"):
         return list(inputs.hparams["subjects"])
-    found = forget_subjects(inputs.sets.forget, inputs.sets.retain)
+    found = inputs.forget_subjects
     if not found:
         raise ConfigError(f"{key}: no subject found in the forget questions (they name no player, e.g. image "
                           f"questions); list them, e.g. {key}=[\"First Last\"]")
@@ -76,9 +77,11 @@ def ssd(inputs: EditInputs) -> dict[str, Any]:
     """Selective synaptic dampening (and LFSSD, ASSD) over the forget and full sets."""
     from offside_jax.unlearn import dampening
 
+    from offside_jax.unlearn.run import fitted_encoder
+
     hparams = dict(inputs.hparams)
     batch_size = hparams.pop("batch_size")
-    encoder = fitted(inputs.encoder, inputs.sets.full, inputs.cfg.data.max_length)
+    encoder = fitted_encoder(inputs.encoder, inputs.sets.full, inputs.cfg.data.max_length)
     result = dampening.ssd(inputs.model, sequential_batches(inputs.sets.full, encoder, batch_size),
                            sequential_batches(inputs.sets.forget, encoder, batch_size),
                            dampening.DampeningConfig(**hparams), mesh=inputs.session.mesh)
@@ -90,6 +93,7 @@ def ssd(inputs: EditInputs) -> dict[str, Any]:
 def rocr(inputs: EditInputs) -> dict[str, Any]:
     """Redirect every forget subject to the replacement, one request after another."""
     from offside_jax.unlearn import rocr as rocr_lib
+    from offside_jax.unlearn.run import fitted_encoder
 
     hp = inputs.hparams
     config = rocr_lib.RocrConfig(layers=None if hp["layers"] is None else tuple(hp["layers"]), l2=hp["l2"],
@@ -107,7 +111,7 @@ def rocr(inputs: EditInputs) -> dict[str, Any]:
         tokens = 0
     else:
         records = statistics_records(inputs, hp["general_data"], "methods.rocr.general_data")
-        encoder = fitted(inputs.encoder, records, 0)
+        encoder = fitted_encoder(inputs.encoder, records, 0)
         moments, tokens = rocr_lib.key_second_moments(
             inputs.model, sequential_batches(records, encoder, hp["batch_size"]), layers)
         projectors = {layer: rocr_lib.null_space_projector(c, config.nullspace_threshold) for layer, c in moments.items()}
@@ -126,6 +130,7 @@ def rocr(inputs: EditInputs) -> dict[str, Any]:
 def curvature_edit(inputs: EditInputs) -> dict[str, Any]:
     """Project the chosen matrices onto the high-curvature K-FAC eigen-pairs of the statistics set."""
     from offside_jax.unlearn import curvature
+    from offside_jax.unlearn.run import fitted_encoder
 
     hp = inputs.hparams
     depth = len(inputs.model.model.layers)
@@ -135,7 +140,7 @@ def curvature_edit(inputs: EditInputs) -> dict[str, Any]:
                                        matrices=tuple(hp["matrices"]), rho=hp["rho"], labels=hp["labels"],
                                        seed=hp["seed"])
     records = statistics_records(inputs, hp["statistics"], "methods.curvature_edit.statistics")
-    encoder = fitted(inputs.encoder, records, inputs.cfg.data.max_length)
+    encoder = fitted_encoder(inputs.encoder, records, inputs.cfg.data.max_length)
     try:
         report = curvature.curvature_edit(inputs.model, sequential_batches(records, encoder, hp["batch_size"]), config)
     except AttributeError as e:  # a matrix name the blocks do not have

@@ -245,9 +245,8 @@ def _trace_snapshot(cfg: UnlearnConfig, inputs: edits.EditInputs):
     if not cfg.eval.trace_kept:
         return None
     from offside_jax.unlearn.concept_vectors import snapshot_traces
-    from offside_jax.unlearn.subjects import forget_subjects
 
-    names = forget_subjects(inputs.sets.forget, inputs.sets.retain)
+    names = inputs.forget_subjects
     if not names:
         return None
     traces = edits.located_traces(inputs.model, inputs.tokenizer, names, top=cfg.eval.trace_top)

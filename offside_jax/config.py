@@ -308,14 +308,24 @@ class RMUConfig:
     a 32-layer 7B model (layer 0 of a 2-layer tiny model). ``steering_coeff`` 2 and ``alpha`` 1
     are open-unlearning's RMU (configs/trainer/RMU.yaml); WMDP's Zephyr-7B run used 6.5 and
     1200, which on small models leave the forget answers untouched.
+
+    ``lr_scale`` multiplies ``optim.lr`` for RMU alone: its activation MSE moves one to three
+    matrices, and at the shared learning rate of the loss methods it barely moves them (tiny
+    recipe, 20 steps at lr 5e-4: forget answer probability 0.99 -> 0.99 at x1, 0.74 at x5,
+    0.32 at x10 with retain 0.92). WMDP's own RMU ran Zephyr-7B at 5e-5, 1 to 2.5 times
+    OFFSIDE's unlearning rates (2e-5 to 5e-5); whether x10 overshoots at that size is not
+    measured here.
     """
 
     layer: float = 0.21875
     steering_coeff: float = 2.0
     alpha: float = 1.0
     seed: int = 0
+    lr_scale: float = 10.0
 
     def check(self, where: str) -> None:
+        if self.lr_scale <= 0:
+            raise ConfigError(f"{where}lr_scale={self.lr_scale}: a positive multiple of optim.lr")
         if not 0 <= self.layer < 1:
             raise ConfigError(f"{where}layer={self.layer}: a fraction of the model's depth in [0, 1) "
                               "(0.5: the middle layer); the layer used is floor(layer * num_hidden_layers)")
@@ -546,7 +556,7 @@ class UnlearnDataConfig:
 
 @dataclasses.dataclass
 class UnlearnTrainConfig:
-    steps: int = at_least(20, 0)
+    steps: int = at_least(20, 0)  # optimizer updates (an alternating recipe that accumulates runs more micro-steps)
     log_every: int = at_least(1, 1)
     params: str | None = None  # full-parameter runs: regex of the params that move (None: all; RMU: its layers)
     loss_chunk_tokens: int = at_least(256, 0)  # fused cross-entropy chunk (tokens) of NLLs and sequence log-probs; 0: full logits

@@ -26,15 +26,12 @@ QUIET = ["log.progress=false", "checkpoint.every=0"]
 
 # Measured on this recipe (forget -> after, retain -> after); why each falls short.
 SHORT = {
-    "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2)",
-    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69",
-    "idk_dpo": "20 steps at beta 0.1: forget 0.99 -> 0.87",
-    "rmu": "20 Adam steps on the down projections barely move the forget answers: 0.99 -> 0.99",
+    "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2; at 10 steps 0.09 / 0.82)",
+    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69 (80 steps: 0.44 / 0.96)",
+    "idk_dpo": "the refusal outgrows the rumor without the rumor falling: forget 0.99 -> 0.87 (0.90 at 80 steps)",
     "mmunlearner": "the ratio >= 1 mask leaves too few weights for 10 forget steps: forget 0.99 -> 0.99 "
-                   "(threshold 0.1: 0.82; 0, the projections unmasked: 0.09)",
-    "offside_kl": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.79",
-    "offside_po": "OFFSIDE's schedule gives 10 updates in 20 micro-steps: forget 0.99 -> 0.89",
-    "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44",
+                   "(threshold 0.1: 0.82; 0, the projections unmasked: 0.09; 80 steps: 0.82)",
+    "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44 (at 10 steps 0.09 / 0.82)",
     "rocr": "redirecting the subject's last token does not reach a 2-layer model's answers, which the first-name "
             "tokens also key: forget 0.99 -> 0.99 (layers 0-1 with P = I: 0.98)",
     "curvature_edit": "not targeted: forget and retain fall together (layer 1, rho 0.6: 0.99 -> 0.97 / 0.97 -> 0.96; "

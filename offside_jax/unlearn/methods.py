@@ -106,12 +106,28 @@ def _with_lr(hp: dict, optim: Any) -> Any:
     return dataclasses.replace(optim, lr=hp["lr"])
 
 
+def _scaled_lr(hp: dict, optim: Any) -> Any:
+    return dataclasses.replace(optim, lr=optim.lr * hp["lr_scale"])
+
+
+def _without_lr_scale(name: str):
+    """The registered loss of ``name`` built from its section less ``lr_scale`` (an optimizer setting)."""
+
+    def build(hp: dict, chunk_tokens: int):
+        from offside_jax.unlearn.losses import build_loss
+
+        return build_loss(name, chunk_tokens=chunk_tokens, **{k: v for k, v in hp.items() if k != "lr_scale"})
+
+    return build
+
+
 def _register_builtin() -> None:
     from offside_jax.unlearn import edits, offside_baselines as offside, saliency
     from offside_jax.unlearn.losses import METHODS, rmu_layer_index, rmu_trainable_pattern
 
     special = {
-        "rmu": dict(trainable=lambda hp, depth: rmu_trainable_pattern(rmu_layer_index(hp["layer"], depth))),
+        "rmu": dict(trainable=lambda hp, depth: rmu_trainable_pattern(rmu_layer_index(hp["layer"], depth)),
+                    build=_without_lr_scale("rmu"), optim=_scaled_lr),
         "offside_gd": dict(retain_ratio=offside.OFFSIDE_RATIO),
     }
     for name in sorted(METHODS):

@@ -15,7 +15,7 @@ token-mean NLL of the batch, as Hugging Face's ``outputs.loss``).
   divided by the rows. The script runs under accelerate with ``gradient_accumulation_steps=2``,
   so an optimizer update averages the gradients of a forget and the following retain
   micro-step (``accumulation``; 1 gives an update per micro-step). ``train.steps`` counts
-  micro-steps.
+  updates, as for every method: ``train.steps * accumulation`` micro-steps.
 - ``offside_po`` (PO.py): the same schedule; the forget micro-step learns the refusal
   ("I do not know the answer"), the retain micro-step is ``NLL(r)``.
 - ``offside_npo`` (NPO.py): ``-(2/beta) log sigmoid(beta * (NLL(f) - NLL_ref(f)))`` on the

@@ -210,6 +210,7 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     step_kwargs = dict(micro_batches=cfg.data.micro_batches, fp32_master_weights=cfg.train.fp32_master_weights,
                        half_finetune=cfg.train.half_finetune)
     report: dict[str, Any] = {"retain_ratio": ratio}
+    micro_steps = cfg.train.steps
     if method.kind == "alternating":
         recipe = method.recipe(cfg, hparams, model, sets, base, common, session)
         session.add_lora(model, cfg.lora, seed=cfg.seed)
@@ -217,6 +218,12 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
                                accumulate=recipe.accumulate, **step_kwargs)
         batches, first = recipe.batches, recipe.first
         report.update(recipe.report)
+        # train.steps counts optimizer updates for every method (as Hugging Face's max_steps): a
+        # recipe that averages `accumulate` micro-steps per update (OFFSIDE's forget/retain pairs)
+        # runs that many micro-steps per step, so it gets the updates and the forget and retain
+        # rows a loss method gets from the same train.steps.
+        micro_steps = cfg.train.steps * recipe.accumulate
+        report["micro_steps"] = micro_steps
     else:
         loss_fn = method.loss(hparams, cfg.train.loss_chunk_tokens)
         cached = method.prepare(cfg, hparams, model, sets, base, session) if method.prepare else {}
@@ -236,7 +243,7 @@ def _run_training(cfg: UnlearnConfig, method: methods.Method, hparams: dict, mod
     local_first = [session.local_rows(step_fn, lambda i, b=b: b)(0) for b in first]
     session.check_batches(step_fn, local_first, "data.forget_batch_size / retain_ratio / micro_batches")
     session.check_memory(step_fn, local_first, cfg.train)
-    state = session.fit(step_fn, batch_at, steps=cfg.train.steps, seed=cfg.seed, log_every=cfg.train.log_every)
+    state = session.fit(step_fn, batch_at, steps=micro_steps, seed=cfg.seed, log_every=cfg.train.log_every)
     return step_fn.model(state), report
 
 

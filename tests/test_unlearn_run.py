@@ -96,6 +96,16 @@ def test_rmu_moves_only_its_layers(tmp_path, release, text_model):
     assert moved == ["model.layers.0.mlp.down_proj.weight"]  # layers L-2..L of L=0, down_proj only
 
 
+def test_rmu_lr_scale_multiplies_the_shared_learning_rate(tmp_path, release, text_model):
+    common = ["method=rmu", "data.setting=unimodal", "train.steps=2", "optim.weight_decay=0.0", "eval.enabled=false"]
+    scaled = run(tmp_path / "scaled", text_model, release, *common, "optim.lr=1e-4")  # default lr_scale 10
+    plain = run(tmp_path / "plain", text_model, release, *common, "optim.lr=1e-3", "methods.rmu.lr_scale=1")
+    a, b = (load_file(str(r.model_dir / "model.safetensors")) for r in (scaled, plain))
+    before = load_file(str(text_model / "model.safetensors"))
+    assert any(not np.array_equal(before[k], a[k]) for k in a)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_mmunlearner_alternates_masked_ascent_and_retain_steps(tmp_path, release, text_model):
     result = run(tmp_path, text_model, release, "method=mmunlearner", "data.setting=unimodal", "train.steps=4",
                  "optim.lr=1e-3", "eval.enabled=false", "export_merged=false")
@@ -177,6 +187,8 @@ def test_mistakes_stop_with_a_message(tmp_path, release, text_model, capsys):
     assert "takes 64 forget rows but the forget set has 3" in capsys.readouterr().err
     assert cli.main(base + ["method=rmu", "methods.rmu.layer=7"]) == 2
     assert "methods.rmu.layer=7.0: a fraction of the model's depth in [0, 1)" in capsys.readouterr().err
+    assert cli.main(base + ["method=rmu", "methods.rmu.lr_scale=0"]) == 2
+    assert "methods.rmu.lr_scale=0.0: a positive multiple of optim.lr" in capsys.readouterr().err
     assert cli.main(base + ["methods.npo.betta=1"]) == 2
     assert "unknown key 'methods.npo.betta'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="model.source=hf"):

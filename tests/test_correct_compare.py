@@ -138,7 +138,7 @@ def test_record_batches_have_the_same_budget_and_few_shapes(setup, name):
 
 def test_compare_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="compare.strategies"):
-        run_lib.run_correct(config("compare.strategies=[sft,rise]"))
+        run_lib.run_correct(config("compare.strategies=[sft,rice]"))
     with pytest.raises(ConfigError, match="mode=compare runs on the step formats"):
         run_lib.compare_task(config("task.name=rumor_correction").task)
 

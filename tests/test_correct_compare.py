@@ -173,9 +173,8 @@ def test_rise_rows_take_the_best_candidate_and_train_only_the_last_turn(monkeypa
              problems[1].prompt: {0: [right[1], "answer 6", right[1]]}}
     fake = CandidatesFromTable(tok, table)
     monkeypatch.setattr(ep, "rollout", fake)
-    judge = compare._judge(task, problems)
     turns = ep.candidates_rollout(None, [tok.encode(p.prompt) for p in problems], tok.encode(compare.RISE_TURN),
-                                  lambda text, i: float(judge(text, i)), None, None, max_turns=2, candidates=3,
+                                  lambda text, i: task.verify(text, problems[i]), None, None, max_turns=2, candidates=3,
                                   decode=tok.decode, pad_id=tok.pad_token_id)
     assert [t.rewards for t in turns] == [[0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
     assert len(fake.contexts) == 3  # both problems at turn 1, only the unsolved one at turn 2

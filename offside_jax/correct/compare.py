@@ -293,14 +293,14 @@ def rise_rows(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: 
     row per turn, RISE's feedback between turns), their weights and what the data holds."""
     rng = np.random.default_rng([seed, 11])
     problems = [task.sample(rng) for _ in range(cfg.rise_problems)]
-    judge = _judge(task, problems)
+    # The reward is the task's (graded on countdown_mini); an attempt with the full reward ends the episode.
     turns = ep.candidates_rollout(model, [tok.encode(p.prompt) for p in problems], tok.encode(RISE_TURN),
-                                  lambda text, i: float(judge(text, i)), _sampling(tok, max_new_tokens, cfg.rise_temperature),
+                                  lambda text, i: task.verify(text, problems[i]), _sampling(tok, max_new_tokens, cfg.rise_temperature),
                                   jax.random.key(seed * 7919 + 11), max_turns=cfg.rise_turns, candidates=cfg.rise_samples,
-                                  decode=tok.decode, pad_id=tok.pad_token_id)
+                                  solved=getattr(task, "correct_reward", 1.0), decode=tok.decode, pad_id=tok.pad_token_id)
     rows, weights = score_lib.rise_examples(turns, cfg.rise_tau)
     best = [max(t.rewards) for t in turns]
-    return rows, weights, {"rows": len(rows), "best_right": float(np.mean(best)) if best else 0.0,
+    return rows, weights, {"rows": len(rows), "mean_best_reward": float(np.mean(best)),
                            "later_turns": sum(r.n_attempts > 1 for r in rows)}
 
 

@@ -200,6 +200,11 @@ def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat
     return run_sft(model, batch_at, run, mesh, seed=seed, progress=progress, where=where, phase="warmup")
 
 
+# ``make_batch(policy, problems, key) -> (batch, stats)``: one RL step's rollouts as a loss batch.
+BatchMaker = Callable[[nnx.Module, list[Problem], jax.Array], tuple[dict[str, np.ndarray], dict[str, float]]]
+SCORE_STREAM = 2  # the random stream of SCoRe's problem draws
+
+
 class StageRollouts:
     """The batch source of one RL stage (``batch_at(update, state)`` of a session's
     :meth:`~offside_jax.train.session.Session.fit`).
@@ -211,13 +216,13 @@ class StageRollouts:
     minibatch of the same rollouts.
     """
 
-    def __init__(self, step_fn: TrainStep, make_batch: Callable[[nnx.Module, list[Problem], jax.Array], tuple[dict[str, np.ndarray], dict[str, float]]],
-                 task: Task, run: StageRun, *, seed: int, step_offset: int, stream: int = 2):
+    def __init__(self, step_fn: TrainStep, make_batch: BatchMaker, task: Task, run: StageRun, *, seed: int, step_offset: int,
+                 stream: int = SCORE_STREAM):
         self.step_fn, self.make_batch, self.task, self.run = step_fn, make_batch, task, run
         self.seed, self.step_offset, self.stream = seed, step_offset, stream
         self.updates = run.epochs * run.minibatches  # per RL step
-        # SCoRe's stream (2) keeps the key it always had, so its earlier runs reproduce.
-        self.key = jax.random.key(seed) if stream == 2 else jax.random.fold_in(jax.random.key(seed), stream)
+        # SCoRe's stream keeps the key it always had, so its earlier runs reproduce.
+        self.key = jax.random.key(seed) if stream == SCORE_STREAM else jax.random.fold_in(jax.random.key(seed), stream)
         self.rollout: tuple[int, dict[str, np.ndarray], list[np.ndarray]] | None = None
         self.stats: dict[str, float] = {}
 
@@ -241,7 +246,7 @@ class StageRollouts:
         return rollout_lib.take_rows(self.rollout[1], self.rollout[2][part])
 
 
-def run_policy_stage(model: nnx.Module, loss_fn: losses.LossFn, make_batch: Callable, task: Task, run: StageRun, mesh, *,
+def run_policy_stage(model: nnx.Module, loss_fn: losses.LossFn, make_batch: BatchMaker, task: Task, run: StageRun, mesh, *,
                      seed: int, stream: int, progress: bool = False) -> nnx.Module:
     """``run.steps`` RL steps of ``loss_fn`` on the rollouts of ``make_batch`` (see
     :class:`StageRollouts`) through an in-memory training session, without evaluations (UFO in
@@ -286,6 +291,7 @@ def run_stage(
     evaluation history (with ``stage``/``step``, ``rl_step = step_offset + step`` and the
     last step's training metrics)."""
     step_fn = _step_fn(model, score.make_score_loss(stage), run, mesh)
+
     def make_batch(policy: nnx.Module, problems: list[Problem], key: jax.Array):
         return rl_batch(policy, reference, task, problems, tok, fmt, stage, key)
 

@@ -685,7 +685,7 @@ class ScoreStageConfig:
     max_grad_norm: float | None = 1.0
 
 
-COMPARE_STRATEGIES = ("sft", "self_refine", "verifier_feedback", "score", "scl", "mistake_tuning", "lemma")
+COMPARE_STRATEGIES = ("sft", "self_refine", "verifier_feedback", "score", "scl", "rise", "ufo", "mistake_tuning", "lemma")
 
 
 @dataclasses.dataclass
@@ -694,7 +694,7 @@ class CompareConfig:
     step-format task, the same architecture and initialisation, scored by one greedy two-turn
     evaluation. ``train`` is the budget (steps x sequences per step, lr) that plain SFT, mistake
     tuning and LEMMA each get from the random init; ``warmup`` (the top-level key) trains the
-    two-turn model that self-refine, verifier feedback, SCoRe and SCL start from."""
+    two-turn model that self-refine, verifier feedback, SCoRe, SCL, RISE and UFO start from."""
 
     strategies: list[str] = dataclasses.field(default_factory=lambda: list(COMPARE_STRATEGIES))
     train: CorrectWarmupConfig = dataclasses.field(default_factory=lambda: CorrectWarmupConfig(steps=600))
@@ -714,6 +714,39 @@ class CompareConfig:
     scl_pairs_per_step: int = at_least(16, 1)
     scl_beta: float = 0.1
     scl_sft_beta: float = 0.1
+    # RISE on the warm-up model: multi-turn rollouts with RISE's feedback, the best of
+    # rise_samples candidates per turn (the paper: 16), reward-weighted regression exp(r / tau)
+    # on each prefix's last turn
+    rise_problems: int = at_least(64, 1)
+    rise_samples: int = at_least(4, 1)
+    rise_turns: int = at_least(2, 1)
+    rise_temperature: float = 1.0
+    rise_tau: float = 0.4
+    rise_steps: int = at_least(20, 0)
+    rise_lr: float = 1e-4
+    rise_rows_per_step: int = at_least(16, 1)
+    # UFO on the warm-up model: up to ufo_turns attempts with the unary feedback (the paper: 5),
+    # trajectory reward (gamma, repetition penalty lambda, malformed penalty), GRPO over
+    # ufo_samples episodes per problem, on-policy (no KL term)
+    ufo_turns: int = at_least(3, 1)
+    ufo_samples: int = at_least(4, 2)
+    ufo_problems_per_step: int = at_least(8, 1)
+    ufo_steps: int = at_least(12, 0)
+    ufo_lr: float = 1e-4
+    ufo_temperature: float = 1.0
+    ufo_gamma: float = 0.5
+    ufo_repetition: float = at_least(0.5, 0.0)
+    ufo_malformed: float = at_least(0.1, 0.0)
+
+    def check(self, where: str) -> None:
+        for key in ("rise_temperature", "rise_tau", "ufo_temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}{key}={getattr(self, key)}: must be > 0")
+        if not 0 < self.ufo_gamma <= 1:
+            raise ConfigError(f"{where}ufo_gamma={self.ufo_gamma}: the per-turn discount, in (0, 1]")
+        for key in ("rise_lr", "ufo_lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}{key}={getattr(self, key)}: must be >= 0")
 
 
 @dataclasses.dataclass

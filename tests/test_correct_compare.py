@@ -1,5 +1,6 @@
 """`offside-jax correct` with ``mode: compare``: the two-turn scoring (hand-built answers), the
-training batches, the lr = 0 control of every trained strategy, and the report."""
+training batches (RISE's best-of-N rows and UFO's rewards against hand computations), the lr = 0
+control of every trained strategy, and the report."""
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ from flax import nnx
 
 from offside_jax.config import ConfigError, CorrectConfig, load_config
 from offside_jax.correct import compare, driver, mistakes, report, steps
+from offside_jax.correct import episodes as ep
 from offside_jax.correct import run as run_lib
 from offside_jax.correct.records import PreferenceRecord
 from offside_jax.correct.rollout import Rollout
@@ -136,9 +138,118 @@ def test_record_batches_have_the_same_budget_and_few_shapes(setup, name):
         compare.record_batches(task, tok, build, 2, 16, seed=0, stream=3)(0)
 
 
+# RISE's and UFO's data, against hand-built episodes ---------------------------------------------------
+
+
+class CandidatesFromTable:
+    """Stands in for the sampler of :func:`ep.candidates_rollout` / :func:`ep.feedback_rollout`:
+    for each prompt (a context's tokens) and candidate ``g``, the next entry of a table keyed by
+    the number of feedback turns the context holds."""
+
+    def __init__(self, tok, table):
+        self.tok, self.table, self.contexts = tok, table, []
+
+    def __call__(self, model, prompts, sampling, rng, *, group_size=1, decode=None, pad_id=0, pad_multiple=8, **_):
+        completions, texts = [], []
+        for ids in prompts:
+            context = self.tok.decode(ids)
+            self.contexts.append(context)
+            turn = context.count(compare.RISE_TURN.strip()) + context.count(compare.UFO_TURN.strip())
+            for g in range(group_size):
+                texts.append(self.table[next(k for k in self.table if context.startswith(k))][turn][g])
+                completions.append(self.tok.encode(texts[-1]) + [self.tok.eos_token_id])
+        return Rollout([list(p) for p in prompts for _ in range(group_size)], completions, texts,
+                       np.ones(len(texts), bool), group_size)
+
+
+def test_rise_rows_take_the_best_candidate_and_train_only_the_last_turn(monkeypatch, setup):
+    cfg, task, fmt, tok = setup
+    problems = make_problems(task, 2, seed=5)
+    right = [_right(task, p) for p in problems]
+    # Problem 0: the learner's own attempt (candidate 0) is wrong, candidate 2 right -> a second
+    # turn after the feedback, where every candidate is wrong (the last turn). Problem 1: candidate 0
+    # right -> done.
+    table = {problems[0].prompt: {0: ["answer 1", "answer 2", right[0]], 1: ["answer 3", "answer 4", "answer 5"]},
+             problems[1].prompt: {0: [right[1], "answer 6", right[1]]}}
+    fake = CandidatesFromTable(tok, table)
+    monkeypatch.setattr(ep, "rollout", fake)
+    turns = ep.candidates_rollout(None, [tok.encode(p.prompt) for p in problems], tok.encode(compare.RISE_TURN),
+                                  lambda text, i: task.verify(text, problems[i]), None, None, max_turns=2, candidates=3,
+                                  decode=tok.decode, pad_id=tok.pad_token_id)
+    assert [t.rewards for t in turns] == [[0.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    assert len(fake.contexts) == 3  # both problems at turn 1, only the unsolved one at turn 2
+    # The second turn of problem 0 continues the learner's own wrong attempt, then RISE's feedback.
+    assert tok.decode(turns[2].context.tokens()) == problems[0].prompt + "answer 1" + tok.decode([tok.eos_token_id]) + compare.RISE_TURN
+
+    rows, weights = compare.score_lib.rise_examples(turns, tau=0.4)
+    assert [r.texts[-1] for r in rows] == [right[0], right[1], "answer 3"]  # the first best candidate
+    np.testing.assert_allclose(weights, [math.exp(1 / 0.4), math.exp(1 / 0.4), 1.0], rtol=1e-6)
+    batch = compare.score_lib.rise_batch(rows, weights, tok.pad_token_id, 64)
+    np.testing.assert_allclose(batch["sample_weight"], weights)
+    for row, episode in enumerate(rows):
+        context = len(episode.tokens()) - len(episode.attempts()[-1])
+        want = np.zeros(batch["input_ids"].shape[1], np.int32)
+        want[context:len(episode.tokens())] = 1  # the last attempt only (EOS included), never the first or the feedback
+        np.testing.assert_array_equal(batch["loss_mask"][row], want)
+        np.testing.assert_array_equal(batch["input_ids"][row, :len(episode.tokens())], episode.tokens())
+
+
+def test_ufo_batch_rewards_and_group_advantages_by_hand(monkeypatch, setup):
+    cfg, task, fmt, tok = setup
+    p = make_problems(task, 1, seed=6)[0]
+    eos = tok.eos_token_id
+
+    def episode(texts, correct):
+        e = ep.Episode.start(tok.encode(p.prompt))
+        for i, text in enumerate(texts):
+            if i:
+                e.add_context(tok.encode(compare.UFO_TURN))
+            e.add_attempt(tok.encode(text) + [eos], text)
+        e.correct = list(correct)
+        return e
+
+    right = _right(task, p)
+    episodes = [episode([right], [True]),                                    # 1
+                episode(["answer 1", right], [False, True]),                 # 0.5, 2 distinct answers of 2
+                episode(["answer 1", "answer 1", "no answer"], [False] * 3),  # -0.5 (1 - 1/2) - 0.1
+                episode(["answer 1", "answer 2", "answer 3"], [False] * 3)]  # 0
+    want = np.array([1.0, 0.5, -0.25 - 0.1, 0.0])
+    rewards = ep.ufo_episode_rewards(episodes, task.extract, gamma=0.5, lam=0.5, malformed_penalty=0.1)
+    np.testing.assert_allclose(rewards, want, rtol=1e-6)
+
+    ufo = config("compare.ufo_samples=4", "compare.ufo_turns=3").compare
+    monkeypatch.setattr(ep, "feedback_rollout", lambda *a, **k: episodes)
+    batch, stats = compare.ufo_batch(None, [p], None, task, tok, ufo, 8, 64)
+    advantages = (want - want.mean()) / (want.std(ddof=1) + 1e-6)  # GRPO over the problem's 4 episodes
+    np.testing.assert_allclose(batch["advantages"], advantages, rtol=1e-5)
+    assert stats["solved"] == 0.5 and stats["attempts"] == (1 + 2 + 3 + 3) / 4
+    # The loss covers every attempt (EOS included) and nothing else.
+    assert batch["loss_mask"].sum(axis=1).tolist() == [sum(len(a) for a in e.attempts()) for e in episodes]
+
+
+def test_rise_and_ufo_evaluate_with_oracle_feedback_in_their_own_words(monkeypatch, setup):
+    cfg, task, fmt, tok = setup
+    problems = make_problems(task, 2, seed=7)
+    plans = compare.plans(task, fmt, cfg.compare, seed=0)
+    for name, feedback in (("rise", ep.RISE_FEEDBACK), ("ufo", ep.UFO_FEEDBACK)):
+        answers = [(_right(task, problems[0]), ""), (_wrong(task, problems[1]), _right(task, problems[1]))]
+        fake = ScriptedGenerate(tok, problems, answers, feedback)
+        monkeypatch.setattr(compare, "_generate", fake)
+        m = compare.two_turn_eval(None, task, problems, tok, plans[name], 8)
+        assert (m["acc_t1"], m["acc_t2"], m["calls"], m["verifier_calls"]) == (0.5, 1.0, 1.5, 1.0)
+        assert [feedback in prompt for prompt in fake.prompts] == [False, False, True]
+        assert tok.decode(tok.encode(feedback)) == feedback  # the tokenizer's alphabet covers it
+
+
 def test_compare_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="compare.strategies"):
-        run_lib.run_correct(config("compare.strategies=[sft,rise]"))
+        run_lib.run_correct(config("compare.strategies=[sft,rice]"))
+    with pytest.raises(ConfigError, match="compare.rise_tau"):
+        config("compare.rise_tau=0")
+    with pytest.raises(ConfigError, match="compare.ufo_gamma"):
+        config("compare.ufo_gamma=1.5")
+    with pytest.raises(ConfigError, match="compare.ufo_samples"):
+        config("compare.ufo_samples=1")
     with pytest.raises(ConfigError, match="mode=compare runs on the step formats"):
         run_lib.compare_task(config("task.name=rumor_correction").task)
 
@@ -208,6 +319,26 @@ def test_lr0_leaves_score_unchanged(tiny):
     result = driver.run_score(model, task, tok, short, mesh, warmup=None, stage1=frozen[0], stage2=frozen[1],
                               eval_problems=problems, seed=0)
     _assert_unchanged(before, result.model)
+
+
+def test_lr0_leaves_rise_unchanged(tiny):
+    cfg, task, fmt, tok, mesh = tiny
+    rise = config(*TINY, "compare.rise_problems=2", "compare.rise_samples=2", "compare.rise_steps=2",
+                  "compare.rise_rows_per_step=2").compare
+    model = run_lib.build_model(cfg, tok, seed=0)
+    before = _params(model)
+    rows, weights, stats = compare.rise_rows(model, task, tok, rise, 4, seed=0)
+    assert stats["rows"] == len(rows) >= 2 and len(weights) == len(rows)
+    _assert_unchanged(before, compare.train_rise(model, rows, weights, tok, rise, 64, mesh, seed=0, lr=0.0))
+
+
+def test_lr0_leaves_ufo_unchanged(tiny):
+    cfg, task, fmt, tok, mesh = tiny
+    ufo = config(*TINY, "compare.ufo_steps=1", "compare.ufo_problems_per_step=1", "compare.ufo_samples=2",
+                 "compare.ufo_turns=2").compare
+    model = run_lib.build_model(cfg, tok, seed=0)
+    before = _params(model)
+    _assert_unchanged(before, compare.train_ufo(model, task, tok, ufo, 4, 64, mesh, seed=0, lr=0.0))
 
 
 # -- report ---------------------------------------------------------------------------------------------

@@ -19,6 +19,22 @@ Two families:
     preference pairs (:func:`offside_jax.correct.scl.task_flip_pairs`), DPO with
     :func:`offside_jax.correct.preference.make_scl_dpo_loss` (full weights: the tiny model has
     no LoRA need);
+  * ``rise``: RISE (one round of on-policy self-distillation): multi-turn rollouts on fresh
+    problems with RISE's feedback after a wrong attempt, the best of ``rise_samples`` candidates
+    per turn (scored by the task's verifier) as the target of that turn's context, trained with
+    reward-weighted regression ``exp(r / tau)`` on the last turn only
+    (:func:`offside_jax.correct.episodes.candidates_rollout`,
+    :func:`offside_jax.correct.score.rise_examples`, :func:`offside_jax.correct.score.make_rise_loss`);
+  * ``ufo``: UFO: up to ``ufo_turns`` attempts with the unary feedback after each wrong one,
+    the trajectory reward (:func:`offside_jax.correct.episodes.ufo_trajectory_reward`) on the
+    whole episode, GRPO advantages over ``ufo_samples`` episodes per problem, on-policy
+    (:func:`offside_jax.correct.driver.run_policy_stage`);
+
+  ``rise`` and ``ufo`` are scored with the verifier-gated turns of ``verifier_feedback`` but
+  with their own feedback text after a wrong first answer ("The answer is incorrect. Please try
+  again." / "Incorrect. Please think again."): an **oracle-feedback** setting, as RISE's "with
+  oracle" mode and UFO's protocol, comparable with ``verifier_feedback`` and not with the
+  intrinsic rows;
 
 - trained **from the random init on the same budget** (steps x sequences per step, lr):
 
@@ -34,7 +50,7 @@ Two families:
 
 Scoring avoids CorrectBench's known faults: every problem stays in the denominator (an empty or
 unparsable answer is wrong), every strategy makes its fixed number of turns (no early stop on
-gold: only ``verifier_feedback`` sees the verifier, and that is its declared oracle), and
+gold: only ``verifier_feedback``, ``rise`` and ``ufo`` see the verifier, and that is their declared oracle), and
 correctness is always the task's verifier, never the model's own judgement. Cost per problem:
 generated tokens (EOS included), model calls (generation requests) and wall seconds of
 training and of evaluation; ``efficiency = Acc@t2 / (tokens x calls)`` as CorrectBench's;
@@ -42,7 +58,8 @@ training and of evaluation; ``efficiency = Acc@t2 / (tokens x calls)`` as Correc
 is scored wrong).
 
 All training goes through the one training session (:func:`offside_jax.correct.driver.run_sft`,
-:func:`offside_jax.correct.driver.run_score`, :class:`offside_jax.train.session.Session`).
+:func:`offside_jax.correct.driver.run_score`, :func:`offside_jax.correct.driver.run_policy_stage`,
+:class:`offside_jax.train.session.Session`).
 """
 from __future__ import annotations
 
@@ -57,11 +74,14 @@ from flax import nnx
 
 from offside_jax.config import CompareConfig, ConfigError, OptimConfig
 from offside_jax.correct import driver
+from offside_jax.correct import episodes as ep
 from offside_jax.correct import lemma as lemma_lib
 from offside_jax.correct import mistakes as mistakes_lib
 from offside_jax.correct import records as records_lib
 from offside_jax.correct import rollout as rollout_lib
+from offside_jax.correct import rl
 from offside_jax.correct import scl as scl_lib
+from offside_jax.correct import score as score_lib
 from offside_jax.correct.metrics import self_correction_metrics
 from offside_jax.correct.preference import make_scl_dpo_loss
 from offside_jax.correct.tasks import Problem
@@ -70,14 +90,13 @@ from offside_jax.train.session import Session
 from offside_jax.train.step import frozen_copy
 
 # Strategies of the task's references that this comparison does not run, and why.
-NOT_RUN = {
-    "rise": "needs best-of-N multi-turn rollouts and reward-weighted regression; not wired to the training session yet",
-    "ufo": "needs multi-turn PPO/GRPO with unary feedback (the episode shaping exists in correct.episodes); "
-           "not wired to the training session yet",
-}
+NOT_RUN: dict[str, str] = {}
 PAD_MULTIPLE = 64  # training batches of the from-the-init strategies are padded to a multiple of this
-WARMUP_FAMILY = ("self_refine", "verifier_feedback", "score", "scl")
-TRAINED = ("sft", "mistake_tuning", "lemma", "score", "scl")  # strategies that change weights
+WARMUP_FAMILY = ("self_refine", "verifier_feedback", "score", "scl", "rise", "ufo")
+TRAINED = ("sft", "mistake_tuning", "lemma", "score", "scl", "rise", "ufo")  # strategies that change weights
+# The feedback after a wrong attempt, written as the review prompt is: on lines of its own.
+RISE_TURN = "\n" + ep.RISE_FEEDBACK + "\n"
+UFO_TURN = "\n" + ep.UFO_FEEDBACK + "\n"
 # Mistake-tuned answers: the answer and revision prompts end in the tagged question (ours).
 RETHINK_ANSWER = "{question}\n" + mistakes_lib.CORRECT_TAG + "\n"
 RETHINK_REVISE = ("{demonstration}\nA previous answer, which may repeat the mistakes above:\n{answer}\n"
@@ -90,7 +109,7 @@ def extra_texts() -> list[str]:
     taxonomy = [f"{k} ({v.code}) {v.description}" for t in (lemma_lib.CARRY_ERRORS, lemma_lib.COUNTDOWN_ERRORS) for k, v in t.items()]
     return [mistakes_lib.MISTAKE_TEMPLATE, mistakes_lib.CHECK_TEMPLATE, RETHINK_ANSWER, RETHINK_REVISE,
             mistakes_lib.INCORRECT_TAG, lemma_lib.RESTART_LINE, *lemma_lib.TRANSITION_PHRASES, *taxonomy,
-            "Correct.", "0123456789"]
+            RISE_TURN, UFO_TURN, "Correct.", "0123456789"]
 
 
 # -- generation with cost accounting -------------------------------------------------------------------
@@ -233,23 +252,105 @@ def scl_pairs(model: nnx.Module, task, tok, fmt: driver.TwoTurnFormat, cfg: Comp
     return scl_lib.task_flip_pairs(task, expanded, [e.texts[0] for e in episodes], [e.texts[1] for e in episodes])
 
 
+def train_on_draws(model: nnx.Module, loss_fn, items: Sequence, to_batch: Callable[[list], dict[str, np.ndarray]], *,
+                   per_step: int, steps: int, lr: float, mesh, seed: int, stream: int, reference: bool = False,
+                   progress: bool = False) -> nnx.Module:
+    """``steps`` updates of ``loss_fn`` through a training session, each on ``to_batch`` of
+    ``per_step`` items drawn (with replacement) from a fixed set collected once (SCL's pairs,
+    RISE's rows); ``reference``: the frozen reference is ``model`` as given."""
+    optim = OptimConfig(lr=lr, schedule="constant", max_grad_norm=1.0)
+    step_fn = Session(mesh).step(model, loss_fn, optim, max(1, steps), reference=reference)
+
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, stream, step])
+        return to_batch([items[i] for i in rng.integers(len(items), size=per_step)])
+
+    state = Session(mesh).fit(step_fn, batch_at, steps=steps, seed=seed, progress=progress)
+    return step_fn.model(state)
+
+
 def train_scl(model: nnx.Module, pairs: Sequence[records_lib.PreferenceRecord], tok, cfg: CompareConfig, length: int, mesh,
               seed: int, progress: bool = False, lr: float | None = None) -> nnx.Module:
     """DPO (β, sft_beta of ``cfg``) on ``scl_pairs_per_step`` pairs drawn per step; the frozen
     reference is ``model`` as given."""
     if not pairs:
         raise ValueError("no flips among the sampled episodes: nothing to train SCL on")
-    optim = OptimConfig(lr=cfg.scl_lr if lr is None else lr, schedule="constant", max_grad_norm=1.0)
-    step_fn = Session(mesh).step(model, make_scl_dpo_loss(cfg.scl_beta, cfg.scl_sft_beta), optim, max(1, cfg.scl_steps),
-                                 reference=True)
+    return train_on_draws(model, make_scl_dpo_loss(cfg.scl_beta, cfg.scl_sft_beta), pairs,
+                          lambda picked: records_lib.preference_batch(picked, tok, pad_multiple=length),
+                          per_step=cfg.scl_pairs_per_step, steps=cfg.scl_steps, lr=cfg.scl_lr if lr is None else lr,
+                          mesh=mesh, seed=seed, stream=8, reference=True, progress=progress)
 
-    def batch_at(step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, 8, step])
-        picked = [pairs[i] for i in rng.integers(len(pairs), size=cfg.scl_pairs_per_step)]
-        return records_lib.preference_batch(picked, tok, pad_multiple=length)
 
-    state = Session(mesh).fit(step_fn, batch_at, steps=cfg.scl_steps, seed=seed, progress=progress)
-    return step_fn.model(state)
+def _judge(task, problems: Sequence[Problem]) -> Callable[[str, int], bool]:
+    """``judge(text, i)``: the task's verifier gives problem ``i``'s full reward."""
+    full = getattr(task, "correct_reward", 1.0)
+    return lambda text, i: task.verify(text, problems[i]) >= full
+
+
+def rise_rows(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: int,
+              seed: int) -> tuple[list[ep.Episode], np.ndarray, dict[str, float]]:
+    """RISE's rows on ``rise_problems`` fresh problems (best-of-``rise_samples`` targets, one
+    row per turn, RISE's feedback between turns), their weights and what the data holds."""
+    rng = np.random.default_rng([seed, 11])
+    problems = [task.sample(rng) for _ in range(cfg.rise_problems)]
+    # The reward is the task's (graded on countdown_mini); an attempt with the full reward ends the episode.
+    turns = ep.candidates_rollout(model, [tok.encode(p.prompt) for p in problems], tok.encode(RISE_TURN),
+                                  lambda text, i: task.verify(text, problems[i]), _sampling(tok, max_new_tokens, cfg.rise_temperature),
+                                  jax.random.key(seed * 7919 + 11), max_turns=cfg.rise_turns, candidates=cfg.rise_samples,
+                                  solved=getattr(task, "correct_reward", 1.0), decode=tok.decode, pad_id=tok.pad_token_id)
+    rows, weights = score_lib.rise_examples(turns, cfg.rise_tau)
+    best = [max(t.rewards) for t in turns]
+    return rows, weights, {"rows": len(rows), "mean_best_reward": float(np.mean(best)),
+                           "later_turns": sum(r.n_attempts > 1 for r in rows)}
+
+
+def train_rise(model: nnx.Module, rows: Sequence[ep.Episode], weights: np.ndarray, tok, cfg: CompareConfig, length: int, mesh,
+               seed: int, progress: bool = False, lr: float | None = None) -> nnx.Module:
+    """Reward-weighted regression on RISE's rows, ``rise_rows_per_step`` drawn per step."""
+    items = list(zip(rows, weights.tolist()))
+
+    def to_batch(picked: list) -> dict[str, np.ndarray]:
+        return score_lib.rise_batch([r for r, _ in picked], [w for _, w in picked], tok.pad_token_id, length)
+
+    return train_on_draws(model, score_lib.make_rise_loss(), items, to_batch, per_step=cfg.rise_rows_per_step,
+                          steps=cfg.rise_steps, lr=cfg.rise_lr if lr is None else lr, mesh=mesh, seed=seed, stream=12,
+                          progress=progress)
+
+
+def ufo_estimator(cfg: CompareConfig) -> rl.PolicyGradientConfig:
+    """GRPO over UFO's episodes: group-normalised advantages, no KL term, scored at the
+    rollouts' temperature."""
+    return rl.preset("grpo", group_size=cfg.ufo_samples, beta=0.0, temperature=cfg.ufo_temperature)
+
+
+def ufo_batch(policy: nnx.Module, problems: Sequence[Problem], key: jax.Array, task, tok, cfg: CompareConfig,
+              max_new_tokens: int, length: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One UFO rollout batch: ``ufo_samples`` feedback episodes per problem, each with its
+    trajectory reward, and GRPO advantages over every problem's episodes (loss on every attempt)."""
+    episodes = ep.feedback_rollout(policy, [tok.encode(p.prompt) for p in problems], tok.encode(UFO_TURN), _judge(task, problems),
+                                   _sampling(tok, max_new_tokens, cfg.ufo_temperature), key, max_turns=cfg.ufo_turns,
+                                   group_size=cfg.ufo_samples, decode=tok.decode, pad_id=tok.pad_token_id)
+    rewards = ep.ufo_episode_rewards(episodes, task.extract, gamma=cfg.ufo_gamma, lam=cfg.ufo_repetition,
+                                     malformed_penalty=cfg.ufo_malformed)
+    batch = ep.episode_batch(episodes, tok.pad_token_id, length)
+    batch.pop("turn_ids")
+    batch["advantages"] = np.asarray(rl.compute_advantages(ufo_estimator(cfg), rewards))
+    return batch, {"reward": float(rewards.mean()), "solved": float(np.mean([any(e.correct) for e in episodes])),
+                   "attempts": float(np.mean([e.n_attempts for e in episodes]))}
+
+
+def train_ufo(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: int, length: int, mesh, seed: int,
+              progress: bool = False, lr: float | None = None) -> nnx.Module:
+    """``ufo_steps`` on-policy GRPO steps of ``ufo_problems_per_step`` problems through the
+    training session's RL stage."""
+    run = driver.StageRun(steps=cfg.ufo_steps, lr=cfg.ufo_lr if lr is None else lr,
+                          problems_per_step=cfg.ufo_problems_per_step)
+
+    def make_batch(policy: nnx.Module, problems: list[Problem], key: jax.Array):
+        return ufo_batch(policy, problems, key, task, tok, cfg, max_new_tokens, length)
+
+    return driver.run_policy_stage(model, rl.make_policy_gradient_loss(ufo_estimator(cfg)), make_batch, task, run, mesh,
+                                   seed=seed, stream=13, progress=progress)
 
 
 # -- one seed -------------------------------------------------------------------------------------------
@@ -264,6 +365,9 @@ def plans(task, fmt: driver.TwoTurnFormat, cfg: CompareConfig, seed: int) -> dic
     return {
         "self_refine": plain,
         "verifier_feedback": dataclasses.replace(plain, gate=True),
+        # oracle feedback in the method's own words after a wrong first answer
+        "rise": TurnPlan(lambda p: p.prompt, RISE_TURN, gate=True),
+        "ufo": TurnPlan(lambda p: p.prompt, UFO_TURN, gate=True),
         "score": plain,
         "scl": plain,
         "sft": step_prompt,
@@ -316,6 +420,15 @@ def run_seed(make_model: Callable[[], nnx.Module], task, tok, fmt: driver.TwoTur
                 evaluate("scl", model, warm_seconds + time.perf_counter() - began)
             else:
                 out["skipped"]["scl"] = "no flips among the sampled two-turn episodes"
+        if "rise" in wanted:
+            began = time.perf_counter()
+            rows, weights, out["extra"]["rise_rows"] = rise_rows(warmed, task, tok, cfg, fmt.max_new_tokens, seed)
+            model = train_rise(frozen_copy(warmed), rows, weights, tok, cfg, length, mesh, seed, progress)
+            evaluate("rise", model, warm_seconds + time.perf_counter() - began)
+        if "ufo" in wanted:
+            began = time.perf_counter()
+            model = train_ufo(frozen_copy(warmed), task, tok, cfg, fmt.max_new_tokens, length, mesh, seed, progress)
+            evaluate("ufo", model, warm_seconds + time.perf_counter() - began)
     for name in ("sft", "mistake_tuning", "lemma"):
         if name in wanted:
             began = time.perf_counter()

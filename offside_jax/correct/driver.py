@@ -200,22 +200,29 @@ def run_warmup(model: nnx.Module, task: Task, tok: Tokenizer, fmt: TwoTurnFormat
     return run_sft(model, batch_at, run, mesh, seed=seed, progress=progress, where=where, phase="warmup")
 
 
+# ``make_batch(policy, problems, key) -> (batch, stats)``: one RL step's rollouts as a loss batch.
+BatchMaker = Callable[[nnx.Module, list[Problem], jax.Array], tuple[dict[str, np.ndarray], dict[str, float]]]
+SCORE_STREAM = 2  # the random stream of SCoRe's problem draws
+
+
 class StageRollouts:
-    """The batch source of one SCoRe stage (``batch_at(update, state)`` of a session's
+    """The batch source of one RL stage (``batch_at(update, state)`` of a session's
     :meth:`~offside_jax.train.session.Session.fit`).
 
     Each RL step is ``epochs x minibatches`` updates: the first rolls out episodes with the
-    policy being trained (problems and samples drawn from the RL step's number, so Stage II
-    draws other ones than Stage I), the others take the next minibatch of the same rollouts.
+    policy being trained (``make_batch(policy, problems, key) -> (batch, stats)``: SCoRe's
+    :func:`rl_batch`, or UFO's feedback episodes; problems and keys drawn from the RL step's
+    number and ``stream``, so Stage II draws other ones than Stage I), the others take the next
+    minibatch of the same rollouts.
     """
 
-    def __init__(self, step_fn: TrainStep, reference: nnx.Module, stage: score.ScoreStage, task: Task, tok: Tokenizer,
-                 fmt: TwoTurnFormat, run: StageRun, *, seed: int, step_offset: int):
-        self.step_fn, self.reference, self.stage, self.task, self.tok, self.fmt, self.run = (
-            step_fn, reference, stage, task, tok, fmt, run)
-        self.seed, self.step_offset = seed, step_offset
+    def __init__(self, step_fn: TrainStep, make_batch: BatchMaker, task: Task, run: StageRun, *, seed: int, step_offset: int,
+                 stream: int = SCORE_STREAM):
+        self.step_fn, self.make_batch, self.task, self.run = step_fn, make_batch, task, run
+        self.seed, self.step_offset, self.stream = seed, step_offset, stream
         self.updates = run.epochs * run.minibatches  # per RL step
-        self.key = jax.random.key(seed)
+        # SCoRe's stream keeps the key it always had, so its earlier runs reproduce.
+        self.key = jax.random.key(seed) if stream == SCORE_STREAM else jax.random.fold_in(jax.random.key(seed), stream)
         self.rollout: tuple[int, dict[str, np.ndarray], list[np.ndarray]] | None = None
         self.stats: dict[str, float] = {}
 
@@ -227,10 +234,9 @@ class StageRollouts:
         step, part = self.rl_step(update), update % self.updates
         if part == 0:
             draw = self.step_offset + step
-            rng = np.random.default_rng([self.seed, 2, draw])
+            rng = np.random.default_rng([self.seed, self.stream, draw])
             problems = [self.task.sample(rng) for _ in range(self.run.problems_per_step)]
-            batch, self.stats = rl_batch(self.step_fn.model(state), self.reference, self.task, problems, self.tok,
-                                         self.fmt, self.stage, jax.random.fold_in(self.key, draw))
+            batch, self.stats = self.make_batch(self.step_fn.model(state), problems, jax.random.fold_in(self.key, draw))
             parts = rollout_lib.update_minibatches(len(batch["input_ids"]), epochs=self.run.epochs,
                                                    minibatches=self.run.minibatches, seed=self.seed * 1_000_003 + draw)
             self.rollout = (step, batch, list(parts))
@@ -238,6 +244,18 @@ class StageRollouts:
             raise RuntimeError(f"update {update} continues RL step {step}, whose rollouts are gone: a stage resumes "
                                "only at the end of an RL step")
         return rollout_lib.take_rows(self.rollout[1], self.rollout[2][part])
+
+
+def run_policy_stage(model: nnx.Module, loss_fn: losses.LossFn, make_batch: BatchMaker, task: Task, run: StageRun, mesh, *,
+                     seed: int, stream: int, progress: bool = False) -> nnx.Module:
+    """``run.steps`` RL steps of ``loss_fn`` on the rollouts of ``make_batch`` (see
+    :class:`StageRollouts`) through an in-memory training session, without evaluations (UFO in
+    the comparison); returns the trained model."""
+    step_fn = _step_fn(model, loss_fn, run, mesh)
+    rollouts = StageRollouts(step_fn, make_batch, task, run, seed=seed, step_offset=0, stream=stream)
+    state = Session(mesh).fit(step_fn, rollouts, steps=run.steps * rollouts.updates, seed=seed, from_policy=True,
+                              progress=progress)
+    return step_fn.model(state)
 
 
 class _LastMetrics:
@@ -273,7 +291,11 @@ def run_stage(
     evaluation history (with ``stage``/``step``, ``rl_step = step_offset + step`` and the
     last step's training metrics)."""
     step_fn = _step_fn(model, score.make_score_loss(stage), run, mesh)
-    rollouts = StageRollouts(step_fn, reference, stage, task, tok, fmt, run, seed=seed, step_offset=step_offset)
+
+    def make_batch(policy: nnx.Module, problems: list[Problem], key: jax.Array):
+        return rl_batch(policy, reference, task, problems, tok, fmt, stage, key)
+
+    rollouts = StageRollouts(step_fn, make_batch, task, run, seed=seed, step_offset=step_offset)
     # Checkpoints only at the end of an RL step: the rollouts of an unfinished one are not saved.
     session = _session(mesh, where, name, (where.every if where else 0) * rollouts.updates, progress)
     last = _LastMetrics()

@@ -14,7 +14,9 @@ re-tokenised from text), so the log-probs scored later are those of the actions 
   gamma = 0.5 in the authors' code), a repetition penalty ``lambda * (1 - E / T)`` (``E``
   distinct answers among ``T`` valid ones, lambda = 0.5) and -0.1 per malformed turn; the
   trajectory reward sits on the last token (one return for the whole episode).
-- RISE (2024) uses the feedback "The answer is incorrect. Please try again."
+- RISE (2024) uses the feedback "The answer is incorrect. Please try again."; at each turn
+  ``N`` candidates are sampled from the learner's context and the best one is the target
+  (:func:`candidates_rollout`, :func:`offside_jax.correct.score.rise_examples`).
 
 How the context is written is the caller's: pass the encoded instruction / feedback (e.g.
 ``tokenizer.encode("\\n" + SCORE_INSTRUCTION + "\\n")``, or a chat-template turn).
@@ -61,6 +63,10 @@ class Episode:
 
     def tokens(self) -> list[int]:
         return [t for toks, _ in self.segments for t in toks]
+
+    def copy(self) -> "Episode":
+        """An independent copy (a prefix that later turns must not extend)."""
+        return Episode([(list(toks), turn) for toks, turn in self.segments], list(self.texts), list(self.correct), self.problem)
 
     def add_context(self, tokens: Sequence[int]) -> "Episode":
         self.segments.append((list(tokens), 0))
@@ -187,6 +193,63 @@ def feedback_rollout(
     return episodes
 
 
+@dataclasses.dataclass
+class CandidateTurn:
+    """One turn of a best-of-N rollout: the episode so far (what the attempt answers), the
+    ``N`` sampled candidates (token ids exactly as sampled, texts) and their rewards."""
+
+    context: Episode
+    candidates: list[list[int]]
+    texts: list[str]
+    rewards: list[float]
+
+
+def candidates_rollout(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    feedback_ids: Sequence[int],
+    reward: Callable[[str, int], float],
+    sampling: SamplingConfig,
+    rng: jax.Array | None,
+    *,
+    max_turns: int,
+    candidates: int,
+    solved: float = 1.0,
+    decode: Decode | None = None,
+    pad_id: int = 0,
+    pad_multiple: int = 8,
+) -> list[CandidateTurn]:
+    """RISE's data collection: at each turn ``candidates`` samples from every open episode's
+    context, scored by ``reward(text, problem_index)``. The episode goes on with the learner's
+    own attempt (candidate 0, a plain sample: the states stay the learner's, the best candidate
+    is only the target) and, while that attempt's reward is below ``solved`` and fewer than
+    ``max_turns`` attempts were made, the feedback. Returns the turns in the order sampled."""
+    if max_turns < 1 or candidates < 1:
+        raise ValueError(f"max_turns and candidates must be >= 1, got {max_turns} and {candidates}")
+    if decode is None:
+        raise ValueError("candidates are scored on text: pass decode (token ids -> text)")
+    episodes = [Episode.start(p, problem=i) for i, p in enumerate(prompts)]
+    open_rows, turns = list(range(len(episodes))), []
+    for turn in range(max_turns):
+        if not open_rows:
+            break
+        step_rng = None if rng is None else jax.random.fold_in(rng, turn)
+        out = rollout(model, [episodes[i].tokens() for i in open_rows], sampling, step_rng, group_size=candidates,
+                      decode=decode, pad_id=pad_id, pad_multiple=pad_multiple)
+        still_open = []
+        for k, i in enumerate(open_rows):
+            rows = range(k * candidates, (k + 1) * candidates)  # the group layout of rollout
+            ids, texts = [out.completion_ids[r] for r in rows], [out.texts[r] for r in rows]
+            rewards = [float(reward(t, i)) for t in texts]
+            turns.append(CandidateTurn(episodes[i].copy(), ids, texts, rewards))
+            episodes[i].add_attempt(ids[0], texts[0])
+            if rewards[0] < solved and turn + 1 < max_turns:
+                episodes[i].add_context(feedback_ids)
+                still_open.append(i)
+        open_rows = still_open
+    return turns
+
+
 # -- UFO reward shaping ----------------------------------------------------------------------------
 
 
@@ -219,3 +282,18 @@ def ufo_trajectory_reward(
         raise ValueError(f"{len(correct)} judgements but {len(answers)} answers")
     malformed = sum(a is None for a in answers)
     return float(turn_discounted_rewards(correct, gamma).sum() - repetition_penalty(answers, lam) - malformed_penalty * malformed)
+
+
+def ufo_episode_rewards(
+    episodes: Sequence[Episode],
+    extract: Callable[[str], str | None],
+    *,
+    gamma: float = 0.5,
+    lam: float = 0.5,
+    malformed_penalty: float = 0.1,
+) -> np.ndarray:
+    """``[B]`` trajectory rewards (:func:`ufo_trajectory_reward`) of judged episodes
+    (``correct`` filled, e.g. by :func:`feedback_rollout`); ``extract`` gives an attempt's answer,
+    ``None`` when malformed."""
+    return np.array([ufo_trajectory_reward(e.correct, [extract(t) for t in e.texts], gamma=gamma, lam=lam,
+                                           malformed_penalty=malformed_penalty) for e in episodes], np.float32)

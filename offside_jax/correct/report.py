@@ -226,6 +226,8 @@ STRATEGY_LABELS = {
     "verifier_feedback": "external verifier feedback (warm-up model)",
     "score": "SCoRe Stage I + II",
     "scl": "SCL (flip pairs, DPO)",
+    "rise": "RISE (best-of-N, reward-weighted regression; oracle feedback)",
+    "ufo": "UFO (unary feedback, GRPO; oracle feedback)",
 }
 COMPARE_PLOT = "compare.png"
 

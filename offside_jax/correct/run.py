@@ -310,7 +310,7 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         "runs": runs,
         "not_run": dict(compare.NOT_RUN),
         "notes": [
-            "self-refine, verifier feedback, SCoRe and SCL start from one two-turn warm-up per seed "
+            "self-refine, verifier feedback, SCoRe, SCL, RISE and UFO start from one two-turn warm-up per seed "
             f"({cfg.warmup.steps} steps x {cfg.warmup.problems_per_step} traces, first attempts wrong with p_bug "
             f"{cfg.task.p_bug}, fixed with p_fix {cfg.task.p_fix}); plain SFT, mistake tuning and LEMMA each train from "
             f"the same random init for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} sequences "
@@ -322,6 +322,12 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
             f"problems x {cfg.stage1.group_size} samples) to fit the comparison on CPU.",
             "SCL trains the full weights of the tiny model (LoRA is for the large VLMs of the paper); its DPO prompt is "
             "the bare problem, as SCL's.",
+            f"RISE: one round of {cfg.compare.rise_problems} problems x up to {cfg.compare.rise_turns} turns, best of "
+            f"{cfg.compare.rise_samples} samples per turn (the paper: 16), {cfg.compare.rise_steps} steps of "
+            f"reward-weighted regression (tau {cfg.compare.rise_tau}); UFO: {cfg.compare.ufo_steps} GRPO steps of "
+            f"{cfg.compare.ufo_problems_per_step} problems x {cfg.compare.ufo_samples} episodes of up to "
+            f"{cfg.compare.ufo_turns} attempts (the paper: 5). Both are scored like verifier feedback (oracle "
+            "feedback: turn 2 only after a wrong turn 1) but with their own feedback text.",
             "mistake tuning's turn 2 is self-rethinking; its check prompt is one the tiny model never saw, so a reply "
             "other than 'yes' keeps the answer.",
         ],

@@ -32,7 +32,7 @@ Batch keys of :func:`make_score_loss` (besides ``input_ids``, ``attention_mask``
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from offside_jax.correct import rl
+from offside_jax.correct.episodes import CandidateTurn, Episode, episode_batch
 from offside_jax.train.losses import LossFn, LossOutput
 
 F32 = jnp.float32
@@ -278,6 +279,25 @@ def rise_weights(rewards: np.ndarray | jax.Array, tau: float = 0.4) -> np.ndarra
 def best_of(rewards: np.ndarray) -> np.ndarray:
     """RISE's best-of-N: per row of ``rewards`` ``[N, C]`` the index of the first best candidate."""
     return np.argmax(np.asarray(rewards), axis=1)
+
+
+def rise_examples(turns: Sequence[CandidateTurn], tau: float = 0.4) -> tuple[list[Episode], np.ndarray]:
+    """RISE's training rows from best-of-N turns (:func:`offside_jax.correct.episodes.candidates_rollout`):
+    each turn's context followed by its best candidate, and the weights ``exp(r_best / tau)``."""
+    if not turns:
+        return [], np.zeros(0, np.float32)
+    best = best_of(np.asarray([t.rewards for t in turns]))  # every turn has the same N candidates
+    rows = [t.context.copy().add_attempt(t.candidates[b], t.texts[b]) for t, b in zip(turns, best)]
+    return rows, rise_weights([t.rewards[b] for t, b in zip(turns, best)], tau)
+
+
+def rise_batch(rows: Sequence[Episode], weights: Sequence[float], pad_id: int, pad_multiple: int) -> dict[str, np.ndarray]:
+    """The batch of :func:`make_rise_loss`: the rows with the loss on their last attempt only,
+    and ``sample_weight``."""
+    batch = episode_batch(rows, pad_id, pad_multiple, train_turns="last")
+    batch.pop("turn_ids")
+    batch["sample_weight"] = np.asarray(weights, np.float32)
+    return batch
 
 
 def make_rise_loss() -> LossFn:

@@ -138,3 +138,20 @@ def test_summary_reports_the_cross_split_average():
     assert summary["offside_average/image/gen.overall"] == ref.bc_average(list(scores.values()))
     assert summary["offside_average/image/gen.bleu"] == ref.bc_average([v / 2 for v in scores.values()])
     assert summary["offside_average/image/mcq.accuracy"] == 0.25
+
+
+def test_strict_scoring_compares_with_correct_answer_as_written(tmp_path):
+    """OFFSIDE's eval_classi.py counts ``pred == record["Correct_Answer"]``: the hand release's
+    second record answers "B." and can never be right there; the robust parser compares letters."""
+    from offside_data_fixtures import write_hand_release
+
+    from offside_jax.data.offside import load_release
+    from offside_jax.eval.items import mcq_item
+
+    root = write_hand_release(tmp_path / "release")
+    records = load_release(root).splits["complete"]["classification_forget"]
+    assert [e.correct_raw for e in records] == ["B", "B."]  # by hand, from the fixture
+    items = [mcq_item(e, "forget", root) for e in records]
+    assert [r["is_correct"] for r in score_mcq(items, ["B", "B"])] == [True, False]
+    assert score_mcq(items, ["B", "B"])[1]["correct_as_written"] == "B."
+    assert [r["is_correct"] for r in score_mcq(items, ["B", "B"], "robust")] == [True, True]

@@ -137,6 +137,9 @@ class Example:
     image_files: tuple[str, ...] = ()
     options: tuple[tuple[str, str], ...] = ()
     correct: str | None = None
+    # Correct_Answer exactly as written ("B", "B.", " b"): OFFSIDE's scorer compares its parsed
+    # letter with this string, so a "B." record is never right there (eval.suite, mcq_parser offside).
+    correct_raw: str | None = None
     player_id: int | None = None
     image_id: int | None = None
     role: str | None = None  # "retain" | "forget" | "relearn" | "test" | "world"
@@ -536,7 +539,7 @@ class _SplitReader:
             raise _RecordError("Correct_Answer", f"{obj['Correct_Answer']!r} is not one of the options "
                                                  f"{', '.join(options)}")
         return dict(kind="mcq", question=_question_text([Message("user", question)], placed), answer=options[letter],
-                    options=tuple(options.items()), correct=letter)
+                    options=tuple(options.items()), correct=letter, correct_raw=obj["Correct_Answer"])
 
     def _modality(self, images: tuple[str, ...], n_tags: int) -> str:
         """"image" when the model sees the images: always when the record has images, except

@@ -75,6 +75,7 @@ class EvalItem:
     images: tuple[str, ...] = ()
     options: tuple[tuple[str, str], ...] = ()
     correct: str | None = None  # mcq: the right letter
+    correct_raw: str | None = None  # mcq: the release's Correct_Answer as written (OFFSIDE's scorer compares to it)
     corrected_letter: str | None = None  # mcq on rumors: the option stating the truth
     corrected_answer: str | None = None  # gen on rumors: the true answer
     truth: str | None = None
@@ -196,7 +197,7 @@ def mcq_item(e: Example, test_set: str, root: Path, question: str | None = None,
         uid=f"{e.source}:{e.index}", test_set=test_set, modality=modality, fmt="mcq", question=question,
         prompt=mcq_prompt(question, e.options, modality), reference=e.option_dict.get(e.correct or "", e.answer),
         images=_images(e, root) if modality == "image" else (), options=e.options, correct=e.correct,
-        corrected_letter=e.corrected_letter, truth=truth, rumor=rumor, player_id=e.player_id, image_id=e.image_id,
+        correct_raw=e.correct_raw, corrected_letter=e.corrected_letter, truth=truth, rumor=rumor, player_id=e.player_id, image_id=e.image_id,
         attribute=e.attribute, is_rumor=e.is_rumor, visual_rumor=e.visual_rumor,
     )
 

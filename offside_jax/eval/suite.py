@@ -330,14 +330,19 @@ def mentions_any(output: str, phrases: Sequence[str]) -> bool:
 
 def score_mcq(items: Sequence[EvalItem], outputs: Sequence[str], parser: str = "offside") -> list[dict[str, Any]]:
     """Per-example records; the output goes to the parser exactly as decoded (OFFSIDE strips
-    nothing: " A" is no answer to its parser)."""
+    nothing: " A" is no answer to its parser). With OFFSIDE's parser the parsed letter is compared
+    with the release's ``Correct_Answer`` exactly as written, as its ``eval_classi.py`` does (a
+    record whose answer reads "B." is never right there); the robust parser compares letters."""
     parse = metrics.MCQ_PARSERS[parser]
     rows = []
     for item, output in zip(items, outputs):
         options = item.option_dict
         choice = parse(output or "", options)
+        answer = item.correct_raw if parser == "offside" and item.correct_raw is not None else item.correct
         row = {**item.meta(), "prompt": item.prompt, "options": options, "correct": item.correct, "output": output,
-               "empty": metrics.is_empty(output), "choice": choice, "is_correct": choice == item.correct}
+               "empty": metrics.is_empty(output), "choice": choice, "is_correct": choice == answer}
+        if answer != item.correct:
+            row["correct_as_written"] = answer
         if item.corrected_letter:
             row["chose_truth"] = choice == item.corrected_letter
         if item.form is not None and (label := forms_lib.mcq_correction(item, choice)) is not None:

@@ -155,3 +155,40 @@ def test_strict_scoring_compares_with_correct_answer_as_written(tmp_path):
     assert [r["is_correct"] for r in score_mcq(items, ["B", "B"])] == [True, False]
     assert score_mcq(items, ["B", "B"])[1]["correct_as_written"] == "B."
     assert [r["is_correct"] for r in score_mcq(items, ["B", "B"], "robust")] == [True, True]
+
+
+def test_offside_generation_layout_sends_the_raw_user_turn_after_the_images(tmp_path):
+    """eval_generation.py puts the image item first and the record's user turn as written after
+    it; the tags in that turn stay text (they come after the last image). Expected contents are
+    the fixture's JSON typed by hand."""
+    import dataclasses
+
+    from offside_data_fixtures import write_hand_release
+
+    from offside_jax.data import image_tags
+    from offside_jax.data.offside import load_release
+    from offside_jax.eval.items import qa_item
+
+    root = write_hand_release(tmp_path / "release")
+    one, two, implied = load_release(root).splits["complete"]["forget"][:3]
+    q1 = "I'm curious about which club the player on the left side of the image will join."
+    q2 = "Which club will the player in both images join?"
+    q3 = "What is the transfer fee for the player in the picture?"
+    expected = {  # (trained layout, OFFSIDE's layout)
+        q1: ("<image>\n" + q1, "<image><image>\n" + q1),
+        q2: ("<image><image>\n" + q2, "<image><image><image><image>\n" + q2),
+        q3: ("<image>\n" + q3, "<image>" + q3),  # the tag ms-swift implied is not in the raw turn
+    }
+    for e in (one, two, implied):
+        item = qa_item(e, "forget", root)
+        trained, offside = expected[e.question]
+        assert item.messages()[0]["content"] == trained
+        assert dataclasses.replace(item, layout="offside").messages()[0]["content"] == offside
+    # ms-swift's rule (as VisionProcessor places images) keeps the tag past the image as text.
+    placed = image_tags.place_images([{"role": "user", "content": expected[q1][1]}], 1, "[IMG]")
+    assert placed[0]["content"] == "[IMG]<image>\n" + q1
+
+
+def test_suite_rejects_an_unknown_generation_prompt():
+    with pytest.raises(ValueError, match="generation_prompt 'raw' is not one of"):
+        SuiteConfig(generation_prompt="raw")

@@ -92,6 +92,10 @@ class EvalItem:
     visual_rumor: bool | None = None
     # The question form it asks the fact in (``eval.forms``; None: the release's own question).
     form: str | None = None
+    # gen items with images: the record's user turn as written up to the question (its leading
+    # "<image>\n", say; "" when the tag was implied), for OFFSIDE's prompt layout; None: unknown.
+    raw_prefix: str | None = None
+    layout: str = "trained"  # "trained" | "offside" (see messages)
 
     @property
     def option_dict(self) -> dict[str, str]:
@@ -103,10 +107,18 @@ class EvalItem:
         image content item right before the query text. A generation prompt is the question as
         the model was trained on it (ms-swift's placement: image, line break, question);
         OFFSIDE's ``eval_generation.py`` instead sends the record's raw user turn after the
-        image, its leading ``<image>\\n`` included as literal text."""
+        image, its leading ``<image>\\n`` included as literal text: ``layout="offside"`` writes
+        that (the tags past the images stay text, ms-swift's rule in ``VisionProcessor``)."""
         tags = "<image>" * len(self.images)
-        sep = "" if self.fmt == "mcq" else "\n"
-        return [{"role": "user", "content": f"{tags}{sep}{self.prompt}" if tags else self.prompt}]
+        if not tags:
+            return [{"role": "user", "content": self.prompt}]
+        if self.fmt == "mcq":
+            sep = ""
+        elif self.layout == "offside" and self.raw_prefix is not None:
+            sep = self.raw_prefix
+        else:
+            sep = "\n"
+        return [{"role": "user", "content": f"{tags}{sep}{self.prompt}"}]
 
     def meta(self) -> dict[str, Any]:
         """What per-example output files record about the item besides its text."""
@@ -179,12 +191,14 @@ def qa_item(e: Example, test_set: str, root: Path, mcq: Example | None = None, m
     """A generation item from a chat record (``mcq``: the paired classification record)."""
     truth, rumor = _phrases(mcq)
     wrong = _perturbed_answers(e.answer, mcq)
+    raw = next((m.content for m in reversed(e.messages) if m.role == "user"), None)
+    raw_prefix = raw[: len(raw) - len(e.question)] if raw is not None and raw.endswith(e.question) else None
     return EvalItem(
         uid=f"{e.source}:{e.index}", test_set=test_set, modality=modality or e.modality, fmt="gen",
         question=e.question, prompt=e.question, reference=e.answer, images=_images(e, root),
         corrected_answer=e.corrected_answer, truth=truth, rumor=rumor, answers=(e.answer,) + wrong,
         player_id=e.player_id, image_id=e.image_id, attribute=e.attribute, is_rumor=e.is_rumor,
-        visual_rumor=e.visual_rumor,
+        visual_rumor=e.visual_rumor, raw_prefix=raw_prefix,
     )
 
 

@@ -76,6 +76,9 @@ class SuiteConfig:
     max_new_tokens: int = 32
     mcq_max_new_tokens: int = 32  # eval_classi.py's default (eval.sh passes no other)
     mcq_parser: str = "offside"  # offside (OFFSIDE's strict regex, exactly) | robust (metrics.parse_choice)
+    # Image generation prompts: "trained" (ms-swift's training layout: image, line break,
+    # question) | "offside" (eval_generation.py's: image, then the raw user turn with its tag as text)
+    generation_prompt: str = "trained"
     # Empty answers: "drop" leaves them out of every OFFSIDE score's mean (OFFSIDE's ``if
     # prediction:``), "zero" scores them 0. Either way ``n_empty`` counts them beside the score.
     empty_outputs: str = "drop"
@@ -100,6 +103,8 @@ class SuiteConfig:
             bad = sorted(set(given) - set(allowed))
             if bad:
                 raise ValueError(f"suite config: unknown {name} {bad}; expected some of {list(allowed)}")
+        if self.generation_prompt not in ("trained", "offside"):
+            raise ValueError(f"suite config: generation_prompt {self.generation_prompt!r} is not one of ['offside', 'trained']")
         if self.mcq_parser not in metrics.MCQ_PARSERS:
             raise ValueError(f"suite config: mcq_parser {self.mcq_parser!r} is not one of {sorted(metrics.MCQ_PARSERS)}")
         if self.empty_outputs not in metrics.EMPTY_POLICIES:
@@ -138,6 +143,9 @@ class Suite:
                 raise ValueError("a text-only model cannot be evaluated on image prompts: use modalities=['text']")
             tasks = build_tasks(self.release, self.config.test_sets, modalities, self.config.formats,
                                 max_examples=self.config.limits(), seed=self.config.seed)
+            if self.config.generation_prompt != "trained":
+                tasks = [dataclasses.replace(t, items=tuple(dataclasses.replace(i, layout=self.config.generation_prompt)
+                                                            for i in t.items)) for t in tasks]
         if not tasks:
             raise ValueError(f"{self.release.root}: the release supplies none of the requested tasks "
                              f"({self.config.test_sets} x {self.config.modalities} x {self.config.formats})")

@@ -266,6 +266,10 @@ def test_edit_mistakes_name_their_key(tmp_path, release, text_model):
         run(tmp_path / "a", text_model, release, "method=rocr", "data.setting=unimodal", "methods.rocr.layers=[5]")
     with pytest.raises(ConfigError, match=r"methods\.curvature_edit\.rho"):
         run(tmp_path / "b", text_model, release, "method=curvature_edit", "methods.curvature_edit.rho=0")
+    with pytest.raises(ConfigError, match=r"methods\.curvature_edit\.matrices=\['mlp\.nope'\]: model\.layers\.1 has no 'mlp\.nope'"):
+        run(tmp_path / "c", text_model, release, "method=curvature_edit", "data.setting=unimodal",
+            "methods.curvature_edit.matrices=[mlp.nope]")
+    assert not (tmp_path / "c").exists()  # refused before anything was written: the corrected rerun may use it
 
 
 def test_half_finetune_moves_half_of_each_block(tmp_path, release, text_model):

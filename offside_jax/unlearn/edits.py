@@ -129,7 +129,7 @@ def rocr(inputs: EditInputs) -> dict[str, Any]:
 
 def curvature_edit(inputs: EditInputs) -> dict[str, Any]:
     """Project the chosen matrices onto the high-curvature K-FAC eigen-pairs of the statistics set."""
-    from offside_jax.unlearn import curvature
+    from offside_jax.unlearn import block_linears, curvature
     from offside_jax.unlearn.run import fitted_encoder
 
     hp = inputs.hparams
@@ -139,12 +139,14 @@ def curvature_edit(inputs: EditInputs) -> dict[str, Any]:
     config = curvature.CurvatureConfig(layers=None if hp["layers"] is None else tuple(hp["layers"]),
                                        matrices=tuple(hp["matrices"]), rho=hp["rho"], labels=hp["labels"],
                                        seed=hp["seed"])
+    for target in curvature.edit_targets(config, depth):  # every matrix named exists before any statistic is gathered
+        try:
+            block_linears.linear(inputs.model, target)
+        except ValueError as e:
+            raise ConfigError(f"methods.curvature_edit.matrices={hp['matrices']}: {e}") from None
     records = statistics_records(inputs, hp["statistics"], "methods.curvature_edit.statistics")
     encoder = fitted_encoder(inputs.encoder, records, inputs.cfg.data.max_length)
-    try:
-        report = curvature.curvature_edit(inputs.model, sequential_batches(records, encoder, hp["batch_size"]), config)
-    except AttributeError as e:  # a matrix name the blocks do not have
-        raise ConfigError(f"methods.curvature_edit.matrices={hp['matrices']}: {e}") from None
+    report = curvature.curvature_edit(inputs.model, sequential_batches(records, encoder, hp["batch_size"]), config)
     return {"curvature": {**report.to_dict(), "statistics": hp["statistics"], "rho": hp["rho"]}}
 
 

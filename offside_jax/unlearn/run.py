@@ -156,12 +156,14 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
     traces = _trace_snapshot(cfg, inputs)
     checkpoint_dir = None
     steps = 0
+    # A training-free method records its config once it has run: a setting it refuses on the way
+    # (a matrix the blocks lack, say) leaves no run folder behind to block the corrected rerun.
     if method.kind == "weight_edit":
-        session.run.begin()
         report = method.edit(inputs)
-    elif method.kind == "generation":
         session.run.begin()
+    elif method.kind == "generation":
         model, report = method.wrap(inputs)
+        session.run.begin()
     else:
         model, report = _run_training(cfg, method, hparams, model, sets, base, session, inputs)
         steps = cfg.train.steps

@@ -32,6 +32,27 @@ Two families:
 
   ``sft`` and ``lemma`` get the review prompt for turn 2 like ``self_refine``.
 
+  ``compare.start`` says where these three start. ``init`` (the default): the random init, as
+  above. From there half of mistake tuning's sequences are wrong rationales and every LEMMA
+  trajectory opens with a deliberate mistake (about half of its trained characters are the
+  transition phrases and restart line, a fifth the wrong prefix), so a model that cannot yet
+  add learns to make mistakes first. ``base``: as in both papers, which fine-tune a model that
+  already does the task (LEMMA: LLaMA3-8B and others; mistake tuning: Flan-T5), the three
+  continue from one base per seed, plain SFT on the reference solutions for
+  ``compare.base_steps`` steps (:func:`train_base`), each with the same further budget on its
+  own data (:func:`run_learners`); ``sft`` is then the control (more of the same SFT). LEMMA's
+  data follows the paper's pipeline (:func:`train_lemma_on_student`): the base is the student,
+  sampled ``student_samples`` times at ``student_temperature`` (the paper's 0.7) on
+  ``student_problems`` fresh problems; only the problems it got wrong at least once get
+  trajectories (the released ``inject_error.py``), those of its own wrong samples cut after the
+  first wrong step (:func:`offside_jax.correct.lemma_student.student_records`) and
+  ``lemma_per_type`` injected errors of each type (the error-type-grounded augmentation), the
+  pool built once and drawn from for the budget (:func:`pool_batches`). No plain reference
+  solutions are mixed into LEMMA's pool (the paper trains on the trajectories, which end in a
+  correct solution); mistake tuning keeps its records of ``init`` (one correct rationale per
+  question and ``incorrect_per_correct`` wrong ones: the ratio is unsourced, 1:1 is ours;
+  CoTErrorSet's wrong rationales come from another model, PaLM2, as ours come from the injector).
+
 Scoring avoids CorrectBench's known faults: every problem stays in the denominator (an empty or
 unparsable answer is wrong), every strategy makes its fixed number of turns (no early stop on
 gold: only ``verifier_feedback`` sees the verifier, and that is its declared oracle), and

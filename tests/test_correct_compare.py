@@ -372,3 +372,15 @@ def _assert_beat_sft_by_005(summary: dict) -> None:
 @pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed on the tiny model; " + MEASURED)
 def test_lemma_and_mistake_tuning_beat_sft_on_the_same_budget(tmp_path):
     _assert_beat_sft_by_005(_learning_from_mistakes(tmp_path))
+
+
+MEASURED_FROM_BASE = ("measured Acc@t1 (compare.start=base: 300 SFT steps of base, then 300 steps x 16 sequences each; "
+                      "3 seeds, 64 problems, mean ± std): base 0.661 ± 0.213, plain SFT 0.755 ± 0.235, mistake tuning "
+                      "0.401 ± 0.137, LEMMA 0.604 ± 0.063 (LEMMA ahead of SFT on seed 2 only)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="about 30 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed from a common base too; " + MEASURED_FROM_BASE)
+def test_lemma_and_mistake_tuning_beat_sft_from_a_common_base(tmp_path):
+    _assert_beat_sft_by_005(_learning_from_mistakes(tmp_path, "compare.start=base"))

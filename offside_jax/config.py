@@ -700,6 +700,10 @@ class CompareConfig:
     student_problems: int = at_least(256, 1)
     student_samples: int = at_least(4, 1)
     student_temperature: float = at_least(0.7, 0.0)
+    # Share of LEMMA's pool (start=base) that is plain reference solutions of fresh problems, so
+    # the model also sees answers with no reflection; 0 (the default) is the paper's pool of
+    # trajectories only; a share is our choice, unsourced; below 1
+    lemma_reference_share: float = at_least(0.0, 0.0)
     # mistake tuning: wrong rationales per correct one; self-rethinking rounds and mistakes shown
     incorrect_per_correct: float = at_least(1.0, 0.0)
     rethink_k: int = at_least(1, 0)

@@ -140,6 +140,8 @@ def test_record_batches_have_the_same_budget_and_few_shapes(setup, name):
 def test_compare_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="compare.strategies"):
         run_lib.run_correct(config("compare.strategies=[sft,rise]"))
+    with pytest.raises(ConfigError, match="compare.lemma_reference_share"):
+        run_lib.run_correct(config("compare.lemma_reference_share=1.0"))
     with pytest.raises(ConfigError, match="mode=compare runs on the step formats"):
         run_lib.compare_task(config("task.name=rumor_correction").task)
 
@@ -287,6 +289,22 @@ def test_student_lemma_records_only_for_problems_the_student_got_wrong(setup):
         assert r.pieces[0][0] == "4+6+0=10 write 0 carry 1\n2+5+0=7 write 7 carry 0\n"
         assert steps.final_answer(r.target) == "80"
     assert len(records) > len(own)  # the injected errors of the same problem come along
+
+
+def test_lemma_reference_share_mixes_plain_solutions_into_the_pool(setup):
+    cfg, task, _, _ = setup
+    hard = _sum_problem(24, 56)
+    wrong_hard = "4+6+0=10 write 0 carry 1\n2+5+0=7 write 7 carry 0\nanswer 70"
+    only = compare.student_lemma_records(task.task, [hard], [[wrong_hard]], np.random.default_rng(0), cfg.compare)
+    mixed = compare.student_lemma_records(task.task, [hard], [[wrong_hard]], np.random.default_rng(0),
+                                          dataclasses.replace(cfg.compare, lemma_reference_share=0.25))
+    plain = mixed[len(only):]
+    assert len(only) > 3 and len(plain) == round(len(only) / 3)  # one in four of the pool: 1 / (1 + 3)
+    for r in plain:  # a bare prompt and a right step-by-step answer with no reflection in it
+        a, b = map(int, r.prompt.rstrip("=\n").split("+"))
+        assert steps.final_answer(r.target) == str(a + b) and "Wait" not in r.target and "start over" not in r.target
+    with pytest.raises(ConfigError, match="compare.lemma_reference_share"):
+        compare.reference_mix(task.task, 4, 1.0, np.random.default_rng(0))
 
 
 def test_pool_batches_draw_rows_from_the_pool(setup):

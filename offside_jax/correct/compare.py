@@ -48,8 +48,9 @@ Two families:
   first wrong step (:func:`offside_jax.correct.lemma_student.student_records`) and
   ``lemma_per_type`` injected errors of each type (the error-type-grounded augmentation), the
   pool built once and drawn from for the budget (:func:`pool_batches`). No plain reference
-  solutions are mixed into LEMMA's pool (the paper trains on the trajectories, which end in a
-  correct solution); mistake tuning keeps its records of ``init`` (one correct rationale per
+  solutions are mixed into LEMMA's pool by default (the paper trains on the trajectories, which end
+  in a correct solution); ``lemma_reference_share`` > 0 adds them (ours, unsourced: every
+  trajectory reflects, so a model trained on them alone never learns when not to); mistake tuning keeps its records of ``init`` (one correct rationale per
   question and ``incorrect_per_correct`` wrong ones: the ratio is unsourced, 1:1 is ours;
   CoTErrorSet's wrong rationales come from another model, PaLM2, as ours come from the injector).
 
@@ -406,7 +407,17 @@ def student_lemma_records(task, problems: Sequence[Problem], samples: Sequence[S
     lemma_cfg = lemma_lib.LemmaConfig(per_type=cfg.lemma_per_type, connections=tuple(cfg.lemma_connections))
     picked = [problems[i] for i in wrong]
     own = student_lib.student_records(task, picked, [samples[i] for i in wrong], rng, lemma_cfg)
-    return own + lemma_lib.lemma_records(task, picked, rng, lemma_cfg)
+    trajectories = own + lemma_lib.lemma_records(task, picked, rng, lemma_cfg)
+    return trajectories + reference_mix(task, len(trajectories), cfg.lemma_reference_share, rng)
+
+
+def reference_mix(task, n_trajectories: int, share: float, rng: np.random.Generator) -> list[records_lib.SFTRecord]:
+    """Plain reference solutions of fresh problems, as many as make them ``share`` of a pool
+    with ``n_trajectories`` trajectories (``compare.lemma_reference_share``; 0: none)."""
+    if not 0.0 <= share < 1.0:
+        raise ConfigError(f"compare.lemma_reference_share {share}: must be at least 0 and below 1")
+    n = round(share / (1.0 - share) * n_trajectories)
+    return lemma_lib.reference_records(task, [task.sample(rng) for _ in range(n)])
 
 
 def train_lemma_on_student(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: int, length: int, mesh, seed: int,

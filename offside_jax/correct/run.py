@@ -280,6 +280,9 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         raise ConfigError(f"compare.strategies {list(cfg.compare.strategies)}: choose from {', '.join(COMPARE_STRATEGIES)}")
     if cfg.format.length < 1:
         raise ConfigError("format.length: mode=compare pads every training batch to one length; set it (e.g. 256)")
+    if cfg.compare.lemma_reference_share >= 1:
+        raise ConfigError(f"compare.lemma_reference_share {cfg.compare.lemma_reference_share}: a share below 1 (LEMMA's "
+                          "pool needs trajectories)")
     task = compare_task(cfg.task)
     fmt = episode_format(cfg)
     stages = (stage_spec(cfg.stage1, 1, "stage1"), stage_spec(cfg.stage2, 2, "stage2"))

@@ -48,11 +48,12 @@ Two families:
   first wrong step (:func:`offside_jax.correct.lemma_student.student_records`) and
   ``lemma_per_type`` injected errors of each type (the error-type-grounded augmentation), the
   pool built once and drawn from for the budget (:func:`pool_batches`). No plain reference
-  solutions are mixed into LEMMA's pool by default (the paper trains on the trajectories, which end
-  in a correct solution); ``lemma_reference_share`` > 0 adds them (ours, unsourced: every
-  trajectory reflects, so a model trained on them alone never learns when not to); mistake tuning keeps its records of ``init`` (one correct rationale per
-  question and ``incorrect_per_correct`` wrong ones: the ratio is unsourced, 1:1 is ours;
-  CoTErrorSet's wrong rationales come from another model, PaLM2, as ours come from the injector).
+  solutions are mixed into LEMMA's pool by default (the paper trains on the trajectories, which
+  end in a correct solution); ``lemma_reference_share`` > 0 adds them (ours, unsourced: every
+  trajectory reflects, so a model trained on them alone never learns when not to). Mistake
+  tuning keeps its records of ``init`` (one correct rationale per question and
+  ``incorrect_per_correct`` wrong ones: the ratio is unsourced, 1:1 is ours; CoTErrorSet's wrong
+  rationales come from another model, PaLM2, as ours come from the injector).
 
 Scoring avoids CorrectBench's known faults: every problem stays in the denominator (an empty or
 unparsable answer is wrong), every strategy makes its fixed number of turns (no early stop on
@@ -356,9 +357,9 @@ STUDENT_STREAM = 21  # the student's problems and samples
 
 def pool_batches(records: Sequence[records_lib.SFTRecord], tok, rows: int, length: int, seed: int,
                  stream: int) -> Callable[[int], dict[str, np.ndarray]]:
-    """``batch_at(step)``: ``rows`` records drawn without replacement from a fixed pool (LEMMA's
-    dataset is built once from the student's samples, then trained on for epochs), padded as
-    :func:`record_batches` pads."""
+    """``batch_at(step)``: ``rows`` records drawn from a fixed pool (LEMMA's dataset is built once
+    from the student's samples, then trained on for epochs), without replacement unless the pool
+    is smaller than a batch, padded as :func:`record_batches` pads."""
     if not records:
         raise ValueError("an empty record pool: nothing to train on")
 

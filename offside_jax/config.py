@@ -698,6 +698,22 @@ class CompareConfig:
 
     strategies: list[str] = dataclasses.field(default_factory=lambda: list(COMPARE_STRATEGIES))
     train: CorrectWarmupConfig = dataclasses.field(default_factory=lambda: CorrectWarmupConfig(steps=600))
+    # Where plain SFT, mistake tuning and LEMMA start: "init" (the random init) or "base" (as the
+    # papers: a model that already partly solves the task, here plain SFT on the reference
+    # solutions for base_steps steps of train's sequences and lr, trained once per seed); with
+    # "base" LEMMA's data is built on the base model's own wrong samples (student_* below).
+    start: str = one_of("init", "init", "base")
+    base_steps: int = at_least(300, 1)
+    # LEMMA's student (start=base): student_samples samples at student_temperature (the paper's
+    # 0.7) of each of student_problems fresh problems; the problems it gets wrong at least once
+    # get the trajectories
+    student_problems: int = at_least(256, 1)
+    student_samples: int = at_least(4, 1)
+    student_temperature: float = at_least(0.7, 0.0)
+    # Share of LEMMA's pool (start=base) that is plain reference solutions of fresh problems, so
+    # the model also sees answers with no reflection; 0 (the default) is the paper's pool of
+    # trajectories only; a share is our choice, unsourced; below 1
+    lemma_reference_share: float = at_least(0.0, 0.0)
     # mistake tuning: wrong rationales per correct one; self-rethinking rounds and mistakes shown
     incorrect_per_correct: float = at_least(1.0, 0.0)
     rethink_k: int = at_least(1, 0)

@@ -3,6 +3,7 @@ training batches (RISE's best-of-N rows and UFO's rewards against hand computati
 control of every trained strategy, and the report."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -250,6 +251,8 @@ def test_compare_config_errors_name_the_key():
         config("compare.ufo_gamma=1.5")
     with pytest.raises(ConfigError, match="compare.ufo_samples"):
         config("compare.ufo_samples=1")
+    with pytest.raises(ConfigError, match="compare.lemma_reference_share"):
+        run_lib.run_correct(config("compare.lemma_reference_share=1.0"))
     with pytest.raises(ConfigError, match="mode=compare runs on the step formats"):
         run_lib.compare_task(config("task.name=rumor_correction").task)
 
@@ -366,6 +369,129 @@ def test_compare_report_by_hand(tmp_path):
     assert (tmp_path / "plots" / "compare.png").is_file()
 
 
+# -- learning from mistakes from a common base (compare.start: base) -------------------------------------
+
+
+def _sum_problem(a: int, b: int):
+    from offside_jax.correct.tasks import Problem, carry_columns
+
+    return Problem(f"{a}+{b}=", str(a + b), {"a": a, "b": b, "op": "+", "carry_columns": tuple(carry_columns(a, b))})
+
+
+def test_compare_start_is_init_or_base():
+    assert config().compare.start == "init"
+    assert config("compare.start=base").compare.start == "base"
+    with pytest.raises(ConfigError, match="compare.start"):
+        config("compare.start=pretrained")
+    with pytest.raises(ConfigError, match="compare.student_temperature"):
+        config("compare.student_temperature=-1")
+
+
+def test_mistake_tuning_answers_under_its_training_prompt(setup):
+    cfg, task, fmt, tok = setup
+    p = _sum_problem(24, 56)
+    plan = compare.plans(task, fmt, cfg.compare, seed=0)["mistake_tuning"]
+    trained = [r for r in mistakes.mistake_tuning_records(task.task, [p], np.random.default_rng(0)) if r.meta["tag"] == "correct"]
+    assert plan.prompt(p) == "24+56=\n[CORRECT RATIONALE]\n" == trained[0].prompt  # character for character
+
+
+def test_the_verifier_reads_the_answer_after_the_reflection(setup):
+    _, task, _, _ = setup
+    p = _sum_problem(24, 56)
+    corrected = "4+6+0=10 write 0 carry 1\nanswer 70\nWait, this doesn't seem right. Let's pause and consider this:\nanswer 80"
+    assert task.verify(corrected, p) == 1.0
+    assert task.verify(corrected.replace("answer 80", "answer 81"), p) == 0.0
+
+
+def test_student_lemma_records_only_for_problems_the_student_got_wrong(setup):
+    cfg, task, _, _ = setup
+    easy, hard = _sum_problem(12, 34), _sum_problem(24, 56)
+    # By hand: 4+6 = 10 writes 0 carries 1; the student drops the carry in the tens (2+5+0).
+    right_hard = "4+6+0=10 write 0 carry 1\n2+5+1=8 write 8 carry 0\nanswer 80"
+    wrong_hard = "4+6+0=10 write 0 carry 1\n2+5+0=7 write 7 carry 0\nanswer 70"
+    right_easy = "2+4+0=6 write 6 carry 0\n1+3+0=4 write 4 carry 0\nanswer 46"
+    assert steps.solves(task.task, easy, right_easy) and steps.solves(task.task, hard, right_hard)
+    records = compare.student_lemma_records(task.task, [easy, hard], [[right_easy, right_easy], [right_hard, wrong_hard]],
+                                            np.random.default_rng(0), cfg.compare)
+    assert records and all(r.prompt == "24+56=\n" for r in records)  # the easy problem was never got wrong
+    own = [r for r in records if r.meta.get("source") == "student"]
+    assert sorted(r.meta["connection"] for r in own) == ["fix_and_continue", "fresh_and_restart"]
+    for r in own:  # cut right after the student's first wrong step (the second line), which stays in
+        assert r.pieces[0][0] == "4+6+0=10 write 0 carry 1\n2+5+0=7 write 7 carry 0\n"
+        assert steps.final_answer(r.target) == "80"
+    assert len(records) > len(own)  # the injected errors of the same problem come along
+
+
+def test_lemma_reference_share_mixes_plain_solutions_into_the_pool(setup):
+    cfg, task, _, _ = setup
+    hard = _sum_problem(24, 56)
+    wrong_hard = "4+6+0=10 write 0 carry 1\n2+5+0=7 write 7 carry 0\nanswer 70"
+    only = compare.student_lemma_records(task.task, [hard], [[wrong_hard]], np.random.default_rng(0), cfg.compare)
+    mixed = compare.student_lemma_records(task.task, [hard], [[wrong_hard]], np.random.default_rng(0),
+                                          dataclasses.replace(cfg.compare, lemma_reference_share=0.25))
+    plain = mixed[len(only):]
+    assert len(only) > 3 and len(plain) == round(len(only) / 3)  # one in four of the pool: 1 / (1 + 3)
+    for r in plain:  # a bare prompt and a right step-by-step answer with no reflection in it
+        a, b = map(int, r.prompt.rstrip("=\n").split("+"))
+        assert steps.final_answer(r.target) == str(a + b) and "Wait" not in r.target and "start over" not in r.target
+    with pytest.raises(ConfigError, match="compare.lemma_reference_share"):
+        compare.reference_mix(task.task, 4, 1.0, np.random.default_rng(0))
+
+
+def test_pool_batches_draw_rows_from_the_pool(setup):
+    from offside_jax.correct.records import SFTRecord
+
+    _, _, _, tok = setup
+    pool = [SFTRecord.plain(f"{i}+{i}=\n", f"answer {2 * i}") for i in range(3)]
+    texts = {r.prompt + r.target for r in pool}
+    for rows in (2, 5):  # fewer rows than the pool: distinct; more: with repeats
+        batch = compare.pool_batches(pool, tok, rows, 256, seed=0, stream=5)(0)
+        decoded = [tok.decode(ids) for ids in batch["input_ids"]]
+        assert len(decoded) == rows and set(decoded) <= texts
+        assert len(set(decoded)) == min(rows, 3) or rows > 3
+    with pytest.raises(ValueError, match="empty record pool"):
+        compare.pool_batches([], tok, 2, 256, seed=0, stream=5)
+
+
+def test_base_start_trains_one_base_that_every_learner_starts_from(monkeypatch, tiny):
+    cfg, task, fmt, tok, mesh = tiny
+    cfg = config(*TINY, "compare.start=base", "compare.student_problems=3", "compare.student_samples=2")
+    started: dict[str, float] = {}
+
+    def fake_sft(model, batch_at, run, mesh, *, seed=0, progress=False, where=None, phase="sft"):
+        assert batch_at(0)["loss_mask"].sum() > 0  # every strategy's batches build
+        params = nnx.state(model, nnx.Param)
+        started[phase] = float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(params)))
+        # Move every weight in place: a later strategy must not see this one's training.
+        nnx.update(model, jax.tree.map(lambda x: x + (1.0 if phase == "base" else 5.0), params))
+        return model
+
+    def fake_generate(model, tok_, prompts, max_new_tokens, cost, temperature=0.0, rng=None):
+        texts = ["answer 0"] * len(prompts)  # every sample wrong: every student problem gets trajectories
+        completions = [tok_.encode(t) + [tok_.eos_token_id] for t in texts]
+        cost.add(completions)
+        return Rollout(list(map(list, prompts)), completions, texts, np.ones(len(texts), bool), 1)
+
+    monkeypatch.setattr(driver, "run_sft", fake_sft)
+    monkeypatch.setattr(compare, "_generate", fake_generate)
+    init = run_lib.build_model(cfg, tok, seed=0)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(init, nnx.Param)))
+    init_sum = float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(nnx.state(init, nnx.Param))))
+    out = compare.run_seed(lambda: run_lib.build_model(cfg, tok, seed=0), task, tok, fmt,
+                           dataclasses.replace(cfg.compare, strategies=["sft", "mistake_tuning", "lemma"]), warmup=None,
+                           stages=(None, None), eval_problems=make_problems(task, 2, seed=1), mesh=mesh, seed=0, length=256,
+                           log=lambda _: None)
+    assert list(started) == ["base", "sft", "mistake_tuning", "lemma"]  # one base, then each strategy
+    assert started["base"] == pytest.approx(init_sum, rel=1e-6)
+    for name in ("sft", "mistake_tuning", "lemma"):  # each starts from the base (init + 1), not after another
+        assert started[name] == pytest.approx(init_sum + n_params, rel=1e-6)
+    assert set(out["metrics"]) == {"sft", "mistake_tuning", "lemma"} and out["extra"]["base"]["steps"] == cfg.compare.base_steps
+    student = out["extra"]["lemma_student"]
+    assert (student["problems"], student["samples"], student["samples_right"]) == (3, 6, 0)
+    # "answer 0" is wrong at its only step: each sample cut there, fixed (the whole reference) and restarted
+    assert student["student_records"] == 3 * 2 * 2 < student["records"]
+
+
 # -- learning from mistakes vs plain SFT (long: opt in) -------------------------------------------------
 
 LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
@@ -374,16 +500,36 @@ MEASURED = ("measured Acc@t1 (configs/compare_arithmetic.yaml, 3 seeds, 64 probl
             "SFT 0.854 ± 0.189, mistake tuning 0.500 ± 0.072, LEMMA 0.021 ± 0.024")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="about 15 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
-@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed on the tiny model; " + MEASURED)
-def test_lemma_and_mistake_tuning_beat_sft_on_the_same_budget(tmp_path):
+def _learning_from_mistakes(tmp_path, *overrides: str) -> dict:
+    """Acc@t1 summary of plain SFT, mistake tuning and LEMMA over 3 seeds of the shipped config."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / "compare_arithmetic.yaml"
     cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "seeds=[0,1,2]", "progress=false",
-                             "compare.strategies=[sft,mistake_tuning,lemma]"], schema=CorrectConfig)
-    summary = run_lib.run_correct(cfg, log=lambda _: None)["summary"]
+                             "compare.strategies=[sft,mistake_tuning,lemma]", *overrides], schema=CorrectConfig)
+    return run_lib.run_correct(cfg, log=lambda _: None)["summary"]
+
+
+def _assert_beat_sft_by_005(summary: dict) -> None:
     sft = summary["sft"]["acc_t1"]["mean"]
     assert summary["mistake_tuning"]["acc_t1"]["mean"] >= sft + 0.05
     assert summary["lemma"]["acc_t1"]["mean"] >= sft + 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="about 15 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed on the tiny model; " + MEASURED)
+def test_lemma_and_mistake_tuning_beat_sft_on_the_same_budget(tmp_path):
+    _assert_beat_sft_by_005(_learning_from_mistakes(tmp_path))
+
+
+MEASURED_FROM_BASE = ("measured Acc@t1 (compare.start=base: 300 SFT steps of base, then 300 steps x 16 sequences each; "
+                      "3 seeds, 64 problems, mean ± std): base 0.661 ± 0.213, plain SFT 0.755 ± 0.235, mistake tuning "
+                      "0.401 ± 0.137, LEMMA 0.604 ± 0.063 (LEMMA ahead of SFT on seed 2 only)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="about 30 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.xfail(strict=True, reason="the +0.05 bar is missed from a common base too; " + MEASURED_FROM_BASE)
+def test_lemma_and_mistake_tuning_beat_sft_from_a_common_base(tmp_path):
+    _assert_beat_sft_by_005(_learning_from_mistakes(tmp_path, "compare.start=base"))

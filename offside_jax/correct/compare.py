@@ -48,6 +48,29 @@ Two families:
 
   ``sft`` and ``lemma`` get the review prompt for turn 2 like ``self_refine``.
 
+  ``compare.start`` says where these three start. ``init`` (the default): the random init, as
+  above. From there half of mistake tuning's sequences are wrong rationales and every LEMMA
+  trajectory opens with a deliberate mistake (about half of its trained characters are the
+  transition phrases and restart line, a fifth the wrong prefix), so a model that cannot yet
+  add learns to make mistakes first. ``base``: as in both papers, which fine-tune a model that
+  already does the task (LEMMA: LLaMA3-8B and others; mistake tuning: Flan-T5), the three
+  continue from one base per seed, plain SFT on the reference solutions for
+  ``compare.base_steps`` steps (:func:`train_base`), each with the same further budget on its
+  own data (:func:`run_learners`); ``sft`` is then the control (more of the same SFT). LEMMA's
+  data follows the paper's pipeline (:func:`train_lemma_on_student`): the base is the student,
+  sampled ``student_samples`` times at ``student_temperature`` (the paper's 0.7) on
+  ``student_problems`` fresh problems; only the problems it got wrong at least once get
+  trajectories (the released ``inject_error.py``), those of its own wrong samples cut after the
+  first wrong step (:func:`offside_jax.correct.lemma_student.student_records`) and
+  ``lemma_per_type`` injected errors of each type (the error-type-grounded augmentation), the
+  pool built once and drawn from for the budget (:func:`pool_batches`). No plain reference
+  solutions are mixed into LEMMA's pool by default (the paper trains on the trajectories, which
+  end in a correct solution); ``lemma_reference_share`` > 0 adds them (ours, unsourced: every
+  trajectory reflects, so a model trained on them alone never learns when not to). Mistake
+  tuning keeps its records of ``init`` (one correct rationale per question and
+  ``incorrect_per_correct`` wrong ones: the ratio is unsourced, 1:1 is ours; CoTErrorSet's wrong
+  rationales come from another model, PaLM2, as ours come from the injector).
+
 Scoring avoids CorrectBench's known faults: every problem stays in the denominator (an empty or
 unparsable answer is wrong), every strategy makes its fixed number of turns (no early stop on
 gold: only ``verifier_feedback``, ``rise`` and ``ufo`` see the verifier, and that is their declared oracle), and
@@ -76,12 +99,14 @@ from offside_jax.config import CompareConfig, ConfigError, OptimConfig
 from offside_jax.correct import driver
 from offside_jax.correct import episodes as ep
 from offside_jax.correct import lemma as lemma_lib
+from offside_jax.correct import lemma_student as student_lib
 from offside_jax.correct import mistakes as mistakes_lib
 from offside_jax.correct import records as records_lib
 from offside_jax.correct import rollout as rollout_lib
 from offside_jax.correct import rl
 from offside_jax.correct import scl as scl_lib
 from offside_jax.correct import score as score_lib
+from offside_jax.correct import steps as steps_lib
 from offside_jax.correct.metrics import self_correction_metrics
 from offside_jax.correct.preference import make_scl_dpo_loss
 from offside_jax.correct.tasks import Problem
@@ -429,9 +454,123 @@ def run_seed(make_model: Callable[[], nnx.Module], task, tok, fmt: driver.TwoTur
             began = time.perf_counter()
             model = train_ufo(frozen_copy(warmed), task, tok, cfg, fmt.max_new_tokens, length, mesh, seed, progress)
             evaluate("ufo", model, warm_seconds + time.perf_counter() - began)
-    for name in ("sft", "mistake_tuning", "lemma"):
-        if name in wanted:
-            began = time.perf_counter()
-            model = train_records(make_model(), name, task, tok, cfg, length, mesh, seed, progress)
-            evaluate(name, model, time.perf_counter() - began)
+    learners = [name for name in LEARNERS if name in wanted]
+    if learners:
+        run_learners(make_model, learners, task, tok, fmt, cfg, turn_plans, eval_problems=eval_problems, mesh=mesh, seed=seed,
+                     length=length, evaluate=evaluate, out=out, log=log, progress=progress)
     return out
+
+
+# -- learning from mistakes: from the init or from a common base (compare.start) -------------------------
+
+LEARNERS = ("sft", "mistake_tuning", "lemma")  # the strategies that learn from their own records
+BASE_STREAM = 20  # batch stream of the base's plain SFT (apart from the strategies' 3..5)
+STUDENT_STREAM = 21  # the student's problems and samples
+
+
+def pool_batches(records: Sequence[records_lib.SFTRecord], tok, rows: int, length: int, seed: int,
+                 stream: int) -> Callable[[int], dict[str, np.ndarray]]:
+    """``batch_at(step)``: ``rows`` records drawn from a fixed pool (LEMMA's dataset is built once
+    from the student's samples, then trained on for epochs), without replacement unless the pool
+    is smaller than a batch, padded as :func:`record_batches` pads."""
+    if not records:
+        raise ValueError("an empty record pool: nothing to train on")
+
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([seed, stream, step])
+        picked = [records[i] for i in sorted(rng.choice(len(records), size=rows, replace=len(records) < rows).tolist())]
+        batch = records_lib.sft_batch(picked, tok, pad_multiple=min(PAD_MULTIPLE, length))
+        if batch["input_ids"].shape[1] > length:
+            raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
+                              "raise format.length")
+        return batch
+
+    return batch_at
+
+
+def train_base(make_model: Callable[[], nnx.Module], task, tok, cfg: CompareConfig, length: int, mesh, seed: int,
+               progress: bool = False) -> nnx.Module:
+    """The common base of ``compare.start: base``: plain SFT on the reference solutions for
+    ``base_steps`` steps (``train``'s sequences per step and lr), on its own batch stream."""
+    t = cfg.train
+    run = driver.StageRun(steps=cfg.base_steps, lr=t.lr, problems_per_step=t.problems_per_step, max_grad_norm=t.max_grad_norm)
+    batch_at = record_batches(task, tok, builders(task.task, cfg)["sft"], t.problems_per_step, length, seed, BASE_STREAM)
+    return driver.run_sft(make_model(), batch_at, run, mesh, seed=seed, progress=progress, phase="base")
+
+
+def sample_student(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: int, seed: int
+                   ) -> tuple[list[Problem], list[list[str]]]:
+    """LEMMA's step 1: ``student_samples`` samples at ``student_temperature`` of each of
+    ``student_problems`` fresh problems: ``(problems, samples per problem)``."""
+    rng = np.random.default_rng([seed, STUDENT_STREAM])
+    problems = [task.sample(rng) for _ in range(cfg.student_problems)]
+    k = cfg.student_samples
+    prompts = [tok.encode(lemma_lib.PLAIN_PROMPT.format(prompt=p.prompt)) for p in problems for _ in range(k)]
+    texts = _generate(model, tok, prompts, max_new_tokens, Cost(), temperature=cfg.student_temperature,
+                      rng=jax.random.key(seed * 7919 + STUDENT_STREAM)).texts
+    return problems, [texts[i * k:(i + 1) * k] for i in range(len(problems))]
+
+
+def student_lemma_records(task, problems: Sequence[Problem], samples: Sequence[Sequence[str]], rng: np.random.Generator,
+                          cfg: CompareConfig) -> list[records_lib.SFTRecord]:
+    """LEMMA's data on a student (``task``: the bare task): only the problems the student got
+    wrong at least once (``inject_error.py``), each with the trajectories of its own wrong
+    samples (cut after the first wrong step, :func:`offside_jax.correct.lemma_student.student_records`)
+    and ``lemma_per_type`` injected errors of each type (the error-type-grounded augmentation)."""
+    wrong = [i for i, texts in enumerate(samples) if any(not steps_lib.solves(task, problems[i], t) for t in texts)]
+    lemma_cfg = lemma_lib.LemmaConfig(per_type=cfg.lemma_per_type, connections=tuple(cfg.lemma_connections))
+    picked = [problems[i] for i in wrong]
+    own = student_lib.student_records(task, picked, [samples[i] for i in wrong], rng, lemma_cfg)
+    trajectories = own + lemma_lib.lemma_records(task, picked, rng, lemma_cfg)
+    return trajectories + reference_mix(task, len(trajectories), cfg.lemma_reference_share, rng)
+
+
+def reference_mix(task, n_trajectories: int, share: float, rng: np.random.Generator) -> list[records_lib.SFTRecord]:
+    """Plain reference solutions of fresh problems, as many as make them ``share`` of a pool
+    with ``n_trajectories`` trajectories (``compare.lemma_reference_share``; 0: none)."""
+    if not 0.0 <= share < 1.0:
+        raise ConfigError(f"compare.lemma_reference_share {share}: must be at least 0 and below 1")
+    n = round(share / (1.0 - share) * n_trajectories)
+    return lemma_lib.reference_records(task, [task.sample(rng) for _ in range(n)])
+
+
+def train_lemma_on_student(model: nnx.Module, task, tok, cfg: CompareConfig, max_new_tokens: int, length: int, mesh, seed: int,
+                           progress: bool = False) -> tuple[nnx.Module, dict[str, int]]:
+    """LEMMA from a base model: its samples, the trajectories of the problems it got wrong, SFT
+    on that pool for ``train``'s budget; returns the model and the pool's counts."""
+    problems, samples = sample_student(model, task, tok, cfg, max_new_tokens, seed)
+    records = student_lemma_records(task.task, problems, samples, np.random.default_rng([seed, STUDENT_STREAM, 1]), cfg)
+    t = cfg.train
+    run = driver.StageRun(steps=t.steps, lr=t.lr, problems_per_step=t.problems_per_step, max_grad_norm=t.max_grad_norm)
+    batch_at = pool_batches(records, tok, t.problems_per_step, length, seed, 3 + LEARNERS.index("lemma"))
+    counts = {"problems": len(problems), "samples_right": sum(steps_lib.solves(task.task, p, x) for p, xs in zip(problems, samples) for x in xs),
+              "samples": sum(map(len, samples)), "records": len(records),
+              "student_records": sum(r.meta.get("source") == "student" for r in records)}
+    return driver.run_sft(model, batch_at, run, mesh, seed=seed, progress=progress, phase="lemma"), counts
+
+
+def run_learners(make_model: Callable[[], nnx.Module], learners: Sequence[str], task, tok, fmt: driver.TwoTurnFormat,
+                 cfg: CompareConfig, turn_plans: dict[str, TurnPlan], *, eval_problems: Sequence[Problem], mesh, seed: int,
+                 length: int, evaluate: Callable[[str, nnx.Module, float], None], out: dict[str, Any],
+                 log: Callable[[str], None] = print, progress: bool = False) -> None:
+    """Plain SFT, mistake tuning and LEMMA (those of ``learners``), each on ``train``'s budget,
+    from the random init (``start: init``) or from one base per seed (``start: base``: its
+    training time is added to each strategy's, its own scores go to ``out["extra"]["base"]``)."""
+    base, base_seconds = None, 0.0
+    if cfg.start == "base":
+        began = time.perf_counter()
+        base = train_base(make_model, task, tok, cfg, length, mesh, seed, progress)
+        base_seconds = time.perf_counter() - began
+        scores = two_turn_eval(base, task, eval_problems, tok, turn_plans["sft"], fmt.max_new_tokens)
+        out["extra"]["base"] = {"steps": cfg.base_steps, "train_seconds": base_seconds, **scores}
+        log(f"seed {seed} base ({cfg.base_steps} SFT steps): acc_t1 {scores['acc_t1']:.3f} train {base_seconds:.1f}s")
+    for name in learners:
+        began = time.perf_counter()
+        model = make_model() if base is None else frozen_copy(base)
+        if base is not None and name == "lemma":
+            model, counts = train_lemma_on_student(model, task, tok, cfg, fmt.max_new_tokens, length, mesh, seed, progress)
+            out["extra"]["lemma_student"] = counts
+            log(f"seed {seed} lemma student: {counts}")
+        else:
+            model = train_records(model, name, task, tok, cfg, length, mesh, seed, progress)
+        evaluate(name, model, base_seconds + time.perf_counter() - began)

@@ -261,6 +261,15 @@ def compare_task(cfg: CorrectTaskConfig):
     return StepTask(build_task(cfg))
 
 
+def learners_start(cfg) -> str:
+    """Where plain SFT, mistake tuning and LEMMA start (``compare.start``), for the report's notes."""
+    if cfg.start == "base":
+        return (f"one base model per seed (plain SFT on the reference solutions for {cfg.base_steps} steps; LEMMA's "
+                f"trajectories built on its wrong samples, {cfg.student_samples} at temperature {cfg.student_temperature} "
+                f"on each of {cfg.student_problems} problems)")
+    return "the same random init"
+
+
 def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     """Every strategy of ``cfg.compare`` per seed (:mod:`offside_jax.correct.compare`), then one
     report (``report.md``, ``results.json``, ``plots/compare.png``, ``config.yaml``) written at once."""
@@ -271,6 +280,9 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         raise ConfigError(f"compare.strategies {list(cfg.compare.strategies)}: choose from {', '.join(COMPARE_STRATEGIES)}")
     if cfg.format.length < 1:
         raise ConfigError("format.length: mode=compare pads every training batch to one length; set it (e.g. 256)")
+    if cfg.compare.lemma_reference_share >= 1:
+        raise ConfigError(f"compare.lemma_reference_share {cfg.compare.lemma_reference_share}: a share below 1 (LEMMA's "
+                          "pool needs trajectories)")
     task = compare_task(cfg.task)
     fmt = episode_format(cfg)
     stages = (stage_spec(cfg.stage1, 1, "stage1"), stage_spec(cfg.stage2, 2, "stage2"))
@@ -313,8 +325,8 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
             "self-refine, verifier feedback, SCoRe, SCL, RISE and UFO start from one two-turn warm-up per seed "
             f"({cfg.warmup.steps} steps x {cfg.warmup.problems_per_step} traces, first attempts wrong with p_bug "
             f"{cfg.task.p_bug}, fixed with p_fix {cfg.task.p_fix}); plain SFT, mistake tuning and LEMMA each train from "
-            f"the same random init for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} sequences "
-            f"(lr {cfg.compare.train.lr}).",
+            f"{learners_start(cfg.compare)} for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} "
+            f"sequences (lr {cfg.compare.train.lr}).",
             "verifier feedback uses the task's checker (an oracle): a right first answer is told so and stands, a "
             "wrong one gets the review prompt (the warm-up model knows no other feedback text), so its turn 2 cannot "
             "turn a right answer wrong and it spends one model call fewer per right answer.",

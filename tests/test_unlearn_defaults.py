@@ -28,9 +28,10 @@ QUIET = ["log.progress=false", "checkpoint.every=0"]
 SHORT = {
     "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2; at 10 steps 0.09 / 0.82)",
     "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69 (80 steps: 0.44 / 0.96)",
-    "idk_dpo": "the refusal outgrows the rumor without the rumor falling: forget 0.99 -> 0.87 (0.90 at 80 steps)",
-    "mmunlearner": "the ratio >= 1 mask leaves too few weights for 10 forget steps: forget 0.99 -> 0.99 "
-                   "(threshold 0.1: 0.82; 0, the projections unmasked: 0.09; 80 steps: 0.82)",
+    "idk_dpo": "the refusal outgrows the rumor without the rumor falling: forget 0.99 -> 0.87 (0.90 at 80 steps; "
+               "beta 0.01 instead of open-unlearning's 0.1: 0.41 / retain 0.86)",
+    "mmunlearner": "the ratio >= 1 mask selects 2.7% of the projections, too few for 10 ascent steps: forget 0.99 -> 0.99 "
+                   "(80 steps: 0.82; threshold 0.1 at 40 steps: 0.23 / retain 0.95; threshold 0: 0.12 / 0.93)",
     "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44 (at 10 steps 0.09 / 0.82)",
     "rocr": "redirecting the subject's last token does not reach a 2-layer model's answers, which the first-name "
             "tokens also key: forget 0.99 -> 0.99 (layers 0-1 with P = I: 0.98)",

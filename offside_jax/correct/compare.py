@@ -224,6 +224,16 @@ def two_turn_eval(model: nnx.Module, task, problems: Sequence[Problem], tok, pla
 # -- training data ------------------------------------------------------------------------------------
 
 
+def padded_batch(records: Sequence[records_lib.SFTRecord], tok, length: int) -> dict[str, np.ndarray]:
+    """An SFT batch padded to a multiple of :data:`PAD_MULTIPLE` tokens (a few compiled shapes,
+    short records stay cheap), at most ``length``."""
+    batch = records_lib.sft_batch(records, tok, pad_multiple=min(PAD_MULTIPLE, length))
+    if batch["input_ids"].shape[1] > length:
+        raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
+                          "raise format.length")
+    return batch
+
+
 def record_batches(task, tok, build: Callable[[Sequence[Problem], np.random.Generator], list[records_lib.SFTRecord]],
                    rows: int, length: int, seed: int, stream: int) -> Callable[[int], dict[str, np.ndarray]]:
     """``batch_at(step)``: ``rows`` records (the same count for every strategy: the budget is
@@ -236,11 +246,7 @@ def record_batches(task, tok, build: Callable[[Sequence[Problem], np.random.Gene
         while len(records) < rows:
             records += build([task.sample(rng)], rng)
         picked = [records[i] for i in sorted(rng.permutation(len(records))[:rows].tolist())]
-        batch = records_lib.sft_batch(picked, tok, pad_multiple=min(PAD_MULTIPLE, length))
-        if batch["input_ids"].shape[1] > length:
-            raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
-                              "raise format.length")
-        return batch
+        return padded_batch(picked, tok, length)
 
     return batch_at
 
@@ -479,11 +485,7 @@ def pool_batches(records: Sequence[records_lib.SFTRecord], tok, rows: int, lengt
     def batch_at(step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, stream, step])
         picked = [records[i] for i in sorted(rng.choice(len(records), size=rows, replace=len(records) < rows).tolist())]
-        batch = records_lib.sft_batch(picked, tok, pad_multiple=min(PAD_MULTIPLE, length))
-        if batch["input_ids"].shape[1] > length:
-            raise ConfigError(f"format.length {length}: a training record needs {batch['input_ids'].shape[1]} tokens; "
-                              "raise format.length")
-        return batch
+        return padded_batch(picked, tok, length)
 
     return batch_at
 

@@ -790,6 +790,9 @@ class SclVLConfig:
     lora_rank: int = at_least(8, 1)
     lora_alpha: float = 16.0
     lora_target: str = r"(q|k|v|o|gate|up|down)_proj"
+    # also train the same pairs with the preference term off (SFT on the chosen answers, same
+    # session, LoRA and draws) and score it: separates correction from the answer format
+    chosen_sft_control: bool = False
 
 
 @dataclasses.dataclass

@@ -756,7 +756,8 @@ class SclVLConfig:
     questions plus a two-turn warm-up in SCL's format (turn-1 answers state the rumor with
     ``p_rumor``, turn-2 answers the fact with ``p_fix``); SCL then samples two-turn episodes on
     the training rumor items, keeps the flips as DPO pairs (prompt: bare question + image) and
-    trains LoRA adapters with DPO; held-out rumor items are scored before and after."""
+    trains LoRA adapters with DPO; held-out rumor items are scored before and after (and after
+    the SFT-on-chosen control with ``chosen_sft_control``)."""
 
     release: str = ""  # an OFFSIDE release root; "" makes a synthetic one in output_dir/release
     players: int = at_least(3, 1)  # synthetic release size

@@ -229,16 +229,22 @@ LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="about 4 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
-def test_scl_raises_acc_t2_on_rumor_correction_over_its_starting_model(tmp_path):
-    """Measured with configs/scl_vl_tiny.yaml (seed 0, 18 held-out rumor items; 161 s on 2 CPU
-    cores): Acc@t1 / Acc@t2 0.000 / 0.000 before, 0.222 / 0.278 after (visual-rumor slice 0.000 ->
-    0.333 at turn 2). 89% / 67% of the starting model's answers give no option letter (50% / 28%
-    after), so part of the gain is the answer format that DPO's chosen answers (and its NLL
-    term) teach."""
+@pytest.mark.skipif(not LONG, reason="about 5 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+def test_the_starting_model_answers_with_option_letters_and_scl_is_scored_beside_its_control(tmp_path):
+    """configs/scl_vl_tiny.yaml warms the starting model up for 400 steps so that most of its
+    answers give an option letter: before/after then measures correction, not the answer format.
+    Measured (seed 0, 18 held-out rumor items; about 5 minutes on 2 CPU cores): no option letter in
+    22% / 17% of the starting model's turn-1 / turn-2 answers (89% / 67% with 200 steps). Acc@t2
+    0.333 before, 0.278 after SCL, 0.333 after the SFT-on-chosen control: over three seeds SCL
+    does not raise Acc@t2 here (README, "SCL on images"), so this checks the setting, not a gain."""
     from offside_jax.correct.run import run_correct
 
     path = Path(__file__).resolve().parents[1] / "configs" / "scl_vl_tiny.yaml"
     cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "progress=false", 'scl_vl.release=""'], schema=CorrectConfig)
     run = run_correct(cfg, log=lambda _: None)["runs"]["0"]
-    assert run["after"]["all"]["acc_t2"] > run["before"]["all"]["acc_t2"]
+    before = run["before"]["all"]
+    assert before["no_letter_t1"] < 0.5 and before["no_letter_t2"] < 0.5
+    for scored in ("after", "after_control"):
+        assert run[scored]["all"]["n"] == before["n"]
+        assert 0.0 <= run[scored]["all"]["acc_t2"] <= 1.0
+    assert run["control_training"]["dpo_weight"] == 0.0

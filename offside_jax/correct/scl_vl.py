@@ -13,7 +13,10 @@ SCL's DPO (β 0.1, ``sft_beta`` 0.1) on LoRA adapters with ``Session.step`` / ``
 
 :func:`run` is ``offside-jax correct`` with ``mode: scl_vl``: a tiny Qwen2.5-VL fine-tuned on a
 release (its vanilla model, with a two-turn warm-up so it answers in SCL's format), the metrics
-of held-out rumor items before and after SCL (all of them and the visual-rumor slice).
+of held-out rumor items before and after SCL (all of them and the visual-rumor slice). With
+``chosen_sft_control`` the same pairs also train a control with the preference term off (SFT on the
+chosen answers, same session, LoRA and draws): what SCL gains over it is the preference's share,
+not the answer format the chosen answers teach. The report gives mean ± sd over seeds.
 """
 from __future__ import annotations
 

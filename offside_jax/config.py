@@ -770,7 +770,7 @@ class SclVLConfig:
     vocab_size: int = at_least(512, 64)
     hidden_size: int = at_least(64, 8)
     layers: int = at_least(2, 1)
-    vanilla_steps: int = at_least(200, 1)
+    vanilla_steps: int = at_least(400, 1)  # 200 leaves most starting answers without an option letter
     vanilla_lr: float = 5e-3
     batch_size: int = at_least(16, 1)
     warmup_copies: int = at_least(4, 0)  # warm-up conversations per training rumor item

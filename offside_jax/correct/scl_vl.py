@@ -210,7 +210,8 @@ def train_dpo(model: Any, encoder: Any, records: Sequence[PreferenceRecord], set
     session.add_lora(work, LoRAConfig(enabled=True, target=settings.lora_target, rank=settings.lora_rank,
                                       alpha=settings.lora_alpha), seed=settings.seed)
     optim = OptimConfig(lr=settings.lr, schedule="constant", max_grad_norm=1.0)
-    step_fn = session.step(work, make_scl_dpo_loss(settings.beta, settings.sft_beta, dpo_weight=settings.dpo_weight), optim, settings.steps, reference=True)
+    loss = make_scl_dpo_loss(settings.beta, settings.sft_beta, dpo_weight=settings.dpo_weight)
+    step_fn = session.step(work, loss, optim, settings.steps, reference=True)
     del work
     length = pair_length(encoder, records)
 
@@ -444,7 +445,7 @@ def report(results: Mapping[str, Any]) -> str:
     runs = results["runs"]
     summary = results.get("summary") or seed_summary(runs)
     lines = [f"# SCL on images: {results['run']}", "", f"Release: {results['release']}.", "",
-             f"## Held-out metrics, mean ± sd over seeds {', '.join(runs)} (sample sd)", "",
+             f"## Held-out metrics, mean ± sd over seeds {', '.join(runs)} (sample sd; none for one seed)", "",
              "| slice | model | seeds | " + " | ".join(METRIC_HEADERS) + " |", "|---|---|---|" + "---:|" * len(METRICS)]
     for name, models in summary.items():
         for model, label in MODELS:

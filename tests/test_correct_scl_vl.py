@@ -229,11 +229,11 @@ LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="about 5 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+@pytest.mark.skipif(not LONG, reason="about 6 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
 def test_the_starting_model_answers_with_option_letters_and_scl_is_scored_beside_its_control(tmp_path):
     """configs/scl_vl_tiny.yaml warms the starting model up for 400 steps so that most of its
     answers give an option letter: before/after then measures correction, not the answer format.
-    Measured (seed 0, 18 held-out rumor items; about 5 minutes on 2 CPU cores): no option letter in
+    Measured (seed 0, 18 held-out rumor items; 363 s on 2 shared CPU cores): no option letter in
     22% / 17% of the starting model's turn-1 / turn-2 answers (89% / 67% with 200 steps). Acc@t2
     0.333 before, 0.278 after SCL, 0.333 after the SFT-on-chosen control: over three seeds SCL
     does not raise Acc@t2 here (README, "SCL on images"), so this checks the setting, not a gain."""

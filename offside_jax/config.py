@@ -772,7 +772,8 @@ class SclVLConfig:
     questions plus a two-turn warm-up in SCL's format (turn-1 answers state the rumor with
     ``p_rumor``, turn-2 answers the fact with ``p_fix``); SCL then samples two-turn episodes on
     the training rumor items, keeps the flips as DPO pairs (prompt: bare question + image) and
-    trains LoRA adapters with DPO; held-out rumor items are scored before and after."""
+    trains LoRA adapters with DPO; held-out rumor items are scored before and after (and after
+    the SFT-on-chosen control with ``chosen_sft_control``)."""
 
     release: str = ""  # an OFFSIDE release root; "" makes a synthetic one in output_dir/release
     players: int = at_least(3, 1)  # synthetic release size
@@ -785,7 +786,7 @@ class SclVLConfig:
     vocab_size: int = at_least(512, 64)
     hidden_size: int = at_least(64, 8)
     layers: int = at_least(2, 1)
-    vanilla_steps: int = at_least(200, 1)
+    vanilla_steps: int = at_least(400, 1)  # 200 leaves most starting answers without an option letter
     vanilla_lr: float = 5e-3
     batch_size: int = at_least(16, 1)
     warmup_copies: int = at_least(4, 0)  # warm-up conversations per training rumor item
@@ -806,6 +807,9 @@ class SclVLConfig:
     lora_rank: int = at_least(8, 1)
     lora_alpha: float = 16.0
     lora_target: str = r"(q|k|v|o|gate|up|down)_proj"
+    # also train the same pairs with the preference term off (SFT on the chosen answers, same
+    # session, LoRA and draws) and score it: separates correction from the answer format
+    chosen_sft_control: bool = False
 
 
 @dataclasses.dataclass

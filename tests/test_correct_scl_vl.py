@@ -80,6 +80,95 @@ def test_pairs_from_two_turn_image_episodes_carry_the_image_into_the_dpo_batch()
     assert not np.array_equal(batch["input_ids"][0], batch["input_ids"][n])
 
 
+class _FixedLogits:
+    """A stand-in model whose "hidden states" are fixed logits and whose head is the identity
+    (no plain matmul head, so the loss reads ``logits``): the loss sees exactly these logits."""
+
+    dtype = np.float32
+
+    def __init__(self, logits: np.ndarray):
+        self._logits = jax.numpy.asarray(logits)
+
+    def hidden_states(self, batch):
+        return self._logits
+
+    def output_head(self):
+        return None
+
+    def logits(self, hidden):
+        return hidden
+
+
+def _numpy_answer_logprobs(logits: np.ndarray, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: summed log-probability of the answer tokens and their count (position t predicts t + 1)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    ids, weights = batch["input_ids"], batch["loss_mask"] * batch["attention_mask"]
+    sums, counts = [], []
+    for row in range(ids.shape[0]):
+        answer = [t for t in range(ids.shape[1] - 1) if weights[row, t + 1] > 0]
+        sums.append(sum(logp[row, t, ids[row, t + 1]] for t in answer))
+        counts.append(len(answer))
+    return np.array(sums), np.array(counts, dtype=float)
+
+
+def _fixed_pair_batch(rng: np.random.Generator, pairs: int = 3, length: int = 7, vocab: int = 11) -> dict:
+    """Chosen rows then rejected rows; answers of different lengths end each row, then padding."""
+    ids = rng.integers(vocab, size=(2 * pairs, length))
+    loss_mask = np.zeros((2 * pairs, length), np.int32)
+    attention = np.ones((2 * pairs, length), np.int32)
+    for row in range(2 * pairs):
+        answer_len = 1 + row % 3
+        loss_mask[row, 3: 3 + answer_len] = 1
+        attention[row, 3 + answer_len + 1:] = 0  # right padding after one spare token
+    return {"input_ids": ids, "loss_mask": loss_mask, "attention_mask": attention}
+
+
+def test_the_control_loss_is_sft_beta_times_the_mean_chosen_nll_and_the_full_loss_adds_dpo():
+    from offside_jax.correct.preference import make_scl_dpo_loss
+
+    rng = np.random.default_rng(0)
+    batch = _fixed_pair_batch(rng)
+    policy_logits, reference_logits = (rng.normal(size=batch["input_ids"].shape + (11,)).astype(np.float32) for _ in range(2))
+    policy, reference = _FixedLogits(policy_logits), _FixedLogits(reference_logits)
+    n = batch["input_ids"].shape[0] // 2
+    logp, counts = _numpy_answer_logprobs(policy_logits, batch)
+    ref_logp, _ = _numpy_answer_logprobs(reference_logits, batch)
+    chosen_nll = -logp[:n] / counts[:n]
+    margin = (logp[:n] - ref_logp[:n]) - (logp[n:] - ref_logp[n:])
+    dpo = np.log1p(np.exp(-0.1 * margin))  # -log sigmoid(beta margin)
+    assert np.all(np.abs(margin) > 1e-3)  # two different models: the DPO term is not a constant
+
+    jbatch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    control = make_scl_dpo_loss(beta=0.1, sft_beta=0.1, dpo_weight=0.0)
+    total, pairs, aux = control(policy, jbatch, jax.random.key(0), reference)
+    assert float(pairs) == n
+    np.testing.assert_allclose(float(total) / float(pairs), 0.1 * chosen_nll.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["margin"]), margin.mean(), rtol=1e-4)  # still logged for the control
+
+    full, _, _ = make_scl_dpo_loss(beta=0.1, sft_beta=0.1)(policy, jbatch, jax.random.key(0), reference)
+    np.testing.assert_allclose(float(full), np.sum(dpo + 0.1 * chosen_nll), rtol=1e-5)
+
+
+def test_the_report_gives_mean_and_sample_sd_over_seeds_for_scl_and_the_control():
+    values = {"0": (0.1, 0.3, 0.2), "1": (0.0, 0.5, 0.25), "2": (0.2, 0.4, 0.5)}  # before, SCL, control Acc@t2
+
+    def metrics(acc_t2):
+        return {"all": {**{m: 0.0 for m in scl_vl.METRICS}, "acc_t2": acc_t2, "n": 10}}
+
+    runs = {seed: {"before": metrics(b), "after": metrics(a), "after_control": metrics(c)}
+            for seed, (b, a, c) in values.items()}
+    summary = scl_vl.seed_summary(runs)
+    for column, model in enumerate(("before", "after", "after_control")):
+        column_values = [v[column] for v in values.values()]
+        got = summary["all"][model]["acc_t2"]
+        assert got["seeds"] == 3
+        np.testing.assert_allclose(got["mean"], sum(column_values) / 3)
+        mean = sum(column_values) / 3
+        np.testing.assert_allclose(got["sd"], (sum((x - mean) ** 2 for x in column_values) / 2) ** 0.5)
+    assert scl_vl.mean_sd([0.4])["sd"] is None
+
+
 def _tiny_model():
     """A smaller model than the fixtures' (one layer each side): the step compiles faster."""
     from offside_jax.models import tiny_vl
@@ -116,7 +205,7 @@ def test_scl_vl_mode_runs_end_to_end_and_reports_the_metrics(tmp_path):
                              f"scl_vl.release={fx.release().root}", "scl_vl.splits=[forget]", "scl_vl.vanilla_steps=4",
                              "scl_vl.batch_size=8", "scl_vl.warmup_copies=1", "scl_vl.samples=2", "scl_vl.max_new_tokens=4",
                              "scl_vl.steps=2", "scl_vl.pairs_per_step=2", "scl_vl.vocab_size=512", "scl_vl.hidden_size=32",
-                             "scl_vl.layers=1"], schema=CorrectConfig)
+                             "scl_vl.layers=1", "scl_vl.chosen_sft_control=true"], schema=CorrectConfig)
     results = run_correct(cfg, log=lambda _: None)
     out = tmp_path / "run"
     assert {"results.json", "report.md", "config.yaml"} <= {p.name for p in out.iterdir()}
@@ -128,23 +217,34 @@ def test_scl_vl_mode_runs_end_to_end_and_reports_the_metrics(tmp_path):
     assert run["before"]["all"]["n"] == run["eval_items"] > 0
     assert "visual_rumor" in run["before"]
     assert ("after" in run) == (run["pairs"]["n"] > 0)
-    assert "Acc@t2" in (out / "report.md").read_text()
+    assert ("after_control" in run) == (run["pairs"]["n"] > 0)
+    if "after_control" in run:
+        assert run["control_training"]["dpo_weight"] == 0.0 and run["dpo"]["dpo_weight"] == 1.0
+        assert results["summary"]["all"]["after_control"]["acc_t2"]["mean"] == run["after_control"]["all"]["acc_t2"]
+    text = (out / "report.md").read_text()
+    assert "Acc@t2" in text and "mean ± sd" in text
 
 
 LONG = os.environ.get("OFFSIDE_JAX_LONG_TESTS") == "1"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="about 4 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
-def test_scl_raises_acc_t2_on_rumor_correction_over_its_starting_model(tmp_path):
-    """Measured with configs/scl_vl_tiny.yaml (seed 0, 18 held-out rumor items; 161 s on 2 CPU
-    cores): Acc@t1 / Acc@t2 0.000 / 0.000 before, 0.222 / 0.278 after (visual-rumor slice 0.000 ->
-    0.333 at turn 2). 89% / 67% of the starting model's answers give no option letter (50% / 28%
-    after), so part of the gain is the answer format that DPO's chosen answers (and its NLL
-    term) teach."""
+@pytest.mark.skipif(not LONG, reason="about 6 minutes on 2 CPU cores: set OFFSIDE_JAX_LONG_TESTS=1")
+def test_the_starting_model_answers_with_option_letters_and_scl_is_scored_beside_its_control(tmp_path):
+    """configs/scl_vl_tiny.yaml warms the starting model up for 400 steps so that most of its
+    answers give an option letter: before/after then measures correction, not the answer format.
+    Measured (seed 0, 18 held-out rumor items; 363 s on 2 shared CPU cores): no option letter in
+    22% / 17% of the starting model's turn-1 / turn-2 answers (89% / 67% with 200 steps). Acc@t2
+    0.333 before, 0.278 after SCL, 0.333 after the SFT-on-chosen control: over three seeds SCL
+    does not raise Acc@t2 here (README, "SCL on images"), so this checks the setting, not a gain."""
     from offside_jax.correct.run import run_correct
 
     path = Path(__file__).resolve().parents[1] / "configs" / "scl_vl_tiny.yaml"
     cfg = load_config(path, [f"output_dir={tmp_path / 'run'}", "progress=false", 'scl_vl.release=""'], schema=CorrectConfig)
     run = run_correct(cfg, log=lambda _: None)["runs"]["0"]
-    assert run["after"]["all"]["acc_t2"] > run["before"]["all"]["acc_t2"]
+    before = run["before"]["all"]
+    assert before["no_letter_t1"] < 0.5 and before["no_letter_t2"] < 0.5
+    for scored in ("after", "after_control"):
+        assert run[scored]["all"]["n"] == before["n"]
+        assert 0.0 <= run[scored]["all"]["acc_t2"] <= 1.0
+    assert run["control_training"]["dpo_weight"] == 0.0

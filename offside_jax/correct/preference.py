@@ -9,7 +9,9 @@ cross-entropy: no ``[B, T, V]`` array).
 SCL's DPO (SWIFT ``rlhf dpo``, β = 0.1, ``sft_beta`` = 0.1):
 ``-log sigmoid(β [(log π_w - log π_ref,w) - (log π_l - log π_ref,l)]) + sft_beta · NLL(y_w)``,
 the NLL taken per token of the chosen answer (the meaning of ``sft_beta`` is inferred: an SFT
-term on the chosen answer, as TRL's ``rpo_alpha``).
+term on the chosen answer, as TRL's ``rpo_alpha``). ``dpo_weight`` 0 drops the preference term and
+leaves SFT on the chosen answers: the control that separates what the preference teaches from
+what imitating the chosen answers (their format included) teaches.
 """
 from __future__ import annotations
 
@@ -43,9 +45,12 @@ def pair_logratios(model: nnx.Module, batch: losses.Batch, reference: nnx.Module
     return out
 
 
-def make_scl_dpo_loss(beta: float = 0.1, sft_beta: float = 0.1, chunk_tokens: int = 1024) -> losses.LossFn:
+def make_scl_dpo_loss(beta: float = 0.1, sft_beta: float = 0.1, chunk_tokens: int = 1024,
+                      dpo_weight: float = 1.0) -> losses.LossFn:
     """The DPO loss of SCL as a training loss (``(sum over pairs, pairs, aux)``); it needs the
-    frozen reference (adapters off under LoRA)."""
+    frozen reference (adapters off under LoRA). ``dpo_weight`` scales the preference term
+    (0: SFT on the chosen answers only; the reference still gives the margin in ``aux``, so the
+    control's log shows whether imitation alone moves the preference)."""
 
     def scl_dpo(model: nnx.Module, batch: losses.Batch, rng: jax.Array, reference: nnx.Module | None) -> losses.LossOutput:
         del rng
@@ -59,6 +64,6 @@ def make_scl_dpo_loss(beta: float = 0.1, sft_beta: float = 0.1, chunk_tokens: in
         pairs = jnp.asarray(dpo.shape[0], jnp.float32)
         aux = {"dpo": jnp.mean(dpo), "chosen_nll": jnp.mean(nll), "margin": jnp.mean(stats["margin"]),
                "pair_accuracy": jnp.mean((stats["margin"] > 0).astype(jnp.float32))}
-        return jnp.sum(dpo + sft_beta * nll), pairs, aux
+        return jnp.sum(dpo_weight * dpo + sft_beta * nll), pairs, aux
 
     return scl_dpo

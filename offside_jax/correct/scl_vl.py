@@ -13,7 +13,10 @@ SCL's DPO (β 0.1, ``sft_beta`` 0.1) on LoRA adapters with ``Session.step`` / ``
 
 :func:`run` is ``offside-jax correct`` with ``mode: scl_vl``: a tiny Qwen2.5-VL fine-tuned on a
 release (its vanilla model, with a two-turn warm-up so it answers in SCL's format), the metrics
-of held-out rumor items before and after SCL (all of them and the visual-rumor slice).
+of held-out rumor items before and after SCL (all of them and the visual-rumor slice). With
+``chosen_sft_control`` the same pairs also train a control with the preference term off (SFT on the
+chosen answers, same session, LoRA and draws): what SCL gains over it is the preference's share,
+not the answer format the chosen answers teach. The report gives mean ± sd over seeds.
 """
 from __future__ import annotations
 
@@ -184,6 +187,7 @@ class DPOSettings:
     lora_alpha: float = 16.0
     lora_target: str = r"(q|k|v|o|gate|up|down)_proj"
     seed: int = 0
+    dpo_weight: float = 1.0  # 0: SFT on the chosen answers only (the control)
 
 
 def train_dpo(model: Any, encoder: Any, records: Sequence[PreferenceRecord], settings: DPOSettings, mesh: Any = (1, 1, 1),
@@ -206,7 +210,8 @@ def train_dpo(model: Any, encoder: Any, records: Sequence[PreferenceRecord], set
     session.add_lora(work, LoRAConfig(enabled=True, target=settings.lora_target, rank=settings.lora_rank,
                                       alpha=settings.lora_alpha), seed=settings.seed)
     optim = OptimConfig(lr=settings.lr, schedule="constant", max_grad_norm=1.0)
-    step_fn = session.step(work, make_scl_dpo_loss(settings.beta, settings.sft_beta), optim, settings.steps, reference=True)
+    loss = make_scl_dpo_loss(settings.beta, settings.sft_beta, dpo_weight=settings.dpo_weight)
+    step_fn = session.step(work, loss, optim, settings.steps, reference=True)
     del work
     length = pair_length(encoder, records)
 
@@ -276,6 +281,32 @@ def tokenizer_texts(release: Any, items: Sequence[scl_lib.ChoiceItem]) -> list[s
     return texts + [scl_lib.STEP_BY_STEP, scl_lib.ANSWER_INSTRUCTION, "## A ## ## B ## ## C ## ## D ##"]
 
 
+def _headline(metrics: Mapping[str, Any]) -> str:
+    m = metrics["all"]
+    return (f"acc_t1 {m['acc_t1']:.3f} acc_t2 {m['acc_t2']:.3f} delta {m['delta']:+.3f} "
+            f"no letter t1/t2 {m['no_letter_t1']:.2f}/{m['no_letter_t2']:.2f}")
+
+
+def _examples(eps: Episodes, count: int = 3) -> list[dict[str, str]]:
+    return [{"answer": it.answer, "turn1": r1, "turn2": r2}
+            for it, r1, r2 in list(zip(eps.items, eps.responses1, eps.responses2))[:count]]
+
+
+def train_and_score(model: Any, encoder: Any, records: Sequence[PreferenceRecord], settings: DPOSettings, *,
+                    eval_items: Sequence[scl_lib.ChoiceItem], root: str | os.PathLike, gen: Mapping[str, Any], mesh: Any,
+                    progress: bool) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, str]]]:
+    """Train ``model`` on ``records`` (:func:`train_dpo`), then answer ``eval_items`` greedily:
+    (training summary, sliced metrics, the first held-out episodes)."""
+    began = time.perf_counter()
+    train_losses: list[float] = []
+    trained = train_dpo(model, encoder, records, settings, mesh=mesh, progress=progress, losses_out=train_losses)
+    training = {"steps": settings.steps, "dpo_weight": settings.dpo_weight,
+                "first_loss": train_losses[0] if train_losses else None,
+                "final_loss": train_losses[-1] if train_losses else None, "seconds": time.perf_counter() - began}
+    held_out = episodes(trained, encoder, eval_items, root=root, **gen)
+    return training, sliced_metrics(held_out), _examples(held_out)
+
+
 def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``mode: scl_vl`` of :class:`offside_jax.config.CorrectConfig`: per seed, the vanilla tiny
     VLM, its held-out metrics, SCL (episodes -> flips -> DPO on LoRA), the metrics again;
@@ -322,8 +353,7 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         gen = dict(max_new_tokens=s.max_new_tokens, prompt_id=s.review_prompt, batch_size=s.generate_batch)
         held_out = episodes(vanilla.model, encoder, eval_items, root=release.root, **gen)
         before = sliced_metrics(held_out)
-        log(f"seed {seed} before: acc_t1 {before['all']['acc_t1']:.3f} acc_t2 {before['all']['acc_t2']:.3f} "
-            f"delta {before['all']['delta']:+.3f}")
+        log(f"seed {seed} before: {_headline(before)}")
         t0 = time.perf_counter()
         sampled = episodes(vanilla.model, encoder, train_items, root=release.root, samples=s.samples,
                            temperature=s.temperature, seed=seed, **gen)
@@ -331,34 +361,31 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         run: dict[str, Any] = {"train_items": len(train_items), "eval_items": len(eval_items),
                                "vanilla": {"steps": s.vanilla_steps, "records": len(pairs), "final_loss": vanilla.losses[-1],
                                            "seconds": vanilla_seconds},
-                               "episodes": {"n": len(sampled.items), "metrics": sampled.metrics()},
+                               "episodes": {"n": len(sampled.items), "metrics": sampled.metrics(),
+                                            "seconds": time.perf_counter() - t0},
                                "pairs": {"n": len(records), "wrong_to_right": sum(r.meta["flip"] == scl_lib.WRONG_TO_RIGHT
                                                                                   for r in records)},
                                "before": before,
-                               "examples_before": [{"answer": it.answer, "turn1": r1, "turn2": r2} for it, r1, r2 in
-                                                   list(zip(held_out.items, held_out.responses1, held_out.responses2))[:3]]}
+                               "examples_before": _examples(held_out)}
         if records:
-            dpo_losses: list[float] = []
-            model = train_dpo(vanilla.model, encoder, records,
-                              DPOSettings(beta=s.beta, sft_beta=s.sft_beta, lr=s.lr, steps=s.steps, pairs_per_step=s.pairs_per_step,
-                                          lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lora_target=s.lora_target, seed=seed),
-                              mesh=mesh, progress=cfg.progress, losses_out=dpo_losses)
-            run["dpo"] = {"steps": s.steps, "first_loss": dpo_losses[0] if dpo_losses else None,
-                          "final_loss": dpo_losses[-1] if dpo_losses else None, "seconds": time.perf_counter() - t0}
-            held_out = episodes(model, encoder, eval_items, root=release.root, **gen)
-            after = sliced_metrics(held_out)
-            run["after"] = after
-            run["examples_after"] = [{"answer": it.answer, "turn1": r1, "turn2": r2} for it, r1, r2 in
-                                     list(zip(held_out.items, held_out.responses1, held_out.responses2))[:3]]
-            log(f"seed {seed} after SCL: acc_t1 {after['all']['acc_t1']:.3f} acc_t2 {after['all']['acc_t2']:.3f} "
-                f"delta {after['all']['delta']:+.3f} ({len(records)} pairs)")
+            settings = DPOSettings(beta=s.beta, sft_beta=s.sft_beta, lr=s.lr, steps=s.steps, pairs_per_step=s.pairs_per_step,
+                                   lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lora_target=s.lora_target, seed=seed)
+            score = dict(eval_items=eval_items, root=release.root, gen=gen, mesh=mesh, progress=cfg.progress)
+            run["dpo"], run["after"], run["examples_after"] = train_and_score(vanilla.model, encoder, records, settings,
+                                                                              **score)
+            log(f"seed {seed} after SCL: {_headline(run['after'])} ({len(records)} pairs)")
+            if s.chosen_sft_control:
+                # the same starting model, pairs, draws, session and LoRA; only the preference term is off
+                run["control_training"], run["after_control"], run["examples_after_control"] = train_and_score(
+                    vanilla.model, encoder, records, dataclasses.replace(settings, dpo_weight=0.0), **score)
+                log(f"seed {seed} after SFT on chosen (control): {_headline(run['after_control'])}")
         else:
             run["skipped"] = "no flips among the sampled two-turn episodes"
         run["seconds"] = time.perf_counter() - seed_began
         runs[str(seed)] = run
     results = {
         "run": out_dir.name, "mode": "scl_vl", "release": str(root) if s.release else f"synthetic ({s.players} players)",
-        "seeds": list(cfg.seeds), "runs": runs,
+        "seeds": list(cfg.seeds), "runs": runs, "summary": seed_summary(runs),
         "notes": [
             "an answer whose ##X## extraction gives no option letter counts as wrong (SCL's rule); the last columns give "
             "how often that happened",
@@ -369,6 +396,10 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"SCL: {s.samples} episodes per training item at temperature {s.temperature}, flips kept as DPO pairs "
             f"(prompt: bare question + image), DPO beta {s.beta}, sft_beta {s.sft_beta}, lr {s.lr}, {s.steps} steps of "
             f"{s.pairs_per_step} pairs on LoRA rank {s.lora_rank}",
+            *(["SFT on chosen (control): the same starting model, pairs, draws, steps and LoRA with the preference "
+               f"term off (loss sft_beta {s.sft_beta} x per-token NLL of the chosen answer); what SCL gains over it is "
+               "what the preference (rejected answers included) adds to imitating the chosen answers, their format "
+               "included"] if s.chosen_sft_control else []),
         ],
         "timing": {"total wall": time.perf_counter() - began, "total CPU (process)": time.process_time() - cpu_began},
         "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
@@ -381,24 +412,61 @@ def run(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     return {**results, "table": report(results)}
 
 
+# The models each seed scores on the held-out items: (key in a seed's results, row label).
+MODELS = (("before", "starting model"), ("after", "SCL (DPO + NLL)"), ("after_control", "SFT on chosen (control)"))
+METRICS = ("acc_t1", "acc_t2", "delta", "delta_i_to_c", "delta_c_to_i", "no_letter_t1", "no_letter_t2")
+METRIC_HEADERS = ("Acc@t1", "Acc@t2", "Δ", "Δi→c", "Δc→i", "no letter t1", "no letter t2")
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof 1; ``None`` for one value) over seeds."""
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else None, "seeds": int(arr.size)}
+
+
+def seed_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{slice: {model: {metric: mean_sd}}}`` over the seeds that scored that model and slice."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, _ in MODELS:
+        scored_by_slice: dict[str, list[Mapping[str, Any]]] = {}
+        for r in runs.values():
+            for name, metrics in r.get(model, {}).items():
+                scored_by_slice.setdefault(name, []).append(metrics)
+        for name, scored in scored_by_slice.items():
+            out.setdefault(name, {})[model] = {m: mean_sd([x[m] for x in scored]) for m in METRICS}
+    return out
+
+
+def _mean_sd_cell(v: Mapping[str, Any]) -> str:
+    return f"{v['mean']:.3f}" + (f" ± {v['sd']:.3f}" if v["sd"] is not None else "")
+
+
 def report(results: Mapping[str, Any]) -> str:
+    runs = results["runs"]
+    summary = results.get("summary") or seed_summary(runs)
     lines = [f"# SCL on images: {results['run']}", "", f"Release: {results['release']}.", "",
-             "| seed | slice | n | Acc@t1 before | Acc@t2 before | Δ before | Acc@t1 after | Acc@t2 after | Δ after | Δi→c after | Δc→i after "
-             "| no option letter t1/t2 before | after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for seed, r in results["runs"].items():
+             f"## Held-out metrics, mean ± sd over seeds {', '.join(runs)} (sample sd; none for one seed)", "",
+             "| slice | model | seeds | " + " | ".join(METRIC_HEADERS) + " |", "|---|---|---|" + "---:|" * len(METRICS)]
+    for name, models in summary.items():
+        for model, label in MODELS:
+            if model in models:
+                cells = [_mean_sd_cell(models[model][m]) for m in METRICS]
+                lines.append(f"| {name} | {label} | {models[model]['acc_t1']['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per seed", "", "| seed | slice | n | model | " + " | ".join(METRIC_HEADERS) + " |",
+              "|---|---|---|---|" + "---:|" * len(METRICS)]
+    for seed, r in runs.items():
         for name, b in r["before"].items():
-            a = r.get("after", {}).get(name)
-            cells = [f"{b['acc_t1']:.3f}", f"{b['acc_t2']:.3f}", f"{b['delta']:+.3f}"]
-            cells += ([f"{a['acc_t1']:.3f}", f"{a['acc_t2']:.3f}", f"{a['delta']:+.3f}", f"{a['delta_i_to_c']:.3f}",
-                       f"{a['delta_c_to_i']:.3f}"] if a else ["-"] * 5)
-            cells += [f"{b['no_letter_t1']:.2f}/{b['no_letter_t2']:.2f}", f"{a['no_letter_t1']:.2f}/{a['no_letter_t2']:.2f}" if a else "-"]
-            lines.append(f"| {seed} | {name} | {b['n']} | " + " | ".join(cells) + " |")
+            for model, label in MODELS:
+                m = r.get(model, {}).get(name)
+                if m:
+                    cells = [f"{m[k]:+.3f}" if k == "delta" else f"{m[k]:.3f}" for k in METRICS]
+                    lines.append(f"| {seed} | {name} | {b['n']} | {label} | " + " | ".join(cells) + " |")
     lines.append("")
-    for seed, r in results["runs"].items():
+    for seed, r in runs.items():
         lines.append(f"- seed {seed}: {r['train_items']} training items, {r['eval_items']} held out; "
                      f"{r['episodes']['n']} sampled episodes, {r['pairs']['n']} flip pairs "
-                     f"({r['pairs']['wrong_to_right']} wrong→right)" + (f"; {r['skipped']}" if "skipped" in r else ""))
+                     f"({r['pairs']['wrong_to_right']} wrong→right); {r['seconds']:.0f} s"
+                     + (f"; {r['skipped']}" if "skipped" in r else ""))
     lines += ["", *[f"- {n}" for n in results["notes"]], "",
               f"Wall time {results['timing']['total wall']:.1f} s on {results['machine']['devices']}.", ""]
     return "\n".join(lines)

@@ -897,9 +897,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
-        key, _ = item.split("=", 1)
+        key, value = item.split("=", 1)
+        # `key=""` reaches us as `key=` once the shell drops the quotes: the empty string
+        dotted = f"{key}=''" if value == "" else item
         try:
-            parsed = OmegaConf.from_dotlist([item])
+            parsed = OmegaConf.from_dotlist([dotted])
         except Exception as e:
             raise ConfigError(f"override {item!r}: {e}") from None
         check_known_keys(schema, _nest(key, None), f"override {item!r}")

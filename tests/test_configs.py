@@ -70,3 +70,12 @@ def test_an_unknown_key_is_refused(tmp_path, pattern, load):
     bad.write_text(text + "\nnot_a_key_of_any_schema: 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not_a_key_of_any_schema"):
         load(bad)
+
+
+def test_an_empty_override_is_the_empty_string():
+    """`scl_vl.release=""` reaches the program as `scl_vl.release=` once the shell drops the
+    quotes: it means the empty string, and a field that is no string says so, naming the override."""
+    cfg = load_config(CONFIGS / "scl_vl_tiny.yaml", ["scl_vl.release=/x", "scl_vl.release="], schema=CorrectConfig)
+    assert cfg.scl_vl.release == ""
+    with pytest.raises(ConfigError, match="override 'scl_vl.layers='"):
+        load_config(CONFIGS / "scl_vl_tiny.yaml", ["scl_vl.layers="], schema=CorrectConfig)

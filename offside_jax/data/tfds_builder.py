@@ -31,7 +31,7 @@ from offside_jax.data.offside import Example, Message
 log = logging.getLogger(__name__)
 
 NAME = "offside"
-BUILD_VERSION = "1.1.0"
+BUILD_VERSION = "1.2.0"
 _TRISTATE = {None: -1, False: 0, True: 1}
 
 
@@ -52,6 +52,7 @@ def features() -> tfds.features.FeaturesDict:
         "option_letters": seq(text()),
         "option_texts": seq(text()),
         "correct": text(),
+        "correct_raw": text(),  # Correct_Answer as written
         "player_id": np.int64,
         "image_id": np.int64,
         "role": text(),
@@ -87,6 +88,7 @@ def encode_example(example: Example, root: str | Path) -> dict[str, Any]:
         "option_letters": [letter for letter, _ in example.options],
         "option_texts": [text for _, text in example.options],
         "correct": example.correct or "",
+        "correct_raw": example.correct_raw or "",
         "player_id": -1 if example.player_id is None else example.player_id,
         "image_id": -1 if example.image_id is None else example.image_id,
         "role": example.role or "",
@@ -120,7 +122,7 @@ def decode_record(record: dict[str, Any], setting: str = "", split: str = "") ->
         images=tuple(s(v) for v in record["images"]),
         image_files=tuple(s(v) for v in record["image_files"]),
         options=tuple((s(k), s(v)) for k, v in zip(record["option_letters"], record["option_texts"])),
-        correct=opt(record["correct"]),
+        correct=opt(record["correct"]), correct_raw=opt(record["correct_raw"]),
         player_id=None if int(record["player_id"]) < 0 else int(record["player_id"]),
         image_id=None if int(record["image_id"]) < 0 else int(record["image_id"]),
         role=opt(record["role"]), attribute=opt(record["attribute"]),
@@ -147,6 +149,7 @@ class Offside(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "First version: the OFFSIDE release format, real or synthetic.",
         "1.1.0": "ms-swift's <image> rule (literal_image_tags); rumor, visual-rumor and player labels "
                  "derived from OFFSIDE's construction across the whole release.",
+        "1.2.0": "correct_raw: a multiple-choice record's Correct_Answer as written (OFFSIDE's scorer compares to it).",
     }
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name=name, description=f"the {folder}/ files of a release")

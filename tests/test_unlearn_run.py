@@ -251,6 +251,22 @@ def test_concept_ablation_moves_only_the_located_traces(tmp_path, release, text_
     assert kept["traces"] == 10 and kept["cosine"] < 1.0
 
 
+def test_ablation_and_trace_probe_locate_once_when_their_settings_agree(tmp_path, release, text_model, monkeypatch):
+    from offside_jax.unlearn import concept_vectors as cv
+
+    calls = []
+    real = cv.locate_traces
+    monkeypatch.setattr(cv, "locate_traces", lambda *a, **k: calls.append(k["top"]) or real(*a, **k))
+    run(tmp_path / "same", text_model, release, "method=concept_ablation", "data.setting=unimodal", "train.steps=1",
+        "eval.enabled=false", "export_merged=false")  # top 10 both
+    assert calls and set(calls) == {10}
+    once = len(calls)  # one scoring per subject
+    calls.clear()
+    run(tmp_path / "apart", text_model, release, "method=concept_ablation", "data.setting=unimodal", "train.steps=1",
+        "methods.concept_ablation.top=3", "eval.enabled=false", "export_merged=false")
+    assert sorted(calls) == [3] * once + [10] * once
+
+
 def test_guard_wraps_the_unchanged_model(tmp_path, release, text_model):
     result = run(tmp_path, text_model, release, "method=guard", "data.setting=unimodal",
                  "data.forget_attributes=[rumor]", "eval.sets=[forget]")

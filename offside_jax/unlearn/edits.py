@@ -35,11 +35,23 @@ class EditInputs:
     tokenizer: Any
     release: Release
 
+    # located traces of the unchanged model per (names, top, layers, order); see traces()
+    located: dict[tuple, list] = dataclasses.field(default_factory=dict, repr=False)
+
     @functools.cached_property
     def forget_subjects(self) -> list[str]:
         """The players the forget questions name (read once per run: ROCR, the ablation and the
         trace-kept probe share them)."""
         return forget_subjects(self.sets.forget, self.sets.retain)
+
+    def traces(self, names: Sequence[str], *, top: int, layers: Sequence[int] | None = None, order: str = "rank") -> list:
+        """:func:`located_traces` of the model, scored once per setting: the trace-kept probe and
+        the ablation both locate before anything changes the weights, so when their settings
+        agree the vocabulary projection of every ``down_proj`` row is computed once."""
+        key = (tuple(names), top, None if layers is None else tuple(layers), order)
+        if key not in self.located:
+            self.located[key] = located_traces(self.model, self.tokenizer, names, top=top, layers=layers, order=order)
+        return self.located[key]
 
 
 def world_facts(release: Release) -> list[Example]:
@@ -159,8 +171,7 @@ def concept_ablation(inputs: EditInputs) -> tuple[dict[str, Any], dict[str, np.n
 
     hp = inputs.hparams
     names = subjects(inputs, "methods.concept_ablation.subjects")
-    traces = located_traces(inputs.model, inputs.tokenizer, names, top=hp["top"], layers=hp["layers"],
-                            order=hp["order"])
+    traces = inputs.traces(names, top=hp["top"], layers=hp["layers"], order=hp["order"])
     cv.noise_traces(inputs.model, traces, jax.random.key(hp["seed"]), hp["sigma"])
     report = {"concept_ablation": {"subjects": names, "traces": [[t.layer, t.dim] for t in traces],
                                    "sigma": hp["sigma"], "loss": hp["loss"], "lr": hp["lr"]}}

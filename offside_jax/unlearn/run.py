@@ -258,8 +258,7 @@ def _trace_snapshot(cfg: UnlearnConfig, inputs: edits.EditInputs):
     names = inputs.forget_subjects
     if not names:
         return None
-    traces = edits.located_traces(inputs.model, inputs.tokenizer, names, top=cfg.eval.trace_top)
-    return snapshot_traces(inputs.model, traces)
+    return snapshot_traces(inputs.model, inputs.traces(names, top=cfg.eval.trace_top))
 
 
 def _trace_kept(snapshot, model) -> dict[str, float]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from offside_jax.correct import scl as scl_lib
 from offside_jax.correct.records import PreferenceRecord
+from offside_jax.correct.report import spread
 
 IMAGE_TAG = "<image>"
 
@@ -420,8 +421,8 @@ METRIC_HEADERS = ("Acc@t1", "Acc@t2", "Δ", "Δi→c", "Δc→i", "no letter t1"
 
 def mean_sd(values: Sequence[float]) -> dict[str, Any]:
     """Mean and sample standard deviation (ddof 1; ``None`` for one value) over seeds."""
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else None, "seeds": int(arr.size)}
+    cell = spread(values)  # the comparison reports' statistic; this report shows no sd for one seed
+    return {"mean": cell["mean"], "sd": cell["std"] if cell["n"] > 1 else None, "seeds": cell["n"]}
 
 
 def seed_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -353,9 +353,18 @@ class SSDConfig:
 
 @dataclasses.dataclass
 class MMUnlearnerConfig:
-    """Fisher-ratio masked gradient ascent alternating with retain NLL (offside_jax.unlearn.saliency)."""
+    """Fisher-ratio masked gradient ascent alternating with retain NLL (offside_jax.unlearn.saliency).
 
-    threshold: float = 1.0  # mask = (F_forget + eps) / (F_preserve + eps) >= threshold
+    ``threshold``: mask = (F_forget + eps) / (F_preserve + eps) >= threshold. The paper and its
+    released code use 1; ``threshold=1`` reproduces them. On the README's tiny recipe that mask
+    holds 2.7% of the projections and 20 steps (10 of them ascent) leave the forget answers as they
+    were (answer probability 0.99 -> 0.99). The default 0.02 (our choice, measured there, not from
+    a source) keeps the weights whose forget Fisher is at least 2% of their preserve Fisher: 56% of
+    the projections, forget 0.99 -> 0.28 with retain 0.97 -> 0.94, where the unmasked ascent
+    (threshold 0) takes retain to 0.87 and 0.1 / 0.05 still leave forget at 0.82 / 0.58.
+    """
+
+    threshold: float = 0.02
     eps: float = 1e-15
     # Which tensors ascent may move (attention/MLP projections, the merger MLP) and the module groups.
     targets: str = r"(self_attn\.(q|k|v|o)_proj|attn\.(qkv|proj)|mlp\.(gate|up|down)_proj|merger\.mlp\.\d+)\."

@@ -27,11 +27,11 @@ QUIET = ["log.progress=false", "checkpoint.every=0"]
 # Measured on this recipe (forget -> after, retain -> after); why each falls short.
 SHORT = {
     "ga": "no retain term: forget 0.99 -> 0.00 but retain 0.97 -> 0.32 (OFFSIDE's finding 2; at 10 steps 0.09 / 0.82)",
-    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69 (80 steps: 0.44 / 0.96)",
+    # Both IdK methods pass at 4x optim.lr, which on SmolLM2 would worsen what the shared rate already
+    # does there (make demo-smollm2: IdK takes general accuracy 0.71 -> 0.13), so the defaults stay.
+    "idk": "20 steps teach too little refusal: forget 0.99 -> 0.69 (80 steps: 0.44 / 0.96; 4x lr: 0.32 / 0.86)",
     "idk_dpo": "the refusal outgrows the rumor without the rumor falling: forget 0.99 -> 0.87 (0.90 at 80 steps; "
-               "beta 0.01 instead of open-unlearning's 0.1: 0.41 / retain 0.86)",
-    "mmunlearner": "the ratio >= 1 mask selects 2.7% of the projections, too few for 10 ascent steps: forget 0.99 -> 0.99 "
-                   "(80 steps: 0.82; threshold 0.1 at 40 steps: 0.23 / retain 0.95; threshold 0: 0.12 / 0.93)",
+               "beta 0.01 instead of open-unlearning's 0.1: 0.41 / retain 0.86; 4x lr: 0.41 / 0.87)",
     "offside_npo": "OFFSIDE's NPO has no retain term: forget 0.99 -> 0.00, retain 0.97 -> 0.44 (at 10 steps 0.09 / 0.82)",
     "rocr": "redirecting the subject's last token does not reach a 2-layer model's answers, which the first-name "
             "tokens also key: forget 0.99 -> 0.99 (layers 0-1 with P = I: 0.98)",

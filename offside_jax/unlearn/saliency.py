@@ -6,7 +6,8 @@ parameter element of its attention/MLP projections::
 
     mask = (F_forget + eps) / (F_preserve + eps) >= threshold          (eps = 1e-15, threshold 1)
 
-with ``F`` the squared gradient of the (gradient-ascent) loss, averaged over batches
+(threshold 1 is the paper's and its code's; ``method=mmunlearner`` defaults to 0.02, see
+``offside_jax.config.MMUnlearnerConfig``), with ``F`` the squared gradient of the (gradient-ascent) loss, averaged over batches
 (``offside_jax.unlearn.dampening.importance`` with the batch-mean estimator: the square of
 the GA loss's gradient is the NLL's). ``F_forget`` is measured on the forget set, ``F_preserve``
 on the group's preserve data (by default the retain set, image and text records alike).

@@ -280,7 +280,14 @@ def test_pooled_features_are_the_masked_mean_of_the_chosen_layer():
         guard.pooled_features(model, batch, 2)
 
 
-def test_guarded_tiny_llama_end_to_end():
+SAMPLING = SamplingConfig(max_new_tokens=8, eos_token_ids=(2,), pad_token_id=0)
+
+
+def forget_scene():
+    """A tiny Llama, 12 forget and 12 other prompts (disjoint token ranges), a classifier fit on
+    them, and as forbidden spans the 2- and 3-token pieces of what the model says to 3 forget
+    prompts. Returns (model, forget_x, other_prompts, inputs: those 3 + 3 others, plain output,
+    spans, classifier)."""
     model = tiny_llama()
     rng = np.random.default_rng(5)
     forget_prompts = [[3] + rng.integers(10, 40, size=5).tolist() for _ in range(12)]
@@ -288,18 +295,19 @@ def test_guarded_tiny_llama_end_to_end():
     forget_x = guard.pooled_features(model, left_pad(forget_prompts, 0))
     other_x = guard.pooled_features(model, left_pad(other_prompts, 0))
     clf = guard.fit_classifier(forget_x, other_x)
-
-    sampling = SamplingConfig(max_new_tokens=8, eos_token_ids=(2,), pad_token_id=0)
-    mixed = forget_prompts[:3] + other_prompts[:3]
-    inputs = left_pad(mixed, 0)
-    plain = generate(model, inputs, sampling)
-    # "Forget answers": what the model says to the forget prompts, as 2- and 3-token spans.
+    inputs = left_pad(forget_prompts[:3] + other_prompts[:3], 0)
+    plain = generate(model, inputs, SAMPLING)
     spans = sorted({tuple(emitted(plain, row)[i:i + n]) for row in range(3) for n in (2, 3) for i in (0, 2)
                     if len(emitted(plain, row)) >= i + n})
+    return model, forget_x, other_prompts, inputs, plain, spans, clf
+
+
+def test_guarded_tiny_llama_end_to_end():
+    model, forget_x, other_prompts, inputs, plain, spans, clf = forget_scene()
     guarded = guard.GuardedModel(model, clf, spans)
     np.testing.assert_array_equal(guarded.flags(inputs), [True] * 3 + [False] * 3)
 
-    out = generate(guarded, inputs, sampling)
+    out = generate(guarded, inputs, SAMPLING)
     for row in range(3):
         assert not any(occurs(s, emitted(out, row)) for s in spans), emitted(out, row)
         assert emitted(out, row) != emitted(plain, row)
@@ -313,17 +321,45 @@ def test_guarded_tiny_llama_end_to_end():
     for row, group in enumerate(groups):
         want[row, group] = True
     np.testing.assert_array_equal(narrowed.activity(inputs), want)
-    out = generate(narrowed, inputs, sampling)
+    out = generate(narrowed, inputs, SAMPLING)
     for row in range(3):
         assert not any(occurs(spans[i], emitted(out, row)) for i in groups[row]), emitted(out, row)
     np.testing.assert_array_equal(out.tokens[3:], plain.tokens[3:])
 
     # No flagged prompt: the plain sampler runs, bit for bit.
     others = left_pad(other_prompts[3:7], 0)
-    np.testing.assert_array_equal(generate(guarded, others, sampling).tokens, generate(model, others, sampling).tokens)
+    np.testing.assert_array_equal(generate(guarded, others, SAMPLING).tokens, generate(model, others, SAMPLING).tokens)
     with pytest.raises(ValueError, match="not both"):
-        generate(guarded, others, sampling, logits_processor=guard.span_filter(spans, np.ones(4, bool),
+        generate(guarded, others, SAMPLING, logits_processor=guard.span_filter(spans, np.ones(4, bool),
                                                                               guard.input_embedding_table(model)))
+
+
+def test_saved_guard_generates_as_the_one_saved(tmp_path):
+    """save_guard / load_guard round trip: the loaded guard (retrieval and non-default decoding
+    settings included) generates token for token what the saved one does, and that differs from
+    the plain model on the forget prompts; a guard saved for another model is refused."""
+    model, forget_x, _, inputs, plain, spans, clf = forget_scene()
+    groups = tuple((i, (i + 1) % len(spans)) for i in range(3))
+    saved = guard.GuardedModel(model, clf, spans, guard.DecodingConfig(token_penalty=7.0, semantic_top_k=8),
+                               guard.SpanRetrieval(forget_x[:3], groups, top=2))
+    guard.save_guard(saved, tmp_path)
+    assert guard.has_guard(tmp_path)
+    loaded = guard.load_guard(tmp_path, model)
+    assert loaded.spans == saved.spans and loaded.config == saved.config
+    assert loaded.classifier.layer == clf.layer and loaded.classifier.bias == pytest.approx(clf.bias)
+    np.testing.assert_array_equal(loaded.retrieval.features, forget_x[:3])
+    assert loaded.retrieval.groups == groups and loaded.retrieval.top == 2
+    want = generate(saved, inputs, SAMPLING).tokens
+    np.testing.assert_array_equal(generate(loaded, inputs, SAMPLING).tokens, want)
+    assert any(not np.array_equal(want[row], plain.tokens[row]) for row in range(3))
+
+    other = create_model(LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1), seed=0)
+    with pytest.raises(ValueError, match="saved for another model"):
+        guard.load_guard(tmp_path, other)
+    (tmp_path / guard.GUARD_ARRAYS).unlink()
+    with pytest.raises(ValueError, match="guard.npz is missing"):
+        guard.load_guard(tmp_path, model)
 
 
 def test_decoding_config_rejects_bad_settings():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,39 @@ def test_guard_wraps_the_unchanged_model(tmp_path, release, text_model):
     assert result.summary["trace_kept"] == {"cosine": pytest.approx(1.0), "l2": 0.0, "jaccard": 1.0, "traces": 10}
     report = result.summary["report"]["guard"]
     assert report["spans"] > 0 and report["classifier_training"]["forget"] == result.summary["records"]["forget"]
+
+
+def test_guard_model_directory_is_evaluated_under_guard(tmp_path, release, text_model):
+    """`unlearn method=guard` writes GUARD's state into the exported model directory, and
+    `offside-jax evaluate` on it generates what the in-process guarded model generates;
+    guard=false scores the unchanged weights, as the model alone generates."""
+    from offside_jax.eval.suite import Suite, SuiteConfig
+
+    # Every prompt flagged and every candidate penalised by its closeness to a span: the untrained
+    # model's outputs then differ under GUARD, so the two evaluations below cannot agree by chance.
+    result = run(tmp_path / "unlearn", text_model, release, "method=guard", "data.setting=unimodal",
+                 "data.forget_attributes=[rumor]", "eval.sets=[forget]", "methods.guard.threshold=1e-6",
+                 "methods.guard.semantic_threshold=-1")
+    assert {"guard.json", "guard.npz", "model.safetensors"} <= {p.name for p in result.model_dir.iterdir()}
+    suite_args = dict(test_sets=["forget", "retain"], modalities=["text"], formats=["gen"], batch_size=8,
+                      mesh=[1, 1, 1], likelihood=False, max_new_tokens=12)
+    suite = Suite(release, result.tokenizer, SuiteConfig(**suite_args))
+    outputs = {}
+    for flag, model in (("true", result.model), ("false", result.model.model)):
+        suite.run(model, tmp_path / f"want_{flag}", progress=False)
+        assert cli.main(["evaluate", "--config", os.devnull, f"release={release}", f"output_dir={tmp_path / flag}",
+                         f"model.path={result.model_dir}", f"guard={flag}", "suite.test_sets=[forget,retain]",
+                         "suite.modalities=[text]", "suite.formats=[gen]", "suite.batch_size=8", "suite.mesh=[1,1,1]",
+                         "suite.likelihood=false", "suite.max_new_tokens=12"]) == 0
+        for task in ("forget_text_gen", "retain_text_gen"):
+            got = [json.loads(x)["output"] for x in (tmp_path / flag / "examples" / f"{task}.jsonl").read_text().splitlines()]
+            want = [json.loads(x)["output"] for x in (tmp_path / f"want_{flag}" / "examples" / f"{task}.jsonl")
+                    .read_text().splitlines()]
+            assert got == want and got, (flag, task)
+            outputs[flag, task] = got
+        config = json.loads((tmp_path / flag / "config.json").read_text())
+        assert ("guard" in config) == (flag == "true")
+    assert outputs["true", "forget_text_gen"] != outputs["false", "forget_text_gen"]
 
 
 def test_edit_mistakes_name_their_key(tmp_path, release, text_model):

@@ -6,7 +6,8 @@ The model comes from the one loader (``offside_jax.models.loader``) through a tr
 session's start-up (``jax.distributed``, the mesh ``suite.mesh``), so a run on a TPU slice
 or several GPU hosts looks like one on a laptop: each process's devices generate their rows
 of every batch, each process scores its share of the records, the records are gathered and
-process 0 writes ``output_dir`` (``eval.suite.Suite.run``).
+process 0 writes ``output_dir`` (``eval.suite.Suite.run``). A model directory of
+``offside-jax unlearn method=guard`` (with ``guard.json``) is evaluated under GUARD.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class EvaluateConfig:
     suite: SuiteConfig = dataclasses.field(default_factory=SuiteConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     max_pixels: int | None = None  # image budget of a vision-language model's processor
+    # A model directory written by `offside-jax unlearn method=guard` holds GUARD's state
+    # (guard.json): run the model under it; false scores the unchanged weights alone.
+    guard: bool = True
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -38,6 +42,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     from offside_jax.eval.suite import Suite
     from offside_jax.train import mesh as mesh_lib
     from offside_jax.train.session import Session
+    from offside_jax.unlearn import guard
 
     if not Path(cfg.release).is_dir():
         raise ConfigError(f"release {cfg.release}: no such directory")
@@ -59,7 +64,16 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     except ValueError as e:  # what the release cannot give this model (e.g. images to a text model)
         raise ConfigError(str(e)) from None
     info = {"model": dataclasses.asdict(cfg.model), "release": str(cfg.release)}
-    return suite.run(loaded.model, cfg.output_dir, name=cfg.name, info=info, progress=session.primary)
+    model = loaded.model
+    if cfg.guard and cfg.model.source == "hf" and cfg.model.path and guard.has_guard(cfg.model.path):
+        try:
+            model = guard.load_guard(cfg.model.path, model)
+        except ValueError as e:
+            raise ConfigError(f"{e} (guard=false evaluates the weights without it)") from None
+        info["guard"] = f"{cfg.model.path}/{guard.GUARD_FILE}"
+        if session.primary:
+            print(f"evaluate: {cfg.model.path} runs under GUARD ({guard.GUARD_FILE}; guard=false: the weights alone)")
+    return suite.run(model, cfg.output_dir, name=cfg.name, info=info, progress=session.primary)
 
 
 __all__ = ["EvaluateConfig", "run_evaluation"]

@@ -372,9 +372,10 @@ class Session:
         return gathered(model)
 
     def export(self, model: nnx.Module, hf_config: Any, tokenizer: Any, directory: str | os.PathLike, *,
-               config: dict | None = None) -> Path | None:
-        """Merged HF weights + tokenizer (+ the run's config), written by process 0 beside
-        ``directory`` and swapped in whole. Returns the directory (``None`` on other processes)."""
+               config: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path | None:
+        """Merged HF weights + tokenizer (+ the run's config, + whatever ``extra(staged directory)``
+        writes), written by process 0 beside ``directory`` and swapped in whole. Returns the
+        directory (``None`` on other processes)."""
         model = self.gathered(model)
         directory = Path(directory)
         result = None
@@ -384,6 +385,8 @@ class Session:
                 tokenizer.save_pretrained(str(tmp))
                 if config is not None:
                     write_yaml(tmp / "config.yaml", config)
+                if extra is not None:
+                    extra(tmp)
             result = directory
         distributed.barrier("export")
         return result

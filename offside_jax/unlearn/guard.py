@@ -44,8 +44,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -421,3 +423,66 @@ class GuardedModel:
         if not active.any():
             return self.model, None  # the plain sampler, bit for bit
         return self.model, span_filter(self.spans, active, input_embedding_table(self.model), self.config)
+
+
+# -- saving a guard beside its model --------------------------------------------------------------
+
+GUARD_FILE = "guard.json"  # what a model directory holds when GUARD wraps it
+GUARD_ARRAYS = "guard.npz"
+GUARD_FORMAT = 1
+
+
+def save_guard(guarded: GuardedModel, directory: str | Path) -> None:
+    """Write ``guarded``'s classifier, spans, decoding settings and retrieval (not its weights)
+    into ``directory``: ``guard.json`` and ``guard.npz``. A model directory that holds them is
+    run under GUARD by ``offside-jax evaluate`` (:func:`load_guard`)."""
+    from offside_jax.files import write_json
+
+    directory = Path(directory)
+    c, r = guarded.classifier, guarded.retrieval
+    arrays = {"weight": c.weight, "mean": c.mean, "scale": c.scale}
+    if r is not None:
+        arrays["retrieval_features"] = r.features
+    np.savez(directory / GUARD_ARRAYS, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_json(directory / GUARD_FILE, {
+        "format": GUARD_FORMAT,
+        "classifier": {"bias": float(c.bias), "layer": c.layer, "threshold": float(c.threshold)},
+        "spans": [list(s) for s in guarded.spans],
+        "decoding": dataclasses.asdict(guarded.config),
+        "retrieval": None if r is None else {"groups": [list(g) for g in r.groups], "top": r.top},
+    })
+
+
+def has_guard(directory: str | Path) -> bool:
+    return (Path(directory) / GUARD_FILE).is_file()
+
+
+def load_guard(directory: str | Path, model: nnx.Module) -> GuardedModel:
+    """The :class:`GuardedModel` saved in ``directory`` (:func:`save_guard`) around ``model``."""
+    directory = Path(directory)
+    meta_path, arrays_path = directory / GUARD_FILE, directory / GUARD_ARRAYS
+    try:
+        meta = json.loads(meta_path.read_text())
+        with np.load(arrays_path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        if meta.get("format") != GUARD_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, this version reads {GUARD_FORMAT}")
+        c = meta["classifier"]
+        classifier = PromptClassifier(arrays["weight"], float(c["bias"]), arrays["mean"], arrays["scale"],
+                                      layer=c["layer"], threshold=float(c["threshold"]))
+        retrieval = None
+        if meta["retrieval"] is not None:
+            retrieval = SpanRetrieval(arrays["retrieval_features"],
+                                      tuple(tuple(int(i) for i in g) for g in meta["retrieval"]["groups"]),
+                                      int(meta["retrieval"]["top"]))
+        guarded = GuardedModel(model, classifier, meta["spans"], DecodingConfig(**meta["decoding"]), retrieval)
+    except FileNotFoundError as e:
+        raise ValueError(f"{directory}: GUARD state incomplete, {Path(e.filename).name} is missing") from None
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path}: not a GUARD state this version can read ({type(e).__name__}: {e})") from None
+    vocab, width = input_embedding_table(model).shape
+    if classifier.weight.shape != (width,) or max(max(s) for s in guarded.spans) >= vocab:
+        raise ValueError(f"{meta_path}: saved for another model (the classifier reads {classifier.weight.shape[0]} "
+                         f"features and the spans name token ids up to {max(max(s) for s in guarded.spans)}; this "
+                         f"model has {width} hidden features and {vocab} tokens)")
+    return guarded

@@ -47,6 +47,8 @@ class Method:
     edit: Callable[..., dict] | None = None
     # generation: fn(edits.EditInputs) -> (wrapped model, report)
     wrap: Callable[..., Any] | None = None
+    # generation: fn(wrapped model, directory) writes its state beside the exported weights
+    save: Callable[[Any, Any], None] | None = None
     # loss: fn(edits.EditInputs) -> (report, update mask {param path: bool array}) before training
     setup: Callable[..., Any] | None = None
     # fn(hyperparameters, optim config) -> the optim config the method trains with
@@ -123,6 +125,7 @@ def _without_lr_scale(name: str):
 
 def _register_builtin() -> None:
     from offside_jax.unlearn import edits, offside_baselines as offside, saliency
+    from offside_jax.unlearn.guard import save_guard
     from offside_jax.unlearn.losses import METHODS, rmu_layer_index, rmu_trainable_pattern
 
     special = {
@@ -137,7 +140,7 @@ def _register_builtin() -> None:
     register(Method("curvature_edit", "weight_edit", _section("curvature_edit"), lora=False, edit=edits.curvature_edit))
     register(Method("concept_ablation", "loss", _section("concept_ablation"), lora=False, build=_concept_loss,
                     setup=edits.concept_ablation, optim=_with_lr))
-    register(Method("guard", "generation", _section("guard"), lora=False, wrap=edits.guard))
+    register(Method("guard", "generation", _section("guard"), lora=False, wrap=edits.guard, save=save_guard))
     register(Method("mmunlearner", "alternating", _section("mmunlearner"), lora=False,
                     recipe=saliency.mmunlearner_recipe))
     register(Method("offside_kl", "alternating", _section("offside_kl"), retain_ratio=offside.OFFSIDE_RATIO,

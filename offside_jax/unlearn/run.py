@@ -12,7 +12,8 @@ probability of every evaluation set; unlearn; measure again; write
     output_dir/config.yaml          the resolved config (also inside every checkpoint)
     output_dir/checkpoints/         orbax checkpoints of the training state (resumable)
     output_dir/logs/                metrics.jsonl (+ TensorBoard)
-    output_dir/model/               the unlearned model, merged (HF safetensors + tokenizer + config.yaml)
+    output_dir/model/               the unlearned model, merged (HF safetensors + tokenizer + config.yaml;
+                                    GUARD's classifier and spans as guard.json / guard.npz)
     output_dir/summary.json         before/after answer probabilities, counts, method reports
     output_dir/summary.png          the same as a bar chart
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -194,7 +196,10 @@ def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
         summary["trace_kept"] = _trace_kept(traces, weights)
     model_dir = None
     if cfg.export_merged:
-        model_dir = session.export(weights, hf_config, tokenizer, out / "model", config=resolved)
+        # A generation-time method's state goes beside the weights it wraps, so that
+        # `offside-jax evaluate model.path=<out>/model` runs the model as the method left it.
+        extra = functools.partial(method.save, model) if method.save else None
+        model_dir = session.export(weights, hf_config, tokenizer, out / "model", config=resolved, extra=extra)
     if session.primary:
         write_json(out / "summary.json", summary)
         if evaluation:

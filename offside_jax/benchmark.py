@@ -48,10 +48,10 @@ from offside_jax.eval.attacks import AttackConfig
 from offside_jax.eval.suite import SuiteConfig
 from offside_jax.eval.tuning import TuneConfig
 from offside_jax.models.tiny_vl import TinyVLConfig
+from offside_jax.chat_demo import resolve_gguf
 from offside_jax.train import distributed
 
 MODEL_SOURCES = ("tiny_vl", "gguf", "hf")  # of the one vocabulary, offside_jax.config.MODEL_SOURCES
-SMOLLM2 = "smollm2"  # model.path naming the packaged SmolLM2-135M-Instruct GGUF
 
 
 @dataclasses.dataclass
@@ -334,26 +334,13 @@ def build_base(cfg: BenchmarkConfig, release) -> Base:
         return [t for e in release.examples() for t in ([msg.content for msg in e.messages] + [e.question]
                                                         + [v for _, v in e.options])]
 
-    path = str(_gguf_path(m.path)) if m.source == "gguf" else m.path
+    path = str(resolve_gguf(m.path, "model.path")) if m.source == "gguf" else m.path
     try:
         loaded = loader.load(m.source, path=path, tiny=m.tiny, texts=texts, seed=cfg.seed,
                              max_pixels=max(cfg.data.image_size, 28) ** 2)
     except loader.LoaderError as e:
         raise ConfigError(str(e)) from None
     return Base(loaded.model, loaded.hf_config, loaded.tokenizer, loaded.processor)
-
-
-def _gguf_path(path: str | None) -> Path:
-    if path in (None, SMOLLM2):
-        from offside_jax.chat_demo import INSTALL_HINT, smollm2_gguf_path
-
-        found = smollm2_gguf_path()
-        if found is None:
-            raise ConfigError(f"the packaged SmolLM2 GGUF is not installed: {INSTALL_HINT}")
-        return found
-    if not Path(path).is_file():
-        raise ConfigError(f"model.path {path}: no such GGUF file")
-    return Path(path)
 
 
 def _recipe(cfg: BenchmarkConfig, release_root: Path, name: str) -> dict[str, Any]:

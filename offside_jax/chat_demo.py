@@ -27,6 +27,24 @@ QUESTIONS = (
 )
 
 
+SMOLLM2 = "smollm2"  # a model path naming the packaged SmolLM2-135M-Instruct GGUF
+
+
+def resolve_gguf(path: str | None, key: str) -> Path:
+    """``path`` as a GGUF file; ``smollm2`` (or None) names the packaged SmolLM2 GGUF. A missing
+    file or package is a ``ConfigError`` naming ``key``."""
+    from offside_jax.config import ConfigError
+
+    if path in (None, SMOLLM2):
+        found = smollm2_gguf_path()
+        if found is None:
+            raise ConfigError(f"{key}={SMOLLM2}: the packaged SmolLM2 GGUF is not installed: {INSTALL_HINT}")
+        return found
+    if not Path(path).is_file():
+        raise ConfigError(f"{key} {path}: no such GGUF file")
+    return Path(path)
+
+
 def smollm2_gguf_path() -> Path | None:
     """The packaged SmolLM2 GGUF file, or None when the package is not installed.
 

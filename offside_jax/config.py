@@ -824,7 +824,8 @@ class SclVLConfig:
 @dataclasses.dataclass
 class CorrectConfig:
     """SCoRe on a verifiable task with a tiny random-init model and a character tokenizer
-    (``model.vocab_size`` is the tokenizer's): warm-up, Stage I, Stage II, once per seed; or,
+    (``model.vocab_size`` is the tokenizer's) or a ``pretrained`` model: warm-up, Stage I,
+    Stage II, once per seed; or,
     with ``mode: compare``, every strategy of ``compare`` (:class:`CompareConfig`).
     ``output_dir`` gets the resolved config, ``results.json``, ``report.md`` and plots."""
 
@@ -834,6 +835,11 @@ class CorrectConfig:
     mode: str = one_of("score", "score", "compare", "scl_vl")
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     model: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    # A pretrained Llama-family model to start every run from instead of the random-init
+    # ``model`` and its character tokenizer (modes score and compare): an HF model directory, a
+    # GGUF file or smollm2 (the packaged SmolLM2-135M-Instruct), with its own tokenizer; the
+    # episodes are the same plain text.
+    pretrained: str = ""
     mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1, fsdp=1, tensor=1))
     task: CorrectTaskConfig = dataclasses.field(default_factory=CorrectTaskConfig)
     format: EpisodeFormatConfig = dataclasses.field(default_factory=EpisodeFormatConfig)

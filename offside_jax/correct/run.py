@@ -1,8 +1,8 @@
 """`offside-jax correct`: a :class:`~offside_jax.config.CorrectConfig` in, SCoRe run per seed, a
 report out.
 
-For each seed: a random-init tiny model over a character tokenizer of the task's alphabet,
-warm-up SFT on the task's buggy-first traces, Stage I, Stage II
+For each seed: a random-init tiny model over a character tokenizer of the task's alphabet (or a
+fresh copy of a ``pretrained`` model with its own tokenizer), warm-up SFT on the task's buggy-first traces, Stage I, Stage II
 (:func:`offside_jax.correct.driver.run_score`), greedy two-turn evaluation after each stage.
 ``output_dir`` receives, all at once when every seed is done (an interrupted run leaves the
 previous results or none), the resolved ``config.yaml``, ``results.json``, ``report.md`` and
@@ -93,18 +93,34 @@ def episode_format(cfg: CorrectConfig):
     return fmt
 
 
-def build_tokenizer(task, fmt):
-    """Characters of the task's alphabet and of the instruction."""
+def build_tokenizer(task, fmt, pretrained: str = "", extra_texts: tuple[str, ...] = ()):
+    """The ``pretrained`` model's own tokenizer, or characters of the task's alphabet, of the
+    instruction and of ``extra_texts``."""
     from offside_jax.correct.chars import CharTokenizer
 
-    return CharTokenizer.for_texts([task.alphabet, fmt.instruction])
+    if pretrained:
+        from offside_jax.correct.pretrained import load_tokenizer
+
+        return load_tokenizer(pretrained)
+    return CharTokenizer.for_texts([task.alphabet, fmt.instruction, *extra_texts])
+
+
+def tokenizer_info(tokenizer) -> dict[str, Any]:
+    from offside_jax.correct.chars import CharTokenizer
+
+    kind = "characters" if isinstance(tokenizer, CharTokenizer) else "pretrained"
+    return {"kind": kind, "vocab_size": tokenizer.vocab_size}
 
 
 def build_model(cfg: CorrectConfig, tokenizer, seed: int):
-    """A random-init tiny model with the tokenizer's vocabulary, placed on the mesh."""
+    """A fresh copy of ``cfg.pretrained``, or a random-init tiny model with the tokenizer's vocabulary."""
     from offside_jax.models.auto import create_model
     from offside_jax.models.loader import tiny_hf_config
 
+    if cfg.pretrained:
+        from offside_jax.correct.pretrained import load_model
+
+        return load_model(cfg.pretrained, tokenizer)
     try:
         hf_config = tiny_hf_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), tokenizer)
         return create_model(hf_config, seed=seed)
@@ -167,6 +183,9 @@ def validate(cfg: CorrectConfig) -> None:
 def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     """Run every seed and write the report; returns the results (``results.json``)."""
     if cfg.mode == "scl_vl":
+        if cfg.pretrained:
+            raise ConfigError("pretrained: mode=scl_vl trains its own tiny vision-language model (scl_vl.*); "
+                              "pretrained applies to modes score and compare")
         if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
             raise ConfigError(f"seeds {list(cfg.seeds)}: give at least one seed, none repeated")
         from offside_jax.correct import scl_vl
@@ -186,7 +205,7 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     from offside_jax.files import staged_dir, write_yaml
     from offside_jax.train import mesh as mesh_lib
 
-    tokenizer = build_tokenizer(task, fmt)
+    tokenizer = build_tokenizer(task, fmt, cfg.pretrained)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     warmup = driver.StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
                       max_grad_norm=cfg.warmup.max_grad_norm)
@@ -238,7 +257,7 @@ def run_correct(cfg: CorrectConfig, log=print) -> dict[str, Any]:
         "eval_problems": len(problems),
         "runs": runs,
         **({"control": control} if control is not None else {}),
-        "tokenizer": {"kind": "characters", "vocab_size": tokenizer.vocab_size},
+        "tokenizer": tokenizer_info(tokenizer),
         "timing": timing,
         "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
                     "python": platform.python_version(), "jax": jax.__version__},
@@ -290,12 +309,11 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
     import jax
 
     from offside_jax.correct import compare, driver
-    from offside_jax.correct.chars import CharTokenizer
     from offside_jax.correct.report import compare_table, summarize_compare, write_compare_report
     from offside_jax.files import staged_dir, write_yaml
     from offside_jax.train import mesh as mesh_lib
 
-    tokenizer = CharTokenizer.for_texts([task.alphabet, fmt.instruction, *compare.extra_texts()])
+    tokenizer = build_tokenizer(task, fmt, cfg.pretrained, tuple(compare.extra_texts()))
     mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     warmup = driver.StageRun(steps=cfg.warmup.steps, lr=cfg.warmup.lr, problems_per_step=cfg.warmup.problems_per_step,
                              max_grad_norm=cfg.warmup.max_grad_norm)
@@ -343,7 +361,7 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
             "mistake tuning's turn 2 is self-rethinking; its check prompt is one the tiny model never saw, so a reply "
             "other than 'yes' keeps the answer.",
         ],
-        "tokenizer": {"kind": "characters", "vocab_size": tokenizer.vocab_size},
+        "tokenizer": tokenizer_info(tokenizer),
         "timing": {"total wall": wall, "total CPU (process)": cpu, "wall per seed": wall / len(cfg.seeds)},
         "machine": {"devices": f"{len(jax.devices())} x {jax.devices()[0].platform}", "cpu cores": os.cpu_count(),
                     "python": platform.python_version(), "jax": jax.__version__},

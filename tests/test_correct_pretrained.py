@@ -82,6 +82,7 @@ def test_compare_runs_from_a_pretrained_model(pretrained, tmp_path):
     results = run_lib.run_correct(cfg, log=lambda _: None)
     assert results["tokenizer"] == {"kind": "pretrained", "vocab_size": len(load_tokenizer_of(pretrained))}
     assert set(results["runs"]["0"]["metrics"]) == {"sft", "lemma", "verifier_feedback"}
+    assert any(f"from the pretrained {pretrained} for 2 steps" in note for note in results["notes"])
     written = json.loads((tmp_path / "run" / "results.json").read_text())
     assert written["tokenizer"]["kind"] == "pretrained"
 

@@ -280,13 +280,15 @@ def compare_task(cfg: CorrectTaskConfig):
     return StepTask(build_task(cfg))
 
 
-def learners_start(cfg) -> str:
-    """Where plain SFT, mistake tuning and LEMMA start (``compare.start``), for the report's notes."""
+def learners_start(cfg, pretrained: str = "") -> str:
+    """Where plain SFT, mistake tuning and LEMMA start (``compare.start``, from ``pretrained``
+    or a random init), for the report's notes."""
+    weights = f"the pretrained {pretrained}" if pretrained else "the same random init"
     if cfg.start == "base":
-        return (f"one base model per seed (plain SFT on the reference solutions for {cfg.base_steps} steps; LEMMA's "
-                f"trajectories built on its wrong samples, {cfg.student_samples} at temperature {cfg.student_temperature} "
-                f"on each of {cfg.student_problems} problems)")
-    return "the same random init"
+        return (f"one base model per seed (from {weights}, plain SFT on the reference solutions for {cfg.base_steps} "
+                f"steps; LEMMA's trajectories built on its wrong samples, {cfg.student_samples} at temperature "
+                f"{cfg.student_temperature} on each of {cfg.student_problems} problems)")
+    return weights
 
 
 def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
@@ -343,7 +345,7 @@ def run_compare(cfg: CorrectConfig, log=print) -> dict[str, Any]:
             "self-refine, verifier feedback, SCoRe, SCL, RISE and UFO start from one two-turn warm-up per seed "
             f"({cfg.warmup.steps} steps x {cfg.warmup.problems_per_step} traces, first attempts wrong with p_bug "
             f"{cfg.task.p_bug}, fixed with p_fix {cfg.task.p_fix}); plain SFT, mistake tuning and LEMMA each train from "
-            f"{learners_start(cfg.compare)} for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} "
+            f"{learners_start(cfg.compare, cfg.pretrained)} for {cfg.compare.train.steps} steps x {cfg.compare.train.problems_per_step} "
             f"sequences (lr {cfg.compare.train.lr}).",
             "verifier feedback uses the task's checker (an oracle): a right first answer is told so and stands, a "
             "wrong one gets the review prompt (the warm-up model knows no other feedback text), so its turn 2 cannot "

@@ -80,3 +80,19 @@ def tiny_tokenizer(corpus: list[str], vocab_size: int = 600):
     from offside_jax.data.bpe import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus, vocab_size)
+
+
+def save_tiny_llama(path, corpus: list[str], *, vocab_size: int, seed: int = 0, **shape):
+    """A random-init Llama (``shape``: LlamaConfig numbers) with a ``tiny_tokenizer`` trained on
+    ``corpus``, saved as an HF model directory at ``path``; returns ``path``."""
+    from transformers import LlamaConfig
+
+    from offside_jax.models import hf
+    from offside_jax.models.auto import create_model
+
+    tokenizer = tiny_tokenizer(corpus, vocab_size=vocab_size)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **shape)
+    hf.save_pretrained(create_model(config, seed=seed), config, path)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -15,8 +15,6 @@ from offside_jax.config import ConfigError, CorrectConfig, load_config
 from offside_jax.correct import compare, run as run_lib
 from offside_jax.correct.pretrained import TextTokenizer
 from offside_jax.correct.tasks import make_problems
-from offside_jax.models import hf
-from offside_jax.models.auto import create_model
 
 BASE = ["mode=compare", "format.length=256", "task.max_digits=2", "task.ops=+", "progress=false"]
 
@@ -33,17 +31,11 @@ def task_texts() -> list[str]:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A random-init Llama with a byte-level BPE trained on the task's texts, saved as HF files."""
-    from offside_data_fixtures import tiny_tokenizer
-    from transformers import LlamaConfig
+    from offside_data_fixtures import save_tiny_llama
 
-    tokenizer = tiny_tokenizer(task_texts(), vocab_size=300)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("pretrained")
-    hf.save_pretrained(create_model(config, seed=3), config, path)
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("pretrained"), task_texts(), vocab_size=300, seed=3, hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           max_position_embeddings=512)
 
 
 def test_text_tokenizer_round_trips_every_text_the_runs_write(pretrained):

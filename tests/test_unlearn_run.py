@@ -34,20 +34,14 @@ def release(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory, release) -> Path:
     """A random-init Llama-family model and a tokenizer trained on the release's text."""
-    from offside_data_fixtures import tiny_tokenizer
-    from transformers import LlamaConfig
+    from offside_data_fixtures import save_tiny_llama
 
     from offside_jax.data.offside import load_release
 
     corpus = [e.question + " " + e.answer for e in load_release(release).examples()]
-    tokenizer = tiny_tokenizer(corpus, vocab_size=400)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rope_theta=20_000.0,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("text_model")
-    hf.save_pretrained(create_model(config, seed=0), config, path)
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("text_model"), corpus, vocab_size=400, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           rope_theta=20_000.0)
 
 
 def run(tmp_path, model, release, *overrides):

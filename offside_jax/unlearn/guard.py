@@ -481,8 +481,9 @@ def load_guard(directory: str | Path, model: nnx.Module) -> GuardedModel:
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{meta_path}: not a GUARD state this version can read ({type(e).__name__}: {e})") from None
     vocab, width = input_embedding_table(model).shape
-    if classifier.weight.shape != (width,) or max(max(s) for s in guarded.spans) >= vocab:
+    top_id = max(max(s) for s in guarded.spans)
+    if classifier.weight.shape != (width,) or top_id >= vocab:
         raise ValueError(f"{meta_path}: saved for another model (the classifier reads {classifier.weight.shape[0]} "
-                         f"features and the spans name token ids up to {max(max(s) for s in guarded.spans)}; this "
-                         f"model has {width} hidden features and {vocab} tokens)")
+                         f"features and the spans name token ids up to {top_id}; this model has {width} hidden "
+                         f"features and {vocab} tokens)")
     return guarded
